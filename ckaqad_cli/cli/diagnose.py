@@ -1,0 +1,15 @@
+"""`ckaqad diagnose` (not built yet: issue 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckaqad_cli.cli.common import RunOption, handle_errors
+from ckaqad_cli.config import ConfigOption
+from ckaqad_cli.errors import CkaqadError
+
+
+@handle_errors
+def diagnose(run: Path = RunOption, config: Path = ConfigOption) -> None:
+    """Not built yet (issue 5)."""
+    raise CkaqadError("ckaqad diagnose is not built yet (issue 5)")

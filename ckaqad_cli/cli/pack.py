@@ -1,0 +1,15 @@
+"""`ckaqad pack` (not built yet: issue 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckaqad_cli.cli.common import RunOption, handle_errors
+from ckaqad_cli.config import ConfigOption
+from ckaqad_cli.errors import CkaqadError
+
+
+@handle_errors
+def pack(run: Path = RunOption, config: Path = ConfigOption) -> None:
+    """Not built yet (issue 4)."""
+    raise CkaqadError("ckaqad pack is not built yet (issue 4)")

@@ -1,0 +1,301 @@
+"""The run directory: the ``run.json`` manifest, per-stage records, and the lock that keeps one writer.
+
+Layout::
+
+    RUN/
+      run.json          versioned manifest (this module is its only writer)
+      .lock             present while a process writes to the run
+      diagnose/ distill/ pack/ push/ ...   one folder per stage, owned by that stage
+
+Stages talk to each other only through this directory: a later stage asks :meth:`RunDir.stage_output` for what an
+earlier one recorded (pack takes distill's ``student``; push takes pack's ``model``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import socket
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckaqad_cli import __version__
+from ckaqad_cli.atomic import atomic_write_json
+from ckaqad_cli.errors import CkaqadError, RunLockedError, StageDoneError
+
+SCHEMA_VERSION = 1
+MANIFEST = "run.json"
+LOCK = ".lock"
+STAGES = ("diagnose", "distill", "pack", "push")
+_SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|authorization", re.IGNORECASE)
+_HASH_CHUNK = 1 << 20
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of ckaqad and the libraries whose numerics a run depends on (read from metadata, no imports)."""
+    out: dict[str, str | None] = {"ckaqad": __version__}
+    for dist in ("torch", "transformers", "triton", "safetensors", "compressed-tensors"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def scrub_secrets(obj: Any) -> Any:
+    """Drop every mapping entry whose key names a secret (token, password, ...), recursively."""
+    if isinstance(obj, dict):
+        return {k: scrub_secrets(v) for k, v in obj.items() if not _SECRET_KEY.search(str(k))}
+    if isinstance(obj, (list, tuple)):
+        return [scrub_secrets(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_input(value: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Record an input: a local file or directory with content hashes of its files, or a hub id / builtin name."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return {"path": str(path.resolve()), "sha256": sha256_file(path)}
+    if path.is_dir():
+        files = {
+            str(p.relative_to(path)): sha256_file(p)
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        }
+        return {"path": str(path.resolve()), "files": files}
+    if str(value) == "builtin":
+        return {"builtin": "builtin"}
+    return {"hub_id": str(value)}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class StageRecord:
+    """What a running stage fills in; written to run.json when the stage ends."""
+
+    name: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class RunDir:
+    """A run directory. Create it with ``RunDir(path)``; the manifest is created on first write."""
+
+    def __init__(self, path: str | os.PathLike, *, on_message: Callable[[str], None] | None = None):
+        self.path = Path(path)
+        self._on_message = on_message or (lambda msg: None)
+        self._lock_depth = 0
+
+    # -- paths -----------------------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    # -- manifest --------------------------------------------------------------------------------------------
+    def read(self) -> dict[str, Any]:
+        """The manifest, or a fresh empty one when the run has none yet."""
+        if not self.manifest_path.exists():
+            return {"schema_version": SCHEMA_VERSION, "created": None, "stages": {}}
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CkaqadError(f"{self.manifest_path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CkaqadError(
+                f"{self.manifest_path} has schema_version {version!r}; this ckaqad reads version {SCHEMA_VERSION}"
+            )
+        return data
+
+    def _write(self, data: dict[str, Any]) -> None:
+        if data.get("created") is None:
+            data["created"] = now()
+        atomic_write_json(self.manifest_path, scrub_secrets(data))
+
+    def stage_entry(self, stage: str) -> dict[str, Any] | None:
+        return self.read()["stages"].get(stage)
+
+    def stage_output(self, stage: str, key: str) -> Any:
+        """An output that a finished earlier stage recorded, as a path inside this run when it is one."""
+        entry = self.stage_entry(stage)
+        if entry is None or entry.get("status") != "done":
+            return None
+        value = entry.get("outputs", {}).get(key)
+        if isinstance(value, str) and not os.path.isabs(value) and (self.path / value).exists():
+            return self.path / value
+        return value
+
+    # -- lock ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's lock. Re-entrant within one RunDir object; a stale lock of a dead process is cleared."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._acquire()
+        self._lock_depth = 1
+        try:
+            self._mark_interrupted_stages()
+            yield
+        finally:
+            self._lock_depth = 0
+            with contextlib.suppress(FileNotFoundError):
+                self.lock_path.unlink()
+
+    def _acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._read_lock()
+                if holder is None or self._is_stale(holder):
+                    who = f"process {holder['pid']}" if holder else "an unreadable lock"
+                    self._on_message(f"cleared a stale lock on {self.path} left by {who}, which is gone")
+                    with contextlib.suppress(FileNotFoundError):
+                        self.lock_path.unlink()
+                    continue
+                raise RunLockedError(
+                    f"run {self.path} is locked by process {holder['pid']} on {holder['host']} "
+                    f"(since {holder.get('since')}); wait for it to finish, or delete {self.lock_path} if it is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return
+        raise RunLockedError(f"could not lock run {self.path}: another process keeps taking the lock")
+
+    def _read_lock(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.lock_path.read_text())
+            return holder if isinstance(holder.get("pid"), int) else None
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+
+    @staticmethod
+    def _is_stale(holder: dict[str, Any]) -> bool:
+        return holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"])
+
+    def _mark_interrupted_stages(self) -> None:
+        """Stages left 'running' by a process that died become 'failed' (we hold the lock, so none is running)."""
+        data = self.read()
+        changed = False
+        for name, entry in data["stages"].items():
+            if entry.get("status") == "running":
+                entry.update(status="failed", ended=now(), error="interrupted: the process running it died")
+                self._on_message(f"stage {name} of {self.path} was interrupted earlier; marked failed")
+                changed = True
+        if changed:
+            self._write(data)
+
+    # -- stages ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(
+        self,
+        name: str,
+        *,
+        config: dict[str, Any],
+        inputs: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> Iterator[StageRecord]:
+        """Run a stage: lock, record 'running', yield a record to fill, then record 'done' or 'failed'."""
+        with self.lock():
+            data = self.read()
+            previous = data["stages"].get(name)
+            if previous and previous.get("status") == "done" and not force:
+                raise StageDoneError(
+                    f"stage {name} already finished in {self.path} (at {previous.get('ended')}); "
+                    "pass --force to run it again"
+                )
+            self.stage_dir(name).mkdir(parents=True, exist_ok=True)
+            data["stages"][name] = {
+                "status": "running",
+                "started": now(),
+                "ended": None,
+                "pid": os.getpid(),
+                "config": config,
+                "inputs": inputs or {},
+                "outputs": {},
+                "metrics": {},
+                "versions": library_versions(),
+            }
+            self._write(data)
+            record = StageRecord(name)
+            try:
+                yield record
+            except BaseException as e:
+                self._finish(name, record, "failed", error=_one_line(e))
+                raise
+            self._finish(name, record, "done")
+
+    def _finish(self, name: str, record: StageRecord, status: str, error: str | None = None) -> None:
+        data = self.read()
+        entry = data["stages"][name]
+        entry.update(status=status, ended=now(), outputs=record.outputs, metrics=record.metrics)
+        entry.pop("pid", None)
+        if error is not None:
+            entry["error"] = error
+        self._write(data)
+
+    def relpath(self, path: Path) -> str:
+        """A path inside the run as a string relative to it (so a run directory can be moved)."""
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.path.resolve()))
+        except ValueError:
+            return str(path.resolve())
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, CkaqadError):
+        return msg
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+    return f"{type(e).__name__}: {msg}{where}"
