@@ -272,10 +272,23 @@ class RunDir:
                 raise
             self._finish(name, record, "done")
 
+    def record_progress(
+        self, name: str, *, metrics: dict[str, Any] | None = None, outputs: dict[str, Any] | None = None
+    ) -> None:
+        """Update a running stage's metrics/outputs in run.json (e.g. the last checkpoint), under the lock."""
+        with self.lock():
+            data = self.read()
+            entry = data["stages"][name]
+            entry["metrics"].update(metrics or {})
+            entry["outputs"].update(outputs or {})
+            self._write(data)
+
     def _finish(self, name: str, record: StageRecord, status: str, error: str | None = None) -> None:
         data = self.read()
         entry = data["stages"][name]
-        entry.update(status=status, ended=now(), outputs=record.outputs, metrics=record.metrics)
+        entry.update(status=status, ended=now())
+        entry["outputs"].update(record.outputs)
+        entry["metrics"].update(record.metrics)
         entry.pop("pid", None)
         if error is not None:
             entry["error"] = error
