@@ -92,7 +92,9 @@ def test_manifest_never_holds_secrets(tmp_path):
     text = run.manifest_path.read_text()
     assert "hf_SECRET" not in text and '"k"' not in text
     assert json.loads(text)["stages"]["push"]["config"] == {"repo_id": "o/n", "nested": {}}
-    assert scrub_secrets({"HF_TOKEN": 1, "Authorization": 2, "tokens_seen": 3}) == {}
+    assert scrub_secrets({"HF_TOKEN": 1, "Authorization": 2, "access_token": 3, "push": {"token": 4}}) == {"push": {}}
+    kept = {"tokens_seen": 1, "max_tokens": 2, "tokenizer.json": 3, "cka_tokens": 4}
+    assert scrub_secrets(kept) == kept
 
 
 def test_describe_input_hashes_local_files(tmp_path):

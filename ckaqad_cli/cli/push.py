@@ -1,15 +1,155 @@
-"""`ckaqad push` (not built yet: issue 7)."""
+"""`ckaqad push`: upload the run's packed model and its model card to the Hugging Face Hub.
+
+The Hub options are defined once here (``PrivateOption`` ... ``CommitMessageOption``) and reused by
+``ckaqad pack --push-to-hub``; :func:`push_config` turns their values into a :class:`PushConfig`.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from ckaqad_cli.cli.common import RunOption, handle_errors
+import typer
+from rich.table import Table
+
+from ckaqad_cli.cli.common import RunOption, console, handle_errors
 from ckaqad_cli.config import ConfigOption
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.stages.push import PushConfig, push_folder
+
+PrivateOption = typer.Option(False, "--private", help="Create the repository as private (default: public).")
+RevisionOption = typer.Option(
+    "main", "--revision", help="Branch to push to; created from main if missing (default: main)."
+)
+EndpointOption = typer.Option(
+    None,
+    "--endpoint",
+    help="Hub endpoint URL (default: HF_ENDPOINT, else https://huggingface.co).",
+)
+TokenOption = typer.Option(
+    None,
+    "--token",
+    help="Hugging Face token with write access (default: HF_TOKEN, then the login stored by `hf auth login`). "
+    "Never printed or recorded; prefer HF_TOKEN over this flag, which shows in the shell history.",
+)
+CommitMessageOption = typer.Option(
+    None,
+    "--commit-message",
+    help="Commit message (default: names the NVFP4 scheme, the format, the base model and the run).",
+)
+CardOption = typer.Option(
+    "merge",
+    "--card",
+    help="What to do with an existing README.md in the folder: keep it as is, replace it, or merge (keep its "
+    "prose and metadata, refresh ckaqad's sections). Default: merge.",
+)
+BaseModelOption = typer.Option(
+    None,
+    "--base-model",
+    help="Hub id of the BF16 model this was made from, for the card (default: the run's teacher).",
+)
+
+
+def push_config(
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str = "main",
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+    card: str = "merge",
+    base_model: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+) -> PushConfig:
+    """The PushConfig for the shared options' values (used by push and by pack --push-to-hub)."""
+    return PushConfig(
+        repo_id=repo_id,
+        private=private,
+        revision=revision,
+        endpoint=endpoint,
+        commit_message=commit_message,
+        card=card,  # type: ignore[arg-type]
+        base_model=base_model,
+        dry_run=dry_run,
+        force=force,
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
 
 
 @handle_errors
-def push(run: Path = RunOption, config: Path = ConfigOption) -> None:
-    """Not built yet (issue 7)."""
-    raise CkaqadError("ckaqad push is not built yet (issue 7)")
+def push(
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub repository ORG/NAME to push to (created if missing)."),
+    run: Path = RunOption,
+    folder: Path | None = typer.Option(
+        None,
+        "--folder",
+        help="Packed model directory to push (default: the run's pack output, pack/model).",
+        file_okay=False,
+    ),
+    private: bool = PrivateOption,
+    revision: str = RevisionOption,
+    endpoint: str | None = EndpointOption,
+    token: str | None = TokenOption,
+    commit_message: str | None = CommitMessageOption,
+    card: str = CardOption,
+    base_model: str | None = BaseModelOption,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List the files and their sizes and print the card; no network (default: off)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Push again when the run already recorded a push."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    config: Path = ConfigOption,
+) -> None:
+    """Upload a packed NVFP4 model and its model card to the Hugging Face Hub, resumably.
+
+    Examples:
+
+      ckaqad push --run runs/qwen3-4b --repo-id my-org/Qwen3-4B-NVFP4-CKA-QAD --private
+
+      ckaqad push --folder out/model --repo-id my-org/model-nvfp4 --revision nvfp4 --dry-run
+    """
+    rundir = RunDir(run, on_message=lambda m: console.print(m))
+    if not rundir.manifest_path.exists():
+        if folder is None:
+            raise CkaqadError(f"{run} is not a run directory (no run.json): give --run of a packed run, or --folder")
+        rundir = None
+    cfg = push_config(
+        repo_id,
+        private=private,
+        revision=revision,
+        endpoint=endpoint,
+        commit_message=commit_message,
+        card=card,
+        base_model=base_model,
+        dry_run=dry_run,
+        force=force,
+    )
+    result = push_folder(folder, cfg, token=token, run=rundir)
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    if dry_run:
+        table = Table(title=f"would push to {repo_id}@{revision} in {result['commits']} commit(s)")
+        table.add_column("file", overflow="fold")
+        table.add_column("size", justify="right")
+        for name, size in result["files"].items():
+            table.add_row(name, _size(size))
+        table.add_row("[bold]total[/bold]", _size(sum(result["files"].values())))
+        console.print(table)
+        typer.echo(result["card"])
+        return
+    console.print(
+        f"pushed {result['files_uploaded']} file(s) ({result['files_skipped']} already there) to {result['url']} "
+        f"at commit {result['commit_oid']}",
+        highlight=False,
+        soft_wrap=True,
+    )

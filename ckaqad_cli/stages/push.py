@@ -1,0 +1,423 @@
+"""Push a packed NVFP4 model directory and its model card to the Hugging Face Hub (or a Hub-compatible server).
+
+The upload goes through ``HfApi.upload_folder`` in a few commits: the weight files first, in batches of at most
+``commit_bytes``, then the small files (config, index, tokenizer, card) last, so a repository never shows a config
+whose weights are missing. Before uploading, the files already on the revision with the same content are skipped;
+a push that was interrupted therefore resumes when run again without re-sending what arrived (inside one commit,
+huggingface_hub's own LFS / Xet deduplication does the same for partly sent large files).
+
+The token is passed to ``HfApi`` and nowhere else: it is not part of :class:`PushConfig`, is never written to
+run.json, and every error message is redacted before it is shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import validate_repo_id
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ckaqad_cli import __version__
+from ckaqad_cli.atomic import atomic_write_text
+from ckaqad_cli.card import CARD_FILE, CARD_MODES, PLOT_FILE, CardMode, copy_plot, render_model_card
+from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.formats import detect_format
+from ckaqad_cli.rundir import RunDir, sha256_file
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_COMMIT_BYTES = 8 << 30
+NO_TOKEN = (
+    "no Hugging Face token: log in with `hf auth login`, or set HF_TOKEN, or pass --token "
+    "(a token with write access to the repository)"
+)
+INDEX_FILE = "model.safetensors.index.json"
+_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+_BEARER = re.compile(r"(Bearer\s+)\S+", re.IGNORECASE)
+_CHUNK = 1 << 20
+
+_console = Console(stderr=True)
+
+
+@dataclasses.dataclass
+class PushConfig:
+    """What to push where. The token is deliberately not a field: configs are recorded in run.json."""
+
+    repo_id: str
+    revision: str = "main"
+    private: bool = False
+    endpoint: str | None = None
+    commit_message: str | None = None
+    card: CardMode = "merge"
+    base_model: str | None = None
+    dry_run: bool = False
+    force: bool = False
+    commit_bytes: int = DEFAULT_COMMIT_BYTES
+
+    def __post_init__(self) -> None:
+        if self.card not in CARD_MODES:
+            raise CkaqadError(f"--card must be one of {', '.join(CARD_MODES)}, not {self.card!r}")
+        if self.commit_bytes <= 0:
+            raise CkaqadError("commit_bytes must be positive")
+
+
+@dataclasses.dataclass
+class PushPlan:
+    """What a push would upload: every file with its size (the card as it will be written) and the commits."""
+
+    folder: Path
+    endpoint: str
+    files: dict[str, int]
+    card: str
+    batches: list[list[str]]
+    commit_message: str
+    plot: Path | None
+
+
+# -- small helpers ---------------------------------------------------------------------------------------------
+def redact(text: str, token: str | None) -> str:
+    """``text`` with the token (and anything shaped like a Hub token or a bearer credential) replaced by ***."""
+    if token:
+        text = text.replace(token, "***")
+    return _BEARER.sub(r"\1***", _TOKEN_LIKE.sub("hf_***", text))
+
+
+def resolve_token(token: str | None) -> str:
+    """``--token``, else HF_TOKEN, else the stored login; a clear error when there is none."""
+    token = token or os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise CkaqadError(NO_TOKEN)
+    return token
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    """``--endpoint``, else HF_ENDPOINT read now (huggingface_hub reads it only at import), else the public Hub."""
+    value = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise CkaqadError(f"endpoint {value!r} is not an http(s) URL")
+    return value
+
+
+def check_repo_id(repo_id: str) -> None:
+    if repo_id.count("/") != 1:
+        raise CkaqadError(f"repo id {repo_id!r} is not of the form ORG/NAME")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise CkaqadError(f"repo id {repo_id!r} is not valid: {str(e).splitlines()[0]}") from None
+
+
+def git_blob_sha1(path: Path) -> str:
+    """The git blob id of a file (what the Hub reports as ``oid`` for a regular, non-LFS file)."""
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _same_content(path: Path, remote: RepoFile | None) -> bool:
+    if remote is None or remote.size != path.stat().st_size:
+        return False
+    if remote.lfs is not None:
+        return sha256_file(path) == remote.lfs.sha256
+    return git_blob_sha1(path) == remote.blob_id
+
+
+# -- the packed folder -----------------------------------------------------------------------------------------
+def _safetensors_complete(path: Path) -> str | None:
+    """None when the file's header parses and its size covers every tensor; otherwise what is wrong."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                return "header longer than the file"
+            header = json.loads(f.read(n))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
+        return "not a safetensors file"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) > size:
+        return f"truncated ({size} bytes, the header needs {8 + n + max(ends)})"
+    return None
+
+
+def check_pack_output(folder: Path, recorded: dict[str, int] | None = None) -> None:
+    """Refuse a folder that is not a complete pack output: config.json with a quantization_config, every shard the
+    index names (each a whole safetensors file), and, when the run recorded them, every file at its recorded size.
+    The card and the plot are left out of the size check: push rewrites them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CkaqadError(f"{folder} is not a directory")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise CkaqadError(f"{folder} is not a packed model: no config.json (run `ckaqad pack` first)") from None
+    except json.JSONDecodeError as e:
+        raise CkaqadError(f"{folder}/config.json is not valid JSON ({e.msg})") from None
+    if not isinstance(config, dict) or "quantization_config" not in config:
+        raise CkaqadError(f"{folder} is not a packed model: config.json has no quantization_config")
+    if (folder / INDEX_FILE).is_file():
+        try:
+            shards = sorted(set(json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise CkaqadError(f"{folder}/{INDEX_FILE} is not a valid safetensors index") from None
+    else:
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not shards:
+        raise CkaqadError(f"{folder} holds no *.safetensors weights")
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise CkaqadError(f"{folder} is incomplete: {shard} (named in {INDEX_FILE}) is missing")
+        problem = _safetensors_complete(folder / shard)
+        if problem:
+            raise CkaqadError(f"{folder}/{shard} is incomplete: {problem}")
+    for name, size in (recorded or {}).items():
+        if name in (CARD_FILE, PLOT_FILE):
+            continue
+        path = folder / name
+        if not path.is_file():
+            raise CkaqadError(f"{folder} is incomplete: {name}, recorded by pack, is missing")
+        if path.stat().st_size != size:
+            raise CkaqadError(
+                f"{folder}/{name} has {path.stat().st_size} bytes but pack recorded {size}: the folder changed "
+                "since pack wrote it; run `ckaqad pack --force` again"
+            )
+
+
+def _recorded_sizes(entry: dict[str, Any]) -> dict[str, int] | None:
+    """The pack stage's record of its files (outputs "files"): [{"path", "size"}, ...] or {path: size}."""
+    files = (entry.get("outputs") or {}).get("files")
+    if isinstance(files, list):
+        return {str(f["path"]): int(f["size"]) for f in files if isinstance(f, dict) and "path" in f and "size" in f}
+    if isinstance(files, dict):
+        return {str(k): int(v["size"] if isinstance(v, dict) else v) for k, v in files.items()}
+    return None
+
+
+def _quant_description(folder: Path) -> tuple[str, str]:
+    """(format, scheme) of a packed folder, read from its config (both formats list input_activations for W4A4)."""
+    fmt = detect_format(folder)
+    if fmt is None:
+        raise CkaqadError(f"{folder}/config.json's quantization_config is not an NVFP4 format ckaqad writes")
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    groups = (qc.get("config_groups") or {}).values()
+    return fmt, "w4a4" if any(isinstance(g, dict) and g.get("input_activations") for g in groups) else "w4a16"
+
+
+def _base_model(manifest: dict[str, Any]) -> str | None:
+    """The teacher of the run: a Hub id when it was given as one, else the path or name it was given as."""
+    for stage in ("distill", "diagnose"):
+        entry = manifest.get("stages", {}).get(stage) or {}
+        teacher = (entry.get("inputs") or {}).get("teacher")
+        if isinstance(teacher, dict):
+            return teacher.get("hub_id") or teacher.get("path") or teacher.get("builtin")
+        teacher = (entry.get("config") or {}).get("teacher")
+        if teacher:
+            return str(teacher)
+    return None
+
+
+def _batches(files: dict[str, int], pending: list[str], commit_bytes: int) -> list[list[str]]:
+    """Weight files in batches of at most ``commit_bytes`` (one file at least), then everything else last."""
+    weights = [p for p in pending if p.endswith(".safetensors")]
+    rest = [p for p in pending if not p.endswith(".safetensors")]
+    batches: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for path in weights:
+        if current and size + files[path] > commit_bytes:
+            batches.append(current)
+            current, size = [], 0
+        current.append(path)
+        size += files[path]
+    if current:
+        batches.append(current)
+    if rest:
+        batches.append(rest)
+    return batches
+
+
+def plan_push(folder: Path | None, cfg: PushConfig, *, run: RunDir | None = None) -> PushPlan:
+    """Check the folder and render the card; no network. ``folder`` None means the run's pack output."""
+    check_repo_id(cfg.repo_id)
+    endpoint = resolve_endpoint(cfg.endpoint)
+    manifest = run.read() if run is not None else {}
+    pack = (manifest.get("stages") or {}).get("pack") or {}
+    packed = run.stage_output("pack", "model") if run is not None else None
+    if folder is None:
+        if not isinstance(packed, Path):
+            where = f"run {run.path} has no finished pack stage" if run is not None else "no run given"
+            raise CkaqadError(f"{where}: run `ckaqad pack` first, or give --folder")
+        folder = packed
+    from_run = isinstance(packed, Path) and packed.resolve() == Path(folder).resolve()
+    check_pack_output(folder, _recorded_sizes(pack) if from_run else None)
+
+    fmt, scheme = _quant_description(folder)
+    if from_run:
+        fmt = pack.get("outputs", {}).get("format") or fmt
+        scheme = pack.get("outputs", {}).get("scheme") or scheme
+    base_model = cfg.base_model or _base_model(manifest)
+    plot = run.stage_output("diagnose", "plot") if run is not None else None
+    plot = Path(plot) if isinstance(plot, Path) and plot.is_file() else None
+    existing_path = folder / CARD_FILE
+    existing = existing_path.read_text(encoding="utf-8") if existing_path.is_file() else None
+    card = render_model_card(
+        folder,
+        manifest=manifest or None,
+        base_model=base_model,
+        fmt=fmt,
+        scheme=scheme,
+        existing=existing,
+        mode=cfg.card,
+        repo_id=cfg.repo_id,
+        with_plot=plot is not None or (folder / PLOT_FILE).is_file(),
+    )
+    files = {
+        p.relative_to(folder).as_posix(): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
+    files[CARD_FILE] = len(card.encode("utf-8"))
+    if plot is not None:
+        files[PLOT_FILE] = plot.stat().st_size
+    if cfg.commit_message:
+        message = cfg.commit_message
+    else:
+        source = f" of {base_model}" if base_model else ""
+        where = f" (ckaqad run {run.path.resolve().name})" if run is not None else ""
+        message = f"Upload NVFP4 {scheme.upper()} ({fmt}) quantization{source} made with CKA-QAD{where}"
+    return PushPlan(
+        folder=folder,
+        endpoint=endpoint,
+        files=files,
+        card=card,
+        batches=_batches(files, list(files), cfg.commit_bytes),
+        commit_message=message,
+        plot=plot,
+    )
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+_HINTS = {
+    401: "the token was rejected: log in again with `hf auth login` or set HF_TOKEN to a valid token",
+    403: "the token may not write there: use a token with write access to {ns}",
+    404: "repository or revision not found: check --repo-id and that the token can see it",
+    409: "the server reported a conflict: run the same command again",
+    429: "rate limited: wait a little and run the same command again (what arrived is kept)",
+}
+
+
+def explain_hub_error(e: Exception, *, endpoint: str, repo_id: str, token: str | None) -> CkaqadError:
+    """One redacted line for a failure of the Hub client."""
+    if isinstance(e, OfflineModeIsEnabled):
+        msg = f"HF_HUB_OFFLINE is set, so nothing can be pushed to {endpoint}: unset it (or set HF_HUB_OFFLINE=0)"
+    elif isinstance(e, HfHubHTTPError) and e.response is not None:
+        status = e.response.status_code
+        server = (e.server_message or "").strip().splitlines()
+        detail = f": {server[0]}" if server else ""
+        if status >= 500:
+            hint = "the server failed; run the same command again to resume (files already there are skipped)"
+        else:
+            hint = _HINTS.get(status, "see the server's message").format(ns=repo_id.split("/")[0])
+        msg = f"the Hub at {endpoint} answered {status} {e.response.reason_phrase}{detail}; {hint}"
+    elif isinstance(e, httpx2.HTTPError):
+        msg = f"cannot reach {endpoint} ({type(e).__name__}: {e}); check the endpoint and the network, then run again"
+    else:
+        msg = " ".join(str(e).split())
+    return CkaqadError(redact(msg, token))
+
+
+# -- the push --------------------------------------------------------------------------------------------------
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]push[/bold] {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=_console,
+        disable=not _console.is_terminal,
+    )
+
+
+def _upload(api: HfApi, plan: PushPlan, cfg: PushConfig) -> dict[str, Any]:
+    api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True, repo_type="model")
+    if cfg.revision != "main":
+        api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True)
+    remote = {
+        f.path: f
+        for f in api.get_paths_info(cfg.repo_id, list(plan.files), revision=cfg.revision)
+        if isinstance(f, RepoFile)
+    }
+    pending = [p for p in plan.files if not _same_content(plan.folder / p, remote.get(p))]
+    skipped = len(plan.files) - len(pending)
+    if skipped:
+        where = f"{cfg.repo_id}@{cfg.revision}"
+        _console.print(f"{skipped} of {len(plan.files)} files are already on {where} unchanged; skipping them")
+    batches = _batches(plan.files, pending, cfg.commit_bytes)
+    commit_oid = None
+    with _progress() as progress:
+        task = progress.add_task(cfg.repo_id, total=sum(plan.files[p] for p in pending))
+        for i, batch in enumerate(batches, 1):
+            suffix = f" (part {i}/{len(batches)})" if len(batches) > 1 else ""
+            info = api.upload_folder(
+                repo_id=cfg.repo_id,
+                folder_path=plan.folder,
+                revision=cfg.revision,
+                commit_message=plan.commit_message + suffix,
+                commit_description=f"Pushed with ckaqad {__version__}.",
+                allow_patterns=[glob.escape(p) for p in batch],
+            )
+            commit_oid = info.oid
+            progress.advance(task, sum(plan.files[p] for p in batch))
+    if commit_oid is None:
+        commit_oid = api.repo_info(cfg.repo_id, revision=cfg.revision).sha
+    return {"commit_oid": commit_oid, "uploaded": len(pending), "skipped": skipped, "commits": len(batches)}
+
+
+def push_folder(
+    folder: str | Path | None, cfg: PushConfig, *, token: str | None = None, run: RunDir | None = None
+) -> dict[str, Any]:
+    """Push ``folder`` (None: the run's pack output) to ``cfg.repo_id``; returns repo_id, revision, commit_oid, url.
+
+    With ``cfg.dry_run`` nothing is written or sent: the result holds the files with their sizes and the card.
+    With ``run``, the push is recorded as the run's ``push`` stage (without the token).
+    """
+    plan = plan_push(Path(folder) if folder is not None else None, cfg, run=run)
+    result: dict[str, Any] = {"repo_id": cfg.repo_id, "revision": cfg.revision, "commit_oid": None, "url": None}
+    if cfg.dry_run:
+        return {**result, "files": plan.files, "card": plan.card, "commits": len(plan.batches)}
+    token = resolve_token(token)
+    api = HfApi(endpoint=plan.endpoint, token=token, library_name="ckaqad", library_version=__version__)
+    url = f"{plan.endpoint}/{cfg.repo_id}" + (f"/tree/{cfg.revision}" if cfg.revision != "main" else "")
+    config = dataclasses.asdict(cfg) | {"folder": str(plan.folder.resolve()), "endpoint": plan.endpoint}
+    inputs = {"model": str(plan.folder.resolve())}
+    stage = run.stage("push", config=config, inputs=inputs, force=cfg.force) if run else contextlib.nullcontext()
+    with stage as record:
+        if plan.plot is not None:
+            copy_plot(plan.plot, plan.folder)
+        atomic_write_text(plan.folder / CARD_FILE, plan.card)
+        try:
+            outcome = _upload(api, plan, cfg)
+        except (HfHubHTTPError, OfflineModeIsEnabled, httpx2.HTTPError, ValueError) as e:
+            raise explain_hub_error(e, endpoint=plan.endpoint, repo_id=cfg.repo_id, token=token) from None
+        result.update(commit_oid=outcome["commit_oid"], url=url)
+        if record is not None:
+            record.outputs.update(repo_id=cfg.repo_id, revision=cfg.revision, commit=outcome["commit_oid"], url=url)
+            record.metrics.update(
+                files_uploaded=outcome["uploaded"], files_skipped=outcome["skipped"], commits=outcome["commits"]
+            )
+    return {**result, "files_uploaded": outcome["uploaded"], "files_skipped": outcome["skipped"]}

@@ -1,0 +1,338 @@
+"""`ckaqad push` against a Hub-compatible server on 127.0.0.1 (tests/hub_server.py), with the real huggingface_hub
+client: round trip byte for byte, resume after an interruption, and one clear, token-free line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download
+from typer.testing import CliRunner
+
+from ckaqad_cli.app import app
+from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.stages.push import PushConfig, push_folder, redact
+from tests.hub_server import HubServer
+
+FAKE_TOKEN = "hf_FAKEtokenDoNotPrint0123456789abcdef"
+READ_TOKEN = "hf_READonlyTokenDoNotPrint9876543210"
+runner = CliRunner()
+
+
+def _tiny_packed_model(folder: Path) -> None:
+    """A real compressed-tensors NVFP4 (W4A16) checkpoint of a tiny Llama, sharded, with a tokenizer: what pack
+    writes. Scales come from the weights' amax (compressed-tensors does the packing)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    scheme = preset_name_to_scheme("NVFP4A16", ["Linear"])
+    apply_quantization_config(
+        model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format="nvfp4-pack-quantized")
+    )
+    for module in model.modules():
+        if hasattr(module, "weight_global_scale"):
+            w = module.weight.float()
+            g = 6 * 448 / w.abs().amax()
+            module.weight_global_scale.data.fill_(g)
+            block_amax = w.reshape(w.shape[0], -1, 16).abs().amax(-1)
+            module.weight_scale.data.copy_((block_amax / 6 * g).clamp(max=448).to(module.weight_scale.dtype))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="nvfp4-pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(folder, max_shard_size="12KB")
+    compressor.update_config(folder)
+    vocab = {ch: i for i, ch in enumerate(["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz0123456789 +-="])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        folder
+    )
+
+
+@pytest.fixture(scope="session")
+def packed_template(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("template") / "model"
+    _tiny_packed_model(folder)
+    return folder
+
+
+@pytest.fixture
+def packed_run(tmp_path, packed_template) -> RunDir:
+    """A run whose pack stage is done, recording its files' sizes, plus a distill and a diagnose record."""
+    run = RunDir(tmp_path / "run")
+    with run.stage("distill", config={"teacher": "org/tiny-base", "cka_lambda": 0.5, "scheme": "w4a16"}) as rec:
+        rec.outputs["student"] = "distill/student"
+        rec.metrics["steps"] = 20
+    with run.stage("pack", config={"format": "compressed-tensors"}) as rec:
+        model = run.stage_dir("pack") / "model"
+        shutil.copytree(packed_template, model)
+        rec.outputs.update(
+            model="pack/model",
+            format="compressed-tensors",
+            scheme="w4a16",
+            files=[{"path": p.name, "size": p.stat().st_size} for p in sorted(model.iterdir())],
+        )
+    with run.stage("diagnose", config={}) as rec:
+        (run.stage_dir("diagnose") / "cka.png").write_bytes(b"\x89PNG\r\n\x1a\nnot-really-a-png")
+        rec.outputs["plot"] = "diagnose/cka.png"
+        rec.metrics["cka_qad"] = {"mean_cka": 0.991, "min_cka": 0.975, "kl": 0.0123, "top1": 0.93}
+    return run
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The loopback Hub, with the client switched online, without Xet, and with no stored token."""
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    # huggingface_hub reads these at import: patch the constants too.
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
+    with HubServer(tmp_path / "hub") as server:
+        server.tokens[FAKE_TOKEN] = "write"
+        server.tokens[READ_TOKEN] = "read"
+        yield server
+
+
+def _push_cli(run: RunDir, hub: HubServer, *extra: str, token: str | None = FAKE_TOKEN):
+    args = ["push", "--run", str(run.path), "--repo-id", "me/tiny-nvfp4", "--endpoint", hub.url, *extra]
+    if token is not None:
+        args += ["--token", token]
+    return runner.invoke(app, args)
+
+
+def _assert_one_clean_line(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    text = result.output.strip()
+    assert text.startswith("error:") and "\n" not in text, text
+    for needle in needles:
+        assert needle in text, text
+    assert FAKE_TOKEN not in result.output and READ_TOKEN not in result.output
+
+
+def test_push_then_download_is_byte_identical_and_loads(packed_run, hub, tmp_path):
+    result = _push_cli(packed_run, hub, "--revision", "nvfp4", "--private")
+    assert result.exit_code == 0, result.output
+    assert FAKE_TOKEN not in result.output
+
+    entry = packed_run.stage_entry("push")
+    assert entry["status"] == "done"
+    repo = hub.repos["me/tiny-nvfp4"]
+    assert repo.private
+    assert entry["outputs"] == {
+        "repo_id": "me/tiny-nvfp4",
+        "revision": "nvfp4",
+        "commit": repo.branches["nvfp4"],
+        "url": f"{hub.url}/me/tiny-nvfp4/tree/nvfp4",
+    }
+    assert FAKE_TOKEN not in packed_run.manifest_path.read_text()
+    # Weights in one commit per shard batch, the small files last; main keeps only the initial commit.
+    assert repo.branches["main"] != repo.branches["nvfp4"]
+    assert set(repo.commits[repo.branches["main"]]) == {".gitattributes"}
+    message = repo.messages[repo.branches["nvfp4"]]
+    assert "NVFP4 W4A16" in message and "CKA-QAD" in message and "org/tiny-base" in message and "run" in message
+
+    folder = packed_run.path / "pack" / "model"
+    local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert "cka_per_layer.png" in local and "README.md" in local
+    assert sum(name.endswith(".safetensors") for name in local) >= 2  # sharded
+
+    download = Path(
+        snapshot_download(
+            "me/tiny-nvfp4",
+            revision="nvfp4",
+            endpoint=hub.url,
+            token=FAKE_TOKEN,
+            local_dir=tmp_path / "download",
+            cache_dir=tmp_path / "dl_cache",
+        )
+    )
+    got = {p.name: p.read_bytes() for p in download.iterdir() if p.is_file() and p.name != ".gitattributes"}
+    assert got.keys() == local.keys()
+    for name, data in local.items():
+        assert got[name] == data, name
+
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 12]])
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    pulled = AutoModelForCausalLM.from_pretrained(download, dtype=torch.bfloat16)
+    torch.testing.assert_close(pulled(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    # transformers decoded NVFP4: each block of 16 weights holds at most the 8 magnitudes of the E2M1 grid.
+    w = pulled.model.layers[0].self_attn.q_proj.weight.detach().float().reshape(-1, 16).abs()
+    assert max(len(torch.unique(block)) for block in w) <= 8
+
+
+def test_interrupted_push_resumes_without_resending(packed_run, hub, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)  # read at call time, not at import
+    cfg = PushConfig(repo_id="me/resume", commit_bytes=1)  # one commit per weight shard
+    hub.fail("commit", 500, "backend exploded", skip=1)
+    with pytest.raises(CkaqadError) as err:
+        push_folder(None, cfg, token=FAKE_TOKEN, run=packed_run)
+    message = str(err.value)
+    assert "500" in message and "run the same command again" in message and "\n" not in message
+    assert packed_run.stage_entry("push")["status"] == "failed"
+
+    first = list(hub.received)
+    assert len(first) == 1 and first[0].endswith(".safetensors")  # one shard arrived before the failure
+    result = push_folder(None, cfg, token=FAKE_TOKEN, run=packed_run)
+    resent = hub.received[len(first) :]
+    folder = packed_run.path / "pack" / "model"
+    all_files = {p.name for p in folder.iterdir()}
+    assert first[0] not in resent
+    assert sorted(resent) == sorted(all_files - set(first))
+    assert result["files_skipped"] == 1 and result["files_uploaded"] == len(all_files) - 1
+    assert set(hub.files("me/resume")) - {".gitattributes"} == all_files
+
+    # Nothing changed: a further push sends no file and reports the same commit.
+    again = push_folder(None, PushConfig(repo_id="me/resume", force=True), token=FAKE_TOKEN, run=packed_run)
+    assert len(hub.received) == len(first) + len(resent)
+    assert again["commit_oid"] == result["commit_oid"] == hub.repos["me/resume"].branches["main"]
+
+
+@pytest.mark.parametrize("source", ["HF_TOKEN", "stored login"])
+def test_token_from_environment_or_stored_login(packed_run, hub, monkeypatch, source):
+    if source == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    else:
+        Path(hf_constants.HF_TOKEN_PATH).parent.mkdir(parents=True, exist_ok=True)
+        Path(hf_constants.HF_TOKEN_PATH).write_text(FAKE_TOKEN)
+    result = _push_cli(packed_run, hub, "--commit-message", "my message", "--json", token=None)
+    assert result.exit_code == 0, result.output
+    assert FAKE_TOKEN not in result.output
+    out = json.loads(result.stdout)
+    repo = hub.repos["me/tiny-nvfp4"]
+    assert out["commit_oid"] == repo.branches["main"]
+    assert repo.messages[out["commit_oid"]].startswith("my message")
+
+
+def test_no_token_says_how_to_log_in(packed_run, hub):
+    result = _push_cli(packed_run, hub, token=None)
+    _assert_one_clean_line(result, "hf auth login", "HF_TOKEN")
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("repo_id", ["just-a-name", "a/b/c", "org/bad name", "org/--double", ""])
+def test_invalid_repo_id(packed_run, hub, repo_id):
+    result = runner.invoke(app, ["push", "--run", str(packed_run.path), "--repo-id", repo_id, "--token", FAKE_TOKEN])
+    _assert_one_clean_line(result, "repo id")
+    assert hub.requests == []
+
+
+def _break(folder: Path, how: str) -> str:
+    if how == "no quantization_config":
+        config = json.loads((folder / "config.json").read_text())
+        del config["quantization_config"]
+        (folder / "config.json").write_text(json.dumps(config))
+        return "no quantization_config"
+    if how == "missing shard":
+        next(folder.glob("model-00002-*.safetensors")).unlink()
+        return "is missing"
+    if how == "truncated shard":
+        shard = next(folder.glob("model-00001-*.safetensors"))
+        shard.write_bytes(shard.read_bytes()[:-10])
+        return "truncated"
+    if how == "size differs from run.json":
+        (folder / "tokenizer.json").write_text((folder / "tokenizer.json").read_text() + " ")
+        return "pack recorded"
+    if how == "no config":
+        (folder / "config.json").unlink()
+        return "no config.json"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how", ["no quantization_config", "missing shard", "truncated shard", "size differs from run.json", "no config"]
+)
+def test_incomplete_pack_output_is_refused(packed_run, hub, how):
+    needle = _break(packed_run.path / "pack" / "model", how)
+    result = _push_cli(packed_run, hub)
+    _assert_one_clean_line(result, needle)
+    assert hub.requests == []
+
+
+def test_run_without_pack_stage_is_refused(hub, tmp_path):
+    run = RunDir(tmp_path / "fresh")
+    with run.stage("diagnose", config={}):
+        pass
+    result = _push_cli(run, hub)
+    _assert_one_clean_line(result, "no finished pack stage", "ckaqad pack")
+
+
+def test_folder_without_run_checks_config_and_shards(packed_template, hub, tmp_path):
+    folder = tmp_path / "loose"
+    shutil.copytree(packed_template, folder)
+    _break(folder, "missing shard")
+    args = ["push", "--run", str(tmp_path / "none"), "--folder", str(folder), "--repo-id", "me/x"]
+    _assert_one_clean_line(runner.invoke(app, [*args, "--endpoint", hub.url, "--token", FAKE_TOKEN]), "is missing")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize(
+    ("token", "fault", "needles"),
+    [
+        ("hf_UNKNOWNtokenShouldBeRedacted42", None, ["401", "hf auth login"]),
+        (READ_TOKEN, None, ["403", "write access"]),
+        (FAKE_TOKEN, 500, ["500", "run the same command again"]),
+    ],
+)
+def test_server_errors_are_one_redacted_line(packed_run, hub, token, fault, needles):
+    if fault:
+        hub.fail("create", fault, f"database on fire while serving {FAKE_TOKEN}")
+    result = _push_cli(packed_run, hub, token=token)
+    _assert_one_clean_line(result, *needles)
+    assert token not in result.output
+    manifest = packed_run.manifest_path.read_text()
+    assert token not in manifest and "hf_UNKNOWN" not in manifest
+    assert packed_run.stage_entry("push")["status"] == "failed"
+
+
+def test_offline_mode_is_named(packed_run, hub, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    _assert_one_clean_line(_push_cli(packed_run, hub), "HF_HUB_OFFLINE")
+    assert hub.requests == []
+
+
+def test_dry_run_lists_files_and_card_without_network(packed_run, tmp_path):
+    folder = packed_run.path / "pack" / "model"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = ["push", "--run", str(packed_run.path), "--repo-id", "me/dry", "--endpoint", "http://127.0.0.1:9"]
+    result = runner.invoke(app, [*args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing written
+    for name in before:
+        assert name in result.output
+    assert "cka_per_layer.png" in result.output and "README.md" in result.output
+    assert "base_model_relation: quantized" in result.output and "vllm serve me/dry" in result.output
+    assert packed_run.stage_entry("push") is None
+
+
+def test_redact_hides_the_token_and_token_shaped_strings():
+    text = f"failed for {FAKE_TOKEN}; Authorization: Bearer abc.def; other hf_abcdefghijklmnop"
+    out = redact(text, FAKE_TOKEN)
+    assert FAKE_TOKEN not in out and "abc.def" not in out and "hf_abcdefghijklmnop" not in out
+    assert out.startswith("failed for ***")
