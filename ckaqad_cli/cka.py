@@ -1,0 +1,420 @@
+"""The CKA engine: linear, debiased and RBF CKA, a streaming accumulator, minibatch CKA, token filters and the loss.
+
+Notation (docs/cka.md): X (n x d1) and Y (n x d2) are the features of the same n tokens, one row per token.
+Linear CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on features centered over tokens (Kornblith et al. 2019).
+Debiased CKA puts the unbiased HSIC estimator (HSIC1, Song et al. 2012) in numerator and denominator.
+
+Every function computes in float32, or float64 when an input is float64, whatever the model's dtype; features are
+scaled to unit Frobenius norm before any fourth-power term, so bf16-scale activations cannot overflow. Nothing
+detaches or changes the caller's tensors in place, so all of it is differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_EPS = 1e-12
+FORMS = ("auto", "feature", "gram")
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _flatten(x: Tensor) -> Tensor:
+    """[..., d] -> [n, d] (tokens from all leading dimensions)."""
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def _prepare(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Flatten, upcast, center over tokens and scale to unit Frobenius norm (none of it in place)."""
+    x, y = _flatten(x), _flatten(y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"CKA needs the same tokens on both sides: got {x.shape[0]} and {y.shape[0]} rows")
+    dtype = _compute_dtype(x, y)
+    out = []
+    for z in (x, y):
+        z = z.to(dtype)
+        z = z - z.mean(dim=0, keepdim=True)
+        out.append(z / z.norm().clamp_min(_EPS))
+    return out[0], out[1]
+
+
+def _pick_form(form: str, n: int, d1: int, d2: int) -> str:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form != "auto":
+        return form
+    feature_cost = n * (d1 * d1 + d2 * d2 + d1 * d2)
+    gram_cost = n * n * (d1 + d2 + 2)
+    return "gram" if gram_cost < feature_cost else "feature"
+
+
+def _center_gram(k: Tensor) -> Tensor:
+    """H K H with H = I - 11^T/n, without forming H."""
+    k = k - k.mean(dim=0, keepdim=True)
+    return k - k.mean(dim=1, keepdim=True)
+
+
+def _zero_diagonal(k: Tensor) -> Tensor:
+    return k - torch.diag_embed(torch.diagonal(k))
+
+
+def u_center(k: Tensor) -> Tensor:
+    """U-centering of a Gram matrix (Szekely & Rizzo 2014): <u_center(K), u_center(L)> / (n(n-3)) = HSIC1(K, L)."""
+    n = k.shape[0]
+    if n < 4:
+        raise ValueError(f"the unbiased HSIC needs at least 4 tokens, got {n}")
+    k = _zero_diagonal(k)
+    means = k.sum(dim=0) / (n - 2)
+    means = means - means.sum() / (2 * (n - 1))
+    k = k - means[:, None] - means[None, :]
+    return _zero_diagonal(k)
+
+
+def _cka_from_hsic(xy: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
+    return xy / torch.sqrt((xx * yy).clamp_min(_EPS * _EPS))
+
+
+# -- linear CKA ------------------------------------------------------------------------------------------------
+def linear_cka(x: Tensor, y: Tensor, *, form: str = "auto") -> Tensor:
+    """Linear CKA of two feature matrices [n, d1], [n, d2] (or [..., d]); a 0-d tensor in [0, 1].
+
+    ``form`` "feature" costs O(n d^2), "gram" O(n^2 d); "auto" picks the cheaper (the value is the same).
+    """
+    x, y = _prepare(x, y)
+    if _pick_form(form, x.shape[0], x.shape[1], y.shape[1]) == "feature":
+        xy = (y.T @ x).square().sum()
+        xx = (x.T @ x).square().sum()
+        yy = (y.T @ y).square().sum()
+    else:  # columns are centered, so X X^T is already H K H
+        k, l = x @ x.T, y @ y.T
+        xy, xx, yy = (k * l).sum(), k.square().sum(), l.square().sum()
+    return _cka_from_hsic(xy, xx, yy)
+
+
+def _hsic1_feature(x: Tensor, y: Tensor) -> Tensor:
+    """n(n-3) * HSIC1 of linear kernels, from centered features (no n x n matrix)."""
+    n = x.shape[0]
+    rx, ry = x.square().sum(dim=1), y.square().sum(dim=1)
+    return (y.T @ x).square().sum() - n / (n - 2) * (rx @ ry) + rx.sum() * ry.sum() / ((n - 1) * (n - 2))
+
+
+def debiased_cka(x: Tensor, y: Tensor, *, form: str = "auto") -> Tensor:
+    """Debiased linear CKA (HSIC1 in numerator and denominator); about 0 for independent features, can be < 0."""
+    x, y = _prepare(x, y)
+    n = x.shape[0]
+    if n < 4:
+        raise ValueError(f"debiased CKA needs at least 4 tokens, got {n}")
+    if _pick_form(form, n, x.shape[1], y.shape[1]) == "feature":
+        return _cka_from_hsic(_hsic1_feature(x, y), _hsic1_feature(x, x), _hsic1_feature(y, y))
+    ku, lu = u_center(x @ x.T), u_center(y @ y.T)
+    return _cka_from_hsic((ku * lu).sum(), ku.square().sum(), lu.square().sum())
+
+
+# -- RBF CKA ---------------------------------------------------------------------------------------------------
+def _rbf_gram(z: Tensor, sigma_frac: float) -> Tensor:
+    sq = torch.cdist(z, z).square()
+    n = z.shape[0]
+    off_diagonal = sq[~torch.eye(n, dtype=torch.bool, device=z.device)]
+    sigma2 = (sigma_frac * sigma_frac) * off_diagonal.median().clamp_min(_EPS)
+    return torch.exp(-sq / (2 * sigma2))
+
+
+def rbf_cka(x: Tensor, y: Tensor, sigma_frac: float = 0.5, *, debiased: bool = False) -> Tensor:
+    """CKA with RBF kernels exp(-||a-b||^2 / (2 sigma^2)), sigma = sigma_frac * the median pairwise distance."""
+    x, y = _prepare(x, y)
+    k, l = _rbf_gram(x, sigma_frac), _rbf_gram(y, sigma_frac)
+    if debiased:
+        k, l = u_center(k), u_center(l)
+    else:
+        k, l = _center_gram(k), _center_gram(l)
+    return _cka_from_hsic((k * l).sum(), k.square().sum(), l.square().sum())
+
+
+# -- the loss --------------------------------------------------------------------------------------------------
+def cka_loss(
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    *,
+    debiased: bool = False,
+    token_mask: Tensor | None = None,
+) -> Tensor:
+    """Mean over layers of (1 - CKA(student, teacher)); differentiable, float32 (float64 inputs stay float64).
+
+    Each feature is [batch, seq, d] (or [n, d]); ``token_mask`` (bool, the leading shape) keeps the tokens to use.
+    """
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(f"cka_loss needs matching non-empty layer lists: {len(student_feats)} vs {len(teacher_feats)}")
+    fn = debiased_cka if debiased else linear_cka
+    terms = []
+    for s, t in zip(student_feats, teacher_feats, strict=True):
+        if token_mask is not None:
+            s, t = s[token_mask], t[token_mask]
+        terms.append(1.0 - fn(s, t))
+    return torch.stack(terms).mean()
+
+
+# -- streaming (exact over any number of tokens) ---------------------------------------------------------------
+class _Moments:
+    """Streaming moments of one side: count, shifted sum and Gram, and row-norm statistics for the debiased term.
+
+    Rows are shifted by the first batch's mean before the products (covariance does not change under a shift), so
+    per-batch products in float32 stay accurate when the mean is large; the sums are kept in float64.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: Tensor | None = None
+        self.sum: Tensor | None = None  # sum of shifted rows z'
+        self.gram: Tensor | None = None  # Z'^T Z'
+        self.sum_a = 0.0  # sum of a_i = ||z'_i||^2
+        self.sum_aa = 0.0  # sum of a_i^2
+        self.sum_az: Tensor | None = None  # sum of a_i z'_i
+
+    def shifted(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows shifted by this side's reference (set on first use) and their squared norms."""
+        z = _flatten(z.detach())
+        z = z.to(_compute_dtype(z))
+        if self.shift is None:
+            self.shift = z.mean(dim=0)
+        zs = z - self.shift.to(z.device)
+        return zs, zs.square().sum(dim=1)
+
+    def update(self, zs: Tensor, a: Tensor) -> None:
+        f64 = torch.float64
+        gram, s, az = (zs.T @ zs).to(f64), zs.sum(dim=0).to(f64), (a @ zs).to(f64)
+        if self.gram is None:
+            self.gram, self.sum, self.sum_az = gram, s, az
+        else:
+            self.gram += gram
+            self.sum += s
+            self.sum_az += az
+        self.n += zs.shape[0]
+        self.sum_a += float(a.to(f64).sum())
+        self.sum_aa += float(a.to(f64).square().sum())
+
+
+class _Cross:
+    """Streaming cross terms of a (student, teacher) pair."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.cross: Tensor | None = None  # X'^T Y'
+        self.sum_ab = 0.0
+        self.sum_ay: Tensor | None = None  # sum of a_i y'_i
+        self.sum_bx: Tensor | None = None  # sum of b_i x'_i
+
+    def update(self, xs: Tensor, a: Tensor, ys: Tensor, b: Tensor) -> None:
+        f64 = torch.float64
+        cross, ay, bx = (xs.T @ ys).to(f64), (a @ ys).to(f64), (b @ xs).to(f64)
+        if self.cross is None:
+            self.cross, self.sum_ay, self.sum_bx = cross, ay, bx
+        else:
+            self.cross += cross
+            self.sum_ay += ay
+            self.sum_bx += bx
+        self.n += xs.shape[0]
+        self.sum_ab += float((a.to(f64) * b.to(f64)).sum())
+
+
+def _centered_row_norm_dot(
+    n: int, mx: Tensor, my: Tensor, cross: Tensor, sum_ab: float, sum_ay: Tensor, sum_bx: Tensor, sum_a: float,
+    sum_b: float,
+) -> float:
+    """sum_i ||x_i - mean x||^2 ||y_i - mean y||^2 from shifted-row statistics (mx, my: means of shifted rows)."""
+    mx2, my2 = float(mx @ mx), float(my @ my)
+    return (
+        sum_ab
+        - 2 * float(my @ sum_ay)
+        - 2 * float(mx @ sum_bx)
+        + my2 * sum_a
+        + mx2 * sum_b
+        + 4 * float(mx @ cross @ my)
+        - 3 * n * mx2 * my2
+    )
+
+
+def _hsic_pair(n: int, cxy: Tensor, rxry: float, tx: float, ty: float) -> tuple[float, float]:
+    """(biased, unbiased*n(n-3)) HSIC numerators from centered cross-covariance, row-norm dot and traces."""
+    fro = float(cxy.square().sum())
+    unbiased = fro - n / (n - 2) * rxry + tx * ty / ((n - 1) * (n - 2)) if n >= 4 else math.nan
+    return fro, unbiased
+
+
+class StreamingCKA:
+    """Exact linear and debiased CKA between a teacher and any number of students, streamed batch by batch.
+
+    Memory is O(d^2) per student whatever the number of tokens (X^T X, Y^T Y, Y^T X and O(d) sums, in float64).
+    Per batch call :meth:`update_teacher` with the teacher's features, then :meth:`update_student` for each student
+    with its features of the same tokens and the same teacher features; :meth:`update` does both for one pair.
+    """
+
+    def __init__(self) -> None:
+        self.teacher = _Moments()
+        self._students: dict[str, tuple[_Moments, _Cross]] = {}
+
+    @property
+    def students(self) -> list[str]:
+        return list(self._students)
+
+    def update_teacher(self, y: Tensor) -> None:
+        self.teacher.update(*self.teacher.shifted(y))
+
+    def update_student(self, name: str, x: Tensor, y: Tensor) -> None:
+        moments, cross = self._students.setdefault(name, (_Moments(), _Cross()))
+        if self.teacher.shift is None:
+            raise ValueError("update_teacher must see a batch before update_student")
+        xs, a = moments.shifted(x)
+        ys, b = self.teacher.shifted(y)
+        if xs.shape[0] != ys.shape[0]:
+            raise ValueError(f"student and teacher batches differ in tokens: {xs.shape[0]} vs {ys.shape[0]}")
+        moments.update(xs, a)
+        cross.update(xs, a, ys.to(xs.dtype), b.to(xs.dtype))
+
+    def update(self, x: Tensor, y: Tensor, name: str = "student") -> None:
+        self.update_teacher(y)
+        self.update_student(name, x, y)
+
+    def _terms(self, name: str) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
+        if name not in self._students:
+            raise KeyError(f"no statistics for student {name!r}")
+        sx, cr = self._students[name]
+        ty = self.teacher
+        n = sx.n
+        if n != ty.n or n != cr.n:
+            raise ValueError(f"student {name!r} saw {n} tokens but the teacher saw {ty.n}")
+        if n < 2:
+            raise ValueError(f"CKA needs at least 2 tokens, got {n}")
+        mx, my = sx.sum / n, ty.sum / n
+        cxx = sx.gram - n * torch.outer(mx, mx)
+        cyy = ty.gram - n * torch.outer(my, my)
+        cxy = cr.cross - n * torch.outer(mx, my)
+        tx, ty_ = float(torch.trace(cxx)), float(torch.trace(cyy))
+        rxry = _centered_row_norm_dot(n, mx, my, cr.cross, cr.sum_ab, cr.sum_ay, cr.sum_bx, sx.sum_a, ty.sum_a)
+        rxrx = _centered_row_norm_dot(n, mx, mx, sx.gram, sx.sum_aa, sx.sum_az, sx.sum_az, sx.sum_a, sx.sum_a)
+        ryry = _centered_row_norm_dot(n, my, my, ty.gram, ty.sum_aa, ty.sum_az, ty.sum_az, ty.sum_a, ty.sum_a)
+        return _hsic_pair(n, cxy, rxry, tx, ty_), _hsic_pair(n, cxx, rxrx, tx, tx), _hsic_pair(n, cyy, ryry, ty_, ty_)
+
+    def linear(self, name: str = "student") -> float:
+        (xy, _), (xx, _), (yy, _) = self._terms(name)
+        return xy / max(math.sqrt(xx * yy), _EPS * _EPS)
+
+    def debiased(self, name: str = "student") -> float:
+        (_, xy), (_, xx), (_, yy) = self._terms(name)
+        return xy / max(math.sqrt(max(xx * yy, 0.0)), _EPS * _EPS)
+
+    @property
+    def tokens(self) -> int:
+        return self.teacher.n
+
+
+class MinibatchCKA:
+    """Minibatch CKA (Nguyen et al. 2021): HSIC1 terms averaged over batches, then one CKA (never CKA averaged)."""
+
+    def __init__(self) -> None:
+        self.xy = self.xx = self.yy = 0.0
+        self.batches = 0
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        x, y = _flatten(x.detach()), _flatten(y.detach())
+        dtype = _compute_dtype(x, y)
+        x, y = x.to(dtype), y.to(dtype)  # not scaled: a per-batch scale would reweight the batches
+        x, y = x - x.mean(dim=0), y - y.mean(dim=0)
+        n = x.shape[0]
+        if n < 4:
+            raise ValueError(f"minibatch CKA needs at least 4 tokens per batch, got {n}")
+        scale = 1.0 / (n * (n - 3))
+        self.xy += float(_hsic1_feature(x, y)) * scale
+        self.xx += float(_hsic1_feature(x, x)) * scale
+        self.yy += float(_hsic1_feature(y, y)) * scale
+        self.batches += 1
+
+    def value(self) -> float:
+        if not self.batches:
+            raise ValueError("minibatch CKA saw no batches")
+        return self.xy / max(math.sqrt(max(self.xx * self.yy, 0.0)), _EPS * _EPS)
+
+
+# -- token filters ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenFilter:
+    """Which tokens enter CKA. Shared by diagnose and distill; the report lists the active filters.
+
+    drop_first: drop position 0 of every sequence and every BOS token (attention sinks).
+    drop_massive: drop tokens whose largest |activation| in any teacher layer exceeds ``massive_ratio`` times that
+        layer's median |activation| (massive activations, Sun et al. 2024, make linear CKA read near 1).
+    standardize: divide features by the teacher's per-feature standard deviation (see :class:`Standardizer`).
+    Padding (attention mask 0) is always dropped.
+    """
+
+    drop_first: bool = True
+    drop_massive: bool = False
+    massive_ratio: float = 100.0
+    standardize: bool = False
+
+    def describe(self) -> list[str]:
+        out = ["padding"]
+        if self.drop_first:
+            out.append("position 0 / BOS")
+        if self.drop_massive:
+            out.append(f"massive activations (> {self.massive_ratio:g} x median)")
+        if self.standardize:
+            out.append("standardized by teacher per-feature std")
+        return out
+
+    def mask(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        teacher_hidden: Sequence[Tensor] = (),
+        bos_token_id: int | None = None,
+    ) -> Tensor:
+        """Bool [batch, seq]: the tokens to keep. ``teacher_hidden`` is only read when ``drop_massive`` is on."""
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask is not None:
+            keep &= attention_mask.bool()
+        if self.drop_first:
+            keep[:, 0] = False
+            if bos_token_id is not None:
+                keep &= input_ids != bos_token_id
+        if self.drop_massive:
+            keep &= ~massive_token_mask(teacher_hidden, self.massive_ratio, keep)
+        return keep
+
+
+def massive_token_mask(hidden: Sequence[Tensor], ratio: float, valid: Tensor | None = None) -> Tensor:
+    """Bool [batch, seq]: tokens whose max |h| exceeds ``ratio`` x the layer's median |h| in any layer."""
+    if not hidden:
+        raise ValueError("drop_massive needs the teacher's hidden states")
+    out = None
+    for h in hidden:
+        peak = h.detach().abs().amax(dim=-1).float()
+        vals = h.detach().abs()[valid] if valid is not None and valid.any() else h.detach().abs()
+        median = vals.float().median().clamp_min(_EPS)
+        hit = peak > ratio * median
+        out = hit if out is None else out | hit
+    return out
+
+
+class Standardizer:
+    """Per-feature scaling by the teacher's standard deviation, fitted once (e.g. on the first batch) per layer.
+
+    Linear CKA is invariant to a common shift, so only the scale matters; the same scale goes to teacher and
+    students, as the standardization is meant to stop a few huge teacher dimensions from dominating.
+    """
+
+    def __init__(self) -> None:
+        self.inv_std: dict[int, Tensor] = {}
+
+    def __call__(self, layer: int, teacher: Tensor, feats: Tensor) -> Tensor:
+        if layer not in self.inv_std:
+            t = _flatten(teacher.detach()).float()
+            self.inv_std[layer] = 1.0 / t.std(dim=0).clamp_min(1e-6)
+        return feats * self.inv_std[layer].to(device=feats.device, dtype=feats.dtype)

@@ -1,0 +1,123 @@
+"""Loading teachers and students (built-in, local HF dir, hub id, packed NVFP4 dir, distilled student dir) offline
+when the files are local, and finding a model's decoder layers for hooks."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ckaqad_cli.errors import CkaqadError
+
+BUILTIN = "builtin"
+RECIPE_FILE = "quant_recipe.json"  # the same name as quant.RECIPE_FILE; checked before quant is imported
+
+
+def resolve_spec(spec: str | os.PathLike) -> str:
+    """A local path for "builtin", otherwise the spec unchanged."""
+    if str(spec) == BUILTIN:
+        from ckaqad_cli.builtin import TEACHER_DIR
+
+        if not (TEACHER_DIR / "config.json").exists():
+            raise CkaqadError(f"the built-in teacher is missing from {TEACHER_DIR} (reinstall ckaqad)")
+        return str(TEACHER_DIR)
+    return str(spec)
+
+
+def _packed_format(path: Path) -> str | None:
+    if not path.is_dir():
+        return None
+    from ckaqad_cli import formats
+
+    return formats.detect_format(path)
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    trust_remote_code: bool = False,
+):
+    """(model in eval mode without gradients, tokenizer) for a built-in / local / hub / packed / distilled spec.
+
+    A packed NVFP4 directory (``ckaqad pack``) is decoded by our own unpacker into the dense model; a directory with
+    ``quant_recipe.json`` (a distilled student) gets its recipe re-applied so that it runs fake-quantized.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = resolve_spec(spec)
+    path = Path(name)
+    local = path.is_dir()
+    if not local and (path.exists() or name.startswith((".", "/", "~"))):
+        raise CkaqadError(f"model {spec} is not a directory")
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        packed = _packed_format(path)
+        if packed is not None:
+            model = _load_packed(path, AutoConfig.from_pretrained(name, **kwargs), dtype, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    except CkaqadError:
+        raise
+    except (OSError, ValueError) as e:
+        where = "local directory" if local else "hub id (offline runs need it in the local cache)"
+        raise CkaqadError(f"cannot load model {spec} as a {where}: {str(e).splitlines()[0]}") from None
+    if local and (path / RECIPE_FILE).exists():
+        from ckaqad_cli.quant import QuantRecipe, apply_recipe
+
+        apply_recipe(model, QuantRecipe.load(path))
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _load_packed(path: Path, config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from ckaqad_cli.formats import load_dequantized_state_dict
+
+    for attr in ("quantization_config", "compression_config"):  # the dense model must not be quantized again
+        if hasattr(config, attr):
+            delattr(config, attr)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_dequantized_state_dict(path).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise CkaqadError(
+            f"packed model {path} does not match its config: missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    if tied:
+        model.tie_weights()
+    return model
+
+
+def ptq_student(teacher: nn.Module, scheme: str) -> nn.Module:
+    """A deep copy of ``teacher`` with NVFP4 fake quantization (``scheme`` "w4a4" or "w4a16") on its Linears."""
+    from ckaqad_cli.quant import apply_fake_quant
+
+    student = copy.deepcopy(teacher)
+    apply_fake_quant(student, scheme=scheme)
+    student.eval()
+    student.requires_grad_(False)
+    return student
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers: the ModuleList whose length is ``config.num_hidden_layers``."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise CkaqadError(f"cannot find the {count} decoder layers of {type(model).__name__}")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)

@@ -1,0 +1,398 @@
+"""The diagnose stage: per-layer CKA of students against their BF16 teacher, beside the output-level numbers.
+
+Hooks capture the residual stream after the embeddings and after every decoder layer; each batch's features go
+straight into :class:`~ckaqad_cli.cka.StreamingCKA` accumulators, so memory does not grow with the number of tokens.
+With ``sequential`` the models stay on the CPU and take turns on the device, a chunk of batches at a time; the
+teacher's CKA features and final hidden states of the chunk wait on the CPU for the students.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from ckaqad_cli import models
+from ckaqad_cli.cka import Standardizer, StreamingCKA, TokenFilter
+from ckaqad_cli.data import load_texts, pack_sequences
+from ckaqad_cli.errors import CkaqadError, StageDoneError
+from ckaqad_cli.kl import token_kl
+from ckaqad_cli.report import write_report
+from ckaqad_cli.rundir import RunDir, describe_input
+
+PTQ_SCHEMES = ("w4a4", "w4a16")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DISTILLED_LABEL = "distilled"
+
+
+@dataclass
+class DiagnoseConfig:
+    teacher: str = "builtin"
+    students: list[tuple[str, str]] = field(default_factory=list)  # (label, spec)
+    ptq: list[str] = field(default_factory=list)
+    use_run_student: bool = True
+    data: str = "builtin"
+    split: str = "test"
+    text_field: str = "text"
+    seq_len: int = 128
+    max_tokens: int = 16384
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "auto"
+    sequential: bool = False
+    chunk_batches: int = 16
+    drop_first: bool = True
+    drop_massive: bool = False
+    massive_ratio: float = 100.0
+    standardize: bool = False
+    task_problems: int = 256
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    trust_remote_code: bool = False
+    seed: int = 0
+    force: bool = False
+
+    def token_filter(self) -> TokenFilter:
+        return TokenFilter(self.drop_first, self.drop_massive, self.massive_ratio, self.standardize)
+
+
+@dataclass
+class _Model:
+    label: str
+    spec: str
+    model: nn.Module
+    tokenizer: object
+
+
+# -- loading and checks ----------------------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise CkaqadError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def _shape(m: nn.Module) -> tuple[int, int, int]:
+    c = m.config
+    return len(models.decoder_layers(m)), c.hidden_size, c.vocab_size
+
+
+def check_compatible(teacher: _Model, student: _Model) -> None:
+    """One clear error for a student that cannot be compared with the teacher layer by layer."""
+    (tl, th, tv), (sl, sh, sv) = _shape(teacher.model), _shape(student.model)
+    if (tl, th) != (sl, sh):
+        raise CkaqadError(
+            f"student {student.label} has {sl} layers of width {sh}, the teacher {tl} layers of width {th}: "
+            "layerwise CKA needs the same architecture"
+        )
+    if tv != sv or student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise CkaqadError(
+            f"student {student.label} has a different vocabulary from the teacher ({sv} vs {tv} entries or different "
+            "token ids): KL and CKA need the same tokens"
+        )
+
+
+def _split_students(cfg: DiagnoseConfig, run: RunDir | None) -> list[tuple[str, str]]:
+    students = list(cfg.students)
+    if cfg.use_run_student and run is not None:
+        distilled = run.stage_output("distill", "student")
+        if distilled is not None and all(Path(spec) != Path(distilled) for _, spec in students):
+            students.append((DISTILLED_LABEL, str(distilled)))
+    for scheme in cfg.ptq:
+        if scheme not in PTQ_SCHEMES:
+            raise CkaqadError(f"--ptq must be one of {', '.join(PTQ_SCHEMES)}; got {scheme!r}")
+    labels = [label for label, _ in students] + [f"ptq-{s}" for s in cfg.ptq]
+    if not labels:
+        raise CkaqadError("no student to diagnose: pass --student PATH, --ptq w4a4, or a --run with a distilled one")
+    duplicates = sorted({lb for lb in labels if labels.count(lb) > 1})
+    if duplicates:
+        raise CkaqadError(f"student labels must differ; repeated: {', '.join(duplicates)} (use --student LABEL=PATH)")
+    return students
+
+
+def load_models(cfg: DiagnoseConfig, run: RunDir | None, device: torch.device, dtype: torch.dtype):
+    """(teacher, [students]) loaded, checked against the teacher; on the CPU when running sequentially."""
+    home = torch.device("cpu") if cfg.sequential else device
+    kw = {"device": home, "dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    specs = _split_students(cfg, run)
+    teacher = _Model("teacher", cfg.teacher, *models.load_model(cfg.teacher, **kw))
+    students = []
+    for label, spec in specs:
+        student = _Model(label, spec, *models.load_model(spec, **kw))
+        check_compatible(teacher, student)
+        students.append(student)
+    for scheme in cfg.ptq:
+        students.append(_Model(f"ptq-{scheme}", f"{cfg.teacher} (PTQ {scheme})",
+                               models.ptq_student(teacher.model, scheme), teacher.tokenizer))
+    return teacher, students
+
+
+def load_sequences(cfg: DiagnoseConfig, teacher: _Model) -> torch.Tensor:
+    limit = models.max_positions(teacher.model)
+    if limit is not None and cfg.seq_len > limit:
+        raise CkaqadError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {limit} positions")
+    texts = load_texts(cfg.data, split=cfg.split, seed=cfg.seed, text_field=cfg.text_field)
+    return pack_sequences(texts, teacher.tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens, seed=cfg.seed)
+
+
+# -- capture ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def capture_residuals(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Yield a list that each forward fills with [embeddings, layer 1 output, ..., layer L output, final hidden].
+
+    The last entry is the input of the output head (after the final norm), used to make logits later.
+    """
+    out: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        out.append(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def keep_head_input(_module, inputs):
+        out.append(inputs[0])
+
+    modules = [model.get_input_embeddings(), *models.decoder_layers(model)]
+    handles = [m.register_forward_hook(keep) for m in modules]
+    handles.append(model.get_output_embeddings().register_forward_pre_hook(keep_head_input))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class _OutputStats:
+    tokens: int = 0
+    kl: float = 0.0
+    top1: float = 0.0
+    nll: float = 0.0
+    nll_tokens: int = 0
+
+    def add_nll(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        self.nll -= float(lp.gather(-1, ids[:, 1:, None]).sum())
+        self.nll_tokens += ids[:, 1:].numel()
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.nll_tokens) if self.nll_tokens else math.nan
+
+
+@dataclass
+class _TeacherBatch:
+    ids: torch.Tensor
+    keep: torch.Tensor
+    feats: list[torch.Tensor]  # per layer, [kept tokens, d]
+    final_hidden: torch.Tensor
+
+
+def _features(hidden: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
+    return [h[keep] for h in hidden]
+
+
+@torch.no_grad()
+def _teacher_pass(teacher: _Model, ids: torch.Tensor, filt: TokenFilter, std: Standardizer, acc: list[StreamingCKA],
+                  stats: _OutputStats, store: torch.device) -> _TeacherBatch:
+    with capture_residuals(teacher.model) as hidden:
+        logits = teacher.model(input_ids=ids).logits
+    layers, final = hidden[:-1], hidden[-1]
+    head_logits = teacher.model.get_output_embeddings()(final[:, -1:])
+    if not torch.allclose(head_logits.float(), logits[:, -1:].float(), rtol=1e-3, atol=1e-3):
+        raise CkaqadError(f"{teacher.spec}: the logits are not the output head of the final hidden states (logit "
+                          "soft-capping or scaling); diagnose does not support such models yet")
+    keep = filt.mask(ids, None, layers, teacher.tokenizer.bos_token_id)
+    feats = _features(layers, keep)
+    if filt.standardize:
+        feats = [std(i, f, f) for i, f in enumerate(feats)]
+    for a, f in zip(acc, feats, strict=True):
+        a.update_teacher(f)
+    stats.add_nll(logits, ids)
+    return _TeacherBatch(ids.to(store), keep.to(store), [f.to(store) for f in feats], final.to(store))
+
+
+@torch.no_grad()
+def _student_pass(student: _Model, tb: _TeacherBatch, teacher_head: nn.Module, std: Standardizer,
+                  filt: TokenFilter, acc: list[StreamingCKA], stats: _OutputStats, device: torch.device) -> None:
+    ids, keep = tb.ids.to(device), tb.keep.to(device)
+    with capture_residuals(student.model) as hidden:
+        logits = student.model(input_ids=ids).logits
+    feats = _features(hidden[:-1], keep)
+    for i, (a, f) in enumerate(zip(acc, feats, strict=True)):
+        if filt.standardize:
+            f = std(i, f, f)
+        a.update_student(student.label, f, tb.feats[i].to(device))
+    teacher_logits = teacher_head(tb.final_hidden.to(device))
+    stats.kl += float(token_kl(logits, teacher_logits).sum())
+    stats.top1 += float((logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
+    stats.tokens += ids.numel()
+    stats.add_nll(logits, ids)
+
+
+# -- the stage -------------------------------------------------------------------------------------------------
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, disable=not console.is_terminal, transient=True,
+    )
+
+
+def measure(teacher: _Model, students: list[_Model], sequences: torch.Tensor, cfg: DiagnoseConfig,
+            device: torch.device, console: Console) -> dict:
+    """Stream the sequences through teacher and students; per-layer CKA and output-level numbers."""
+    n_layers = len(models.decoder_layers(teacher.model)) + 1
+    acc = [StreamingCKA() for _ in range(n_layers)]
+    filt, std = cfg.token_filter(), Standardizer()
+    t_stats, s_stats = _OutputStats(), {s.label: _OutputStats() for s in students}
+    batches = list(torch.split(sequences, cfg.batch_size))
+    chunk = cfg.chunk_batches if cfg.sequential else 1
+    store = torch.device("cpu") if cfg.sequential else device
+    teacher_head = teacher.model.get_output_embeddings()
+    if cfg.sequential:
+        teacher_head = copy.deepcopy(teacher_head).to(device)
+    with _progress(console) as progress:
+        task = progress.add_task("diagnose", total=len(batches))
+        for start in range(0, len(batches), chunk):
+            group = batches[start : start + chunk]
+            with _on_device(teacher.model, device, cfg.sequential):
+                kept = [_teacher_pass(teacher, b.to(device), filt, std, acc, t_stats, store) for b in group]
+            for s in students:
+                with _on_device(s.model, device, cfg.sequential):
+                    for tb in kept:
+                        _student_pass(s, tb, teacher_head, std, filt, acc, s_stats[s.label], device)
+            progress.advance(task, len(group))
+    if acc[0].tokens < 4:
+        raise CkaqadError(f"only {acc[0].tokens} tokens passed the token filters; CKA needs at least 4")
+    out = {"teacher": {"perplexity": t_stats.perplexity}, "students": {}, "cka_tokens": acc[0].tokens,
+           "tokens": int(sequences.numel())}
+    for s in students:
+        st = s_stats[s.label]
+        linear = [a.linear(s.label) for a in acc]
+        debiased = [a.debiased(s.label) for a in acc]
+        out["students"][s.label] = {
+            "spec": s.spec,
+            "linear_cka": linear,
+            "debiased_cka": debiased,
+            "mean_cka": sum(linear[1:]) / len(linear[1:]),
+            "min_cka": min(linear[1:]),
+            "worst_layer": 1 + min(range(len(linear) - 1), key=lambda i: linear[i + 1]),
+            "mean_debiased_cka": sum(debiased[1:]) / len(debiased[1:]),
+            "kl": st.kl / st.tokens,
+            "top1": st.top1 / st.tokens,
+            "perplexity": st.perplexity,
+        }
+    return out
+
+
+@contextlib.contextmanager
+def _on_device(model: nn.Module, device: torch.device, sequential: bool) -> Iterator[None]:
+    if not sequential:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def task_accuracy(teacher: _Model, students: list[_Model], cfg: DiagnoseConfig, device: torch.device) -> dict:
+    """Exact-match accuracy on the built-in task suite (only when the teacher is the built-in model)."""
+    if cfg.teacher != models.BUILTIN or cfg.task_problems <= 0:
+        return {}
+    from ckaqad_cli.builtin import tasks
+
+    problems = tasks.generate("test", cfg.task_problems, cfg.seed)
+    out = {}
+    for m in [teacher, *students]:
+        with _on_device(m.model, device, cfg.sequential):
+            out[m.label] = tasks.evaluate(m.model, m.tokenizer, problems)
+    return out
+
+
+def _require_lm_eval() -> None:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise CkaqadError("--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval")
+
+
+def lm_eval_scores(teacher: _Model, students: list[_Model], cfg: DiagnoseConfig, device: torch.device) -> dict:
+    """lm-evaluation-harness results per model (loaded objects passed in; task YAMLs may live in local dirs)."""
+    if not cfg.lm_eval_tasks:
+        return {}
+    _require_lm_eval()
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names = [t for t in cfg.lm_eval_tasks if not Path(t).exists()]
+    include = [t for t in cfg.lm_eval_tasks if Path(t).exists()]
+    manager = TaskManager(include_path=include or None)
+    names += [Path(p).stem for p in include if Path(p).is_file()]
+    out = {}
+    for m in [teacher, *students]:
+        with _on_device(m.model, device, cfg.sequential):
+            lm = HFLM(pretrained=m.model, tokenizer=m.tokenizer, batch_size=cfg.batch_size)
+            res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager)
+        out[m.label] = res.get("results", {})
+    return out
+
+
+def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = None) -> dict:
+    """Load, check, measure, write diagnose/report.json, report.md and cka.png; record the stage. The report."""
+    console = console or Console(stderr=True)
+    if cfg.seq_len < 2 or cfg.batch_size < 1 or cfg.max_tokens < 1 or cfg.chunk_batches < 1:
+        raise CkaqadError("--seq-len must be >= 2 and --batch-size, --max-tokens, --chunk-batches >= 1")
+    if cfg.lm_eval_tasks:
+        _require_lm_eval()
+    done = run.stage_entry("diagnose")
+    if done and done.get("status") == "done" and not cfg.force:  # fail before loading any model
+        raise StageDoneError(f"stage diagnose already finished in {run.path}; pass --force to run it again")
+    device = _device(cfg.device)
+    dtype = _dtype(cfg.dtype, device)
+    teacher, students = load_models(cfg, run, device, dtype)
+    sequences = load_sequences(cfg, teacher)
+    inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
+    inputs.update({f"student:{s.label}": describe_input(s.spec) for s in students if not s.label.startswith("ptq-")})
+    config = {**asdict(cfg), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    with run.stage("diagnose", config=config, inputs=inputs, force=cfg.force) as rec:
+        report = measure(teacher, students, sequences, cfg, device, console)
+        report.update(
+            teacher_spec=cfg.teacher,
+            filters=cfg.token_filter().describe(),
+            layers=["embeddings"] + [f"layer {i}" for i in range(1, len(models.decoder_layers(teacher.model)) + 1)],
+            task_accuracy=task_accuracy(teacher, students, cfg, device),
+            lm_eval=lm_eval_scores(teacher, students, cfg, device),
+            seq_len=cfg.seq_len,
+        )
+        paths = write_report(report, run.stage_dir("diagnose"), console=console)
+        rec.outputs.update({key: run.relpath(p) for key, p in paths.items()})
+        rec.metrics.update(summary_metrics(report))
+    return report
+
+
+def summary_metrics(report: dict) -> dict:
+    """{label: mean_cka, min_cka, kl, top1 (, task_acc)} for run.json."""
+    out = {}
+    for label, s in report["students"].items():
+        m = {k: s[k] for k in ("mean_cka", "min_cka", "kl", "top1")}
+        acc = report.get("task_accuracy", {}).get(label)
+        if acc is not None:
+            m["task_acc"] = acc["overall"]
+        out[label] = m
+    return out

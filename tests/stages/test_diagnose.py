@@ -1,0 +1,183 @@
+"""The diagnose stage and CLI on tiny random models (a few hundred tokens)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ckaqad_cli.app import app
+from ckaqad_cli.builtin.tokenizer import build_tokenizer
+from ckaqad_cli.cka import linear_cka
+from ckaqad_cli.cli.diagnose import parse_student
+from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.stages.diagnose import DiagnoseConfig, capture_residuals, run_diagnose
+from tests.test_models import save_tiny_model
+
+runner = CliRunner()
+SMALL = {"seq_len": 16, "max_tokens": 256, "batch_size": 4, "task_problems": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    out = {
+        "teacher": save_tiny_model(root / "teacher", layers=3),
+        "other": save_tiny_model(root / "other", layers=3, seed=1),
+    }
+    # a student close to the teacher: the teacher's weights with small noise
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(out["teacher"])
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * p.std() * torch.randn_like(p))
+    m.save_pretrained(root / "noisy")
+    build_tokenizer().save_pretrained(root / "noisy")
+    out["noisy"] = root / "noisy"
+    return out
+
+
+def test_report_numbers_and_files(tiny, tmp_path):
+    run = RunDir(tmp_path / "run")
+    cfg = DiagnoseConfig(
+        teacher=str(tiny["teacher"]),
+        students=[("same", str(tiny["teacher"])), ("noisy", str(tiny["noisy"])), ("other", str(tiny["other"]))],
+        **SMALL,
+    )
+    report = run_diagnose(cfg, run)
+    same, noisy, other = (report["students"][k] for k in ("same", "noisy", "other"))
+    assert same["linear_cka"] == pytest.approx([1.0] * 4, abs=1e-6) and same["kl"] == pytest.approx(0, abs=1e-6)
+    assert same["top1"] == 1.0 and same["perplexity"] == pytest.approx(report["teacher"]["perplexity"])
+    assert 1.0 > noisy["mean_cka"] > other["mean_cka"]  # ordering by closeness to the teacher
+    assert 0 < noisy["kl"] < other["kl"] and noisy["top1"] > other["top1"]
+    assert report["tokens"] == 256 and report["cka_tokens"] == 256 - 256 // 16  # position 0 dropped per row
+
+    # the streamed numbers equal CKA on all kept tokens at once, captured independently
+    from ckaqad_cli.data import load_texts, pack_sequences
+    from ckaqad_cli.models import load_model
+
+    (t, tok), (s, _) = (load_model(p, dtype=torch.float32) for p in (tiny["teacher"], tiny["other"]))
+    ids = pack_sequences(load_texts("builtin", split="test"), tok, 16, max_tokens=256)
+    with capture_residuals(t) as ht, capture_residuals(s) as hs:
+        t(ids), s(ids)
+    layer = 2
+    want = linear_cka(hs[layer][:, 1:].double(), ht[layer][:, 1:].double()).item()
+    assert other["linear_cka"][layer] == pytest.approx(want, abs=1e-6)
+
+    entry = run.stage_entry("diagnose")
+    assert entry["status"] == "done"
+    assert entry["outputs"] == {"report_json": "diagnose/report.json", "report_md": "diagnose/report.md",
+                                "plot": "diagnose/cka.png"}
+    assert entry["metrics"]["noisy"]["mean_cka"] == pytest.approx(noisy["mean_cka"])
+    assert set(entry["metrics"]["other"]) == {"mean_cka", "min_cka", "kl", "top1"}
+    assert json.loads((run.path / "diagnose/report.json").read_text())["students"]["other"]["kl"] == other["kl"]
+    md = (run.path / "diagnose/report.md").read_text()
+    assert "| layer 3 |" in md and "position 0 / BOS" in md and "▼" in md
+    assert (run.path / "diagnose/cka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sequential_matches_parallel(tiny, tmp_path):
+    common = dict(teacher=str(tiny["teacher"]), students=[("noisy", str(tiny["noisy"]))], **SMALL)
+    a = run_diagnose(DiagnoseConfig(**common), RunDir(tmp_path / "a"))
+    b = run_diagnose(DiagnoseConfig(**common, sequential=True, chunk_batches=2), RunDir(tmp_path / "b"))
+    for key in ("linear_cka", "debiased_cka"):
+        assert b["students"]["noisy"][key] == pytest.approx(a["students"]["noisy"][key], abs=1e-9)
+    assert b["students"]["noisy"]["kl"] == pytest.approx(a["students"]["noisy"]["kl"], rel=1e-6)
+
+
+def test_filters_are_reported_and_change_the_tokens(tiny, tmp_path):
+    cfg = DiagnoseConfig(teacher=str(tiny["teacher"]), students=[("o", str(tiny["other"]))], drop_first=False,
+                         drop_massive=True, massive_ratio=4.0, standardize=True, **SMALL)
+    report = run_diagnose(cfg, RunDir(tmp_path / "r"))
+    assert "position 0 / BOS" not in report["filters"]
+    assert any("massive" in f for f in report["filters"]) and any("standardized" in f for f in report["filters"])
+    assert 0 < report["cka_tokens"] < report["tokens"]  # 4 x median flags some tokens of a random model
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda root: save_tiny_model(root / "s", layers=2), "2 layers of width 32"),
+        (lambda root: save_tiny_model(root / "s", layers=3, hidden=64), "width 64"),
+        (lambda root: save_tiny_model(root / "s", layers=3, vocab=128), "different vocabulary"),
+    ],
+)
+def test_incompatible_student_is_one_error_and_nothing_done(tiny, tmp_path, make, message):
+    result = runner.invoke(app, ["diagnose", "--teacher", str(tiny["teacher"]), "--student",
+                                 str(make(tmp_path)), "--run", str(tmp_path / "run"), "--task-problems", "0"])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert len([ln for ln in result.output.splitlines() if ln.startswith("error:")]) == 1
+    assert RunDir(tmp_path / "run").stage_entry("diagnose") is None
+
+
+def test_bad_data_and_seq_len_are_errors(tiny, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = dict(teacher=str(tiny["teacher"]), students=[("o", str(tiny["other"]))], task_problems=0, seq_len=16)
+    with pytest.raises(CkaqadError, match="holds no text"):
+        run_diagnose(DiagnoseConfig(**base, data=str(empty)), RunDir(tmp_path / "run"))
+    with pytest.raises(CkaqadError, match="over the teacher's limit of 64"):
+        run_diagnose(DiagnoseConfig(**{**base, "seq_len": 65}), RunDir(tmp_path / "run"))
+    with pytest.raises(CkaqadError, match="no student"):
+        run_diagnose(DiagnoseConfig(teacher=str(tiny["teacher"])), RunDir(tmp_path / "run"))
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_lm_eval_without_the_harness_is_a_clear_error(tiny, tmp_path):
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-evaluation-harness is installed")
+    cfg = DiagnoseConfig(teacher=str(tiny["teacher"]), students=[("o", str(tiny["other"]))],
+                         lm_eval_tasks=["hellaswag"], **SMALL)
+    with pytest.raises(CkaqadError, match="pip install lm-eval"):
+        run_diagnose(cfg, RunDir(tmp_path / "run"))
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_cli_picks_up_the_runs_distilled_student(tiny, tmp_path):
+    run = RunDir(tmp_path / "run")
+    with run.stage("distill", config={}) as rec:
+        student = run.stage_dir("distill") / "student"
+        student.mkdir()
+        for f in tiny["noisy"].iterdir():
+            (student / f.name).write_bytes(f.read_bytes())
+        rec.outputs["student"] = "distill/student"
+    result = runner.invoke(app, ["diagnose", "--teacher", str(tiny["teacher"]), "--run", str(run.path),
+                                 "--seq-len", "16", "--max-tokens", "128", "--task-problems", "0"])
+    assert result.exit_code == 0, result.output
+    assert "distilled" in run.stage_entry("diagnose")["metrics"]
+    assert "layer 3" in result.output  # the table went to the terminal
+    again = runner.invoke(app, ["diagnose", "--teacher", str(tiny["teacher"]), "--run", str(run.path)])
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_ptq_student(tiny, tmp_path):
+    pytest.importorskip("ckaqad_cli.quant")
+    cfg = DiagnoseConfig(teacher=str(tiny["teacher"]), ptq=["w4a16", "w4a4"], **SMALL)
+    report = run_diagnose(cfg, RunDir(tmp_path / "run"))
+    w16, w4 = report["students"]["ptq-w4a16"], report["students"]["ptq-w4a4"]
+    assert w16["linear_cka"][0] == pytest.approx(1.0)  # embeddings are not quantized
+    assert 0 < w16["kl"] < w4["kl"] and w4["mean_cka"] < w16["mean_cka"] < 1.0
+
+
+def test_builtin_teacher_reports_task_accuracy(tmp_path):
+    from ckaqad_cli.builtin import TEACHER_DIR
+
+    if not (TEACHER_DIR / "config.json").exists():
+        pytest.skip("the built-in teacher is not shipped yet")
+    cfg = DiagnoseConfig(students=[("self", str(TEACHER_DIR))], seq_len=32, max_tokens=128, task_problems=8)
+    report = run_diagnose(cfg, RunDir(tmp_path / "run"))
+    acc = report["task_accuracy"]
+    assert acc["self"]["overall"] == acc["teacher"]["overall"]
+    assert RunDir(tmp_path / "run").stage_entry("diagnose")["metrics"]["self"]["task_acc"] == acc["self"]["overall"]
+
+
+def test_parse_student():
+    assert parse_student("kl=runs/a/distill/student") == ("kl", "runs/a/distill/student")
+    assert parse_student("out/qwen3-nvfp4") == ("qwen3-nvfp4", "out/qwen3-nvfp4")

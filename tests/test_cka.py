@@ -1,0 +1,279 @@
+"""The CKA engine against float64 references written from the formulas, and its properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ckaqad_cli.cka import (
+    MinibatchCKA,
+    Standardizer,
+    StreamingCKA,
+    TokenFilter,
+    cka_loss,
+    debiased_cka,
+    linear_cka,
+    massive_token_mask,
+    rbf_cka,
+)
+
+
+# -- references, straight from the papers (float64, explicit H, explicit sums) -----------------------------------
+def ref_hsic_biased(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    n = k.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - torch.ones(n, n, dtype=torch.float64) / n
+    return torch.trace(k @ h @ l @ h) / (n - 1) ** 2
+
+
+def ref_hsic1(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Song et al. 2012, eq. 5."""
+    n = k.shape[0]
+    kt = k.clone()
+    lt = l.clone()
+    kt.fill_diagonal_(0)
+    lt.fill_diagonal_(0)
+    one = torch.ones(n, dtype=torch.float64)
+    term = (
+        torch.trace(kt @ lt)
+        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
+        - 2.0 / (n - 2) * (one @ kt @ lt @ one)
+    )
+    return term / (n * (n - 3))
+
+
+def ref_cka(k: torch.Tensor, l: torch.Tensor, hsic) -> float:
+    return float(hsic(k, l) / torch.sqrt(hsic(k, k) * hsic(l, l)))
+
+
+def ref_linear(x, y, hsic=ref_hsic_biased) -> float:
+    x, y = x.double(), y.double()
+    x, y = x - x.mean(0), y - y.mean(0)  # both HSICs are shift-invariant; centering first keeps float64 exact
+    return ref_cka(x @ x.T, y @ y.T, hsic)
+
+
+def ref_rbf(x, y, frac, hsic=ref_hsic_biased) -> float:
+    def gram(z):
+        z = z.double()
+        sq = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+        n = z.shape[0]
+        med = torch.median(sq[~torch.eye(n, dtype=torch.bool)])
+        return torch.exp(-sq / (2 * frac**2 * med))
+
+    return ref_cka(gram(x), gram(y), hsic)
+
+
+def ref_feature_form(x, y) -> float:
+    """Kornblith et al. feature form on explicitly centered float64 features."""
+    x, y = x.double(), y.double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def features(n: int, d1: int, d2: int, seed: int, *, related: bool = True, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d1, generator=g, dtype=torch.float64) * scale + 3.0
+    if related:
+        y = x @ torch.randn(d1, d2, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n, d2, generator=g,
+                                                                                         dtype=torch.float64)
+    else:
+        y = torch.randn(n, d2, generator=g, dtype=torch.float64)
+    return x, y
+
+
+SHAPES = [(12, 40, 24), (64, 8, 16), (33, 33, 5), (200, 16, 16)]
+
+
+@pytest.mark.parametrize("n,d1,d2", SHAPES)
+@pytest.mark.parametrize("form", ["feature", "gram", "auto"])
+def test_linear_and_debiased_match_reference(n, d1, d2, form):
+    x, y = features(n, d1, d2, seed=n + d1)
+    assert linear_cka(x, y, form=form).item() == pytest.approx(ref_linear(x, y), abs=1e-10)
+    assert linear_cka(x, y, form=form).item() == pytest.approx(ref_feature_form(x, y), abs=1e-10)
+    assert debiased_cka(x, y, form=form).item() == pytest.approx(ref_linear(x, y, ref_hsic1), abs=1e-10)
+
+
+@pytest.mark.parametrize("n,d1,d2", SHAPES[:3])
+@pytest.mark.parametrize("debiased", [False, True])
+def test_rbf_matches_reference(n, d1, d2, debiased):
+    x, y = features(n, d1, d2, seed=7)
+    want = ref_rbf(x - x.mean(0), y - y.mean(0), 0.5, ref_hsic1 if debiased else ref_hsic_biased)
+    # rbf_cka scales features to unit norm first; the bandwidth is relative to the median, so the value is the same
+    assert rbf_cka(x, y, 0.5, debiased=debiased).item() == pytest.approx(want, abs=1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    n=st.integers(5, 60),
+    d=st.integers(1, 48),
+    seed=st.integers(0, 10_000),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+)
+def test_invariances(n, d, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    y, _ = features(n, d, 7, seed)
+    for fn in (linear_cka, debiased_cka):
+        assert fn(x, x @ q).item() == pytest.approx(1.0, abs=1e-8)
+        assert fn(x, -2.5 * x).item() == pytest.approx(1.0, abs=1e-8)
+        assert fn(x, y).item() == pytest.approx(fn(y, x).item(), abs=1e-10)
+        assert fn(x, y, form="feature").item() == pytest.approx(fn(x, y, form="gram").item(), abs=1e-9)
+    value = linear_cka(x, y).item()
+    assert -1e-12 <= value <= 1 + 1e-12
+
+
+def test_debiased_near_zero_for_independent_features_when_biased_is_not():
+    n, d = 64, 512
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, d, generator=g, dtype=torch.float64)
+    biased, unbiased = linear_cka(x, y).item(), debiased_cka(x, y).item()
+    assert biased > 0.8  # n << d: random features look alike to the biased estimator
+    assert abs(unbiased) < 0.05
+
+
+def test_bf16_scale_activations_do_not_overflow():
+    x, y = features(50, 32, 32, seed=3, scale=3e4)
+    xb, yb = x.bfloat16() * 100, y.bfloat16() * 100  # |x| ~ 3e6: 4th powers far beyond float32 range
+    value = linear_cka(xb, yb)
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert value.item() == pytest.approx(ref_linear(xb.double(), yb.double()), abs=1e-3)
+
+
+@pytest.mark.parametrize("chunks", [[40], [10, 7, 23], [4] * 10])
+def test_streaming_equals_one_batch(chunks):
+    n = sum(chunks)
+    x, y = features(n, 24, 12, seed=n)
+    # a large common mean: the streamed shift must keep the centered moments exact; float32 batches, float64 sums
+    x, y = (x + 1e3).float(), y.float()
+    acc = StreamingCKA()
+    start = 0
+    for c in chunks:
+        acc.update(x[start : start + c], y[start : start + c])
+        start += c
+    assert acc.tokens == n
+    assert acc.linear() == pytest.approx(ref_linear(x, y), abs=1e-5)
+    assert acc.debiased() == pytest.approx(ref_linear(x, y, ref_hsic1), abs=1e-5)
+    exact = StreamingCKA()  # float64 batches: equal to the reference to rounding
+    exact.update(x[:n // 2].double(), y[:n // 2].double())
+    exact.update(x[n // 2:].double(), y[n // 2:].double())
+    assert exact.debiased() == pytest.approx(ref_linear(x, y, ref_hsic1), abs=1e-11)
+
+
+def test_streaming_several_students_share_the_teacher():
+    x1, y = features(48, 16, 16, seed=1)
+    x2, _ = features(48, 8, 16, seed=2)
+    acc = StreamingCKA()
+    for i in range(0, 48, 16):
+        acc.update_teacher(y[i : i + 16])
+        acc.update_student("a", x1[i : i + 16], y[i : i + 16])
+        acc.update_student("b", x2[i : i + 16], y[i : i + 16])
+    assert acc.students == ["a", "b"]
+    assert acc.linear("a") == pytest.approx(ref_linear(x1, y), abs=1e-10)
+    assert acc.debiased("b") == pytest.approx(ref_linear(x2, y, ref_hsic1), abs=1e-10)
+
+
+def test_streaming_refuses_unequal_token_counts():
+    x, y = features(16, 4, 4, seed=0)
+    acc = StreamingCKA()
+    acc.update_teacher(y)
+    acc.update_teacher(y)
+    acc.update_student("s", x, y)
+    with pytest.raises(ValueError, match="tokens"):
+        acc.linear("s")
+
+
+def test_minibatch_averages_hsic_not_cka():
+    x, y = features(60, 10, 10, seed=5)
+    batches = [(0, 12), (12, 40), (40, 60)]
+    mb = MinibatchCKA()
+    for a, b in batches:
+        mb.update(x[a:b], y[a:b])
+    k = [ref_hsic1(x[a:b] @ x[a:b].T, y[a:b] @ y[a:b].T) for a, b in batches]
+    kk = [ref_hsic1(x[a:b] @ x[a:b].T, x[a:b] @ x[a:b].T) for a, b in batches]
+    ll = [ref_hsic1(y[a:b] @ y[a:b].T, y[a:b] @ y[a:b].T) for a, b in batches]
+    want = float(sum(k) / 3 / math.sqrt(float(sum(kk) / 3 * sum(ll) / 3)))
+    mean_of_cka = sum(ref_linear(x[a:b], y[a:b], ref_hsic1) for a, b in batches) / 3
+    assert mb.value() == pytest.approx(want, abs=1e-10)
+    assert abs(mb.value() - mean_of_cka) > 1e-6  # the two differ: averaging CKA would be caught
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_loss_gradcheck_and_no_mutation(debiased):
+    g = torch.Generator().manual_seed(0)
+    s1 = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    s2 = torch.randn(10, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    t1 = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    t2 = torch.randn(10, 7, generator=g, dtype=torch.float64)
+    before = [s1.detach().clone(), s2.detach().clone()]
+    assert torch.autograd.gradcheck(
+        lambda a, b: cka_loss([a, b], [t1, t2], debiased=debiased), (s1, s2), eps=1e-6, atol=1e-6
+    )
+    loss = cka_loss([s1, s2], [t1, t2], debiased=debiased)
+    want = 1 - ((linear_cka if not debiased else debiased_cka)(s1, t1) + (linear_cka if not debiased else
+                                                                           debiased_cka)(s2, t2)) / 2
+    assert loss.item() == pytest.approx(want.item(), abs=1e-12)
+    assert torch.equal(s1.detach(), before[0]) and torch.equal(s2.detach(), before[1])
+
+
+def test_loss_bf16_inputs_compute_in_float32_with_gradient():
+    s = (torch.randn(4, 8, 32) * 5e3).bfloat16().requires_grad_(True)
+    t = (torch.randn(4, 8, 32) * 5e3).bfloat16()
+    loss = cka_loss([s], [t])
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert s.grad is not None and torch.isfinite(s.grad.float()).all() and s.grad.abs().sum() > 0
+    assert cka_loss([t.float()], [t.float()]).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_token_mask_selects_tokens():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 6, 5, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[:, 0] = False
+    s_big = s.clone()
+    s_big[:, 0] = 1e6  # an outlier at position 0 would dominate if it were kept
+    assert cka_loss([s_big], [t], token_mask=mask).item() == pytest.approx(
+        1 - linear_cka(s[:, 1:], t[:, 1:]).item(), abs=1e-12
+    )
+
+
+def test_token_filter_masks():
+    ids = torch.tensor([[1, 5, 6, 1, 7], [1, 8, 9, 0, 0]])
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    keep = TokenFilter(drop_first=True).mask(ids, attn, bos_token_id=1)
+    assert keep.tolist() == [[False, True, True, False, True], [False, True, True, False, False]]
+    assert TokenFilter(drop_first=False).mask(ids, attn)[0].all()
+
+    h = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    h[0, 2, 3] = 1e4  # a massive activation on one token
+    massive = massive_token_mask([h], ratio=100.0)
+    assert massive.tolist() == [[False, False, True, False, False], [False] * 5]
+    keep = TokenFilter(drop_first=False, drop_massive=True).mask(ids, attn, [h])
+    assert not keep[0, 2] and keep[0, 1]
+    assert "massive" in " ".join(TokenFilter(drop_massive=True).describe())
+
+
+def test_massive_token_hides_drift_and_filter_reveals_it():
+    """A sink token with a huge dimension makes linear CKA read near 1; dropping it shows the real similarity."""
+    x, y = features(200, 32, 32, seed=4, related=False)
+    x[0, 0] = y[0, 0] = 1e4
+    mask = torch.ones(200, dtype=torch.bool)
+    mask[0] = False
+    assert linear_cka(x, y).item() > 0.99
+    assert linear_cka(x[mask], y[mask]).item() < 0.5
+
+
+def test_standardizer_uses_teacher_scale():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(100, 4, generator=g) * torch.tensor([1.0, 10.0, 100.0, 1000.0])
+    std = Standardizer()
+    out = std(0, t, t)
+    assert torch.allclose(out.std(dim=0), torch.ones(4), atol=1e-5)
+    other = torch.ones(3, 4)
+    assert torch.allclose(std(0, t * 5, other), other / t.std(dim=0))  # fitted once per layer

@@ -1,0 +1,127 @@
+"""models.py: offline loading of local directories, distilled and packed students, decoder layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckaqad_cli import models
+from ckaqad_cli.builtin.tokenizer import build_tokenizer
+from ckaqad_cli.errors import CkaqadError
+
+
+def save_tiny_model(
+    path: Path, *, arch: str = "llama", layers: int = 2, hidden: int = 32, vocab: int = 112, seed: int = 0,
+    max_positions: int = 64,
+) -> Path:
+    """A tiny random causal LM with the built-in character tokenizer, saved as a HF directory (no download)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "qwen3": Qwen3Config}[arch]
+    tok = build_tokenizer()
+    config = cls(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        max_position_embeddings=max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_load_local_dir_offline(tmp_path, arch):
+    d = save_tiny_model(tmp_path / arch, arch=arch, layers=3)
+    model, tok = models.load_model(d, dtype=torch.float32)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert len(models.decoder_layers(model)) == 3
+    assert models.max_positions(model) == 64
+    ids = tok("1+2=3", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], 112)
+    bf16, _ = models.load_model(d)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+
+
+def test_missing_dir_and_unknown_hub_id_are_clear_errors(tmp_path):
+    with pytest.raises(CkaqadError, match="not a directory"):
+        models.load_model(tmp_path / "nope")
+    with pytest.raises(CkaqadError, match="hub id"):
+        models.load_model("no-such-org/no-such-model-xyz")
+
+
+def test_never_trusts_remote_code_by_default(tmp_path, monkeypatch):
+    seen = {}
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(name, **kwargs):
+        seen.update(kwargs)
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    models.load_model(save_tiny_model(tmp_path / "m"), dtype=torch.float32)
+    assert seen["trust_remote_code"] is False and seen["local_files_only"] is True
+
+
+def test_builtin_teacher_loads_when_shipped():
+    from ckaqad_cli.builtin import TEACHER_DIR
+
+    if not (TEACHER_DIR / "config.json").exists():
+        pytest.skip("the built-in teacher is not shipped yet")
+    model, tok = models.load_model("builtin", dtype=torch.float32)
+    assert len(models.decoder_layers(model)) == model.config.num_hidden_layers
+
+
+def test_ptq_student_is_a_fake_quantized_copy(tmp_path):
+    pytest.importorskip("ckaqad_cli.quant")
+    teacher, tok = models.load_model(save_tiny_model(tmp_path / "m"), dtype=torch.float32)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = models.ptq_student(teacher, "w4a16")
+    ids = tok("12+34=46", return_tensors="pt")["input_ids"]
+    assert not torch.equal(student(ids).logits, teacher(ids).logits)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # teacher untouched
+
+
+def test_distilled_student_dir_reapplies_recipe(tmp_path):
+    quant = pytest.importorskip("ckaqad_cli.quant")
+    d = save_tiny_model(tmp_path / "m")
+    dense, tok = models.load_model(d, dtype=torch.float32)
+    recipe = quant.apply_fake_quant(dense, scheme="w4a16")
+    recipe.save(d)
+    assert quant.RECIPE_FILE == models.RECIPE_FILE
+    loaded, _ = models.load_model(d, dtype=torch.float32)
+    ids = tok("7*8-5=51", return_tensors="pt")["input_ids"]
+    assert torch.allclose(loaded(ids).logits, dense(ids).logits)
+
+
+def test_packed_dir_loads_through_our_unpacker(tmp_path, monkeypatch):
+    """A directory that detect_format recognizes is built from its config and filled by load_dequantized_state_dict."""
+    formats = pytest.importorskip("ckaqad_cli.formats")
+    if not hasattr(formats, "load_dequantized_state_dict"):
+        pytest.skip("formats.load_dequantized_state_dict is not there yet")
+    d = save_tiny_model(tmp_path / "m")
+    reference, tok = models.load_model(d, dtype=torch.float32)
+    state = {k: v * 0.5 for k, v in reference.state_dict().items()}  # distinguishable from the saved weights
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "compressed-tensors"}
+    (d / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(formats, "detect_format", lambda path: "compressed-tensors")
+    monkeypatch.setattr(formats, "load_dequantized_state_dict", lambda path: state)
+    model, _ = models.load_model(d, dtype=torch.float32)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert getattr(model.config, "quantization_config", None) is None
