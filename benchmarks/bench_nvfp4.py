@@ -1,0 +1,272 @@
+"""NVFP4 quantize-and-pack speed (run by hand; not a test).
+
+CPU: our PyTorch reference against compressed-tensors' NVFP4 compressor and ModelOpt's NVFP4QTensor.quantize on
+the same bf16 matrices; each timing covers the whole job (global scale, block scales, codes, packing).
+GPU: the Triton kernels against a device-to-device copy of the same tensor, in GB/s of input read, and bit-exactness
+against the CPU reference.
+
+    python benchmarks/bench_nvfp4.py cpu --markdown benchmarks/results_nvfp4_cpu.md
+    python benchmarks/bench_nvfp4.py gpu --shapes 8192x28672 16384x16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ckaqad_cli.atomic import atomic_write_text
+from ckaqad_kernels import dispatch
+from ckaqad_kernels import nvfp4_ref as ref
+
+DEFAULT_SHAPES = ("4096x4096", "8192x28672")
+console = Console(stderr=True)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    rows, cols = text.lower().split("x")
+    return int(rows), int(cols)
+
+
+def _best_of(contenders: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Rounds over all contenders (fair under a fluctuating load); the best wall and CPU time of each."""
+    for fn in contenders.values():
+        fn()  # warm-up
+    best = {label: (float("inf"), float("inf")) for label in contenders}
+    for _ in range(repeats):
+        for label, fn in contenders.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[label] = (min(best[label][0], wall), min(best[label][1], cpu))
+    return best
+
+
+def _modelopt() -> Callable[[torch.Tensor], object] | None:
+    try:
+        from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+    except ImportError:
+        return None
+    return lambda w: NVFP4QTensor.quantize(w, 16)
+
+
+def _ct_compress(w: torch.Tensor, observer_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """compressed-tensors' own NVFP4 path: its observer math (run in ``observer_dtype``), then its compressor."""
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    args = preset_name_to_scheme("NVFP4A16", ["Linear"]).weights
+    rows, cols = w.shape
+    wo = w.to(observer_dtype)
+    global_scale = generate_gparam(wo.amin(), wo.amax())
+    blocks = wo.view(rows, cols // 16, 16)
+    scale, _ = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args, global_scale=global_scale)
+    state = {"weight": w, "weight_scale": scale, "weight_global_scale": global_scale}
+    return NVFP4PackedCompressor.compress(state, QuantizationScheme(targets=["Linear"], weights=args))
+
+
+def _compressed_tensors() -> Callable[[torch.Tensor], object] | None:
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        return None
+    return _ct_compress
+
+
+def _ct_encode(w: torch.Tensor, observer_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, E4M3 scale bytes) from compressed-tensors' compressor."""
+    state = _ct_compress(w, observer_dtype)
+    return ref.unpack_fp4(state["weight_packed"]), state["weight_scale"].view(torch.uint8)
+
+
+def agreement(shapes: list[tuple[int, int]], seeds: int) -> str:
+    """Code and block-scale agreement between the implementations on random bf16 weights, as a Markdown table."""
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the tests' model
+    from tests.kernels.nvfp4_cases import float64_model
+
+    totals: dict[str, list[int]] = {}
+    elements = blocks_total = 0
+    for shape in shapes:
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            w = torch.randn(shape, dtype=torch.bfloat16) * 0.02
+            codes, scales, g = ref.quantize(w)
+            qt, mo_scales, _ = NVFP4QTensor.quantize(w.clone(), 16)
+            c64, s64, _ = float64_model(w, float(g))
+            encoded = {
+                "ours": (codes, scales.view(torch.uint8)),
+                "ModelOpt": (ref.unpack_fp4(qt._quantized_data), mo_scales.view(torch.uint8)),
+                "compressed-tensors, float32 observer": _ct_encode(w, torch.float32),
+                "compressed-tensors, bf16 observer": _ct_encode(w, torch.bfloat16),
+                "float64 evaluation of our definition": (c64, s64.to(torch.float8_e4m3fn).view(torch.uint8)),
+            }
+            pairs = [("ours", other) for other in encoded if other != "ours"]
+            pairs.append(("ModelOpt", "compressed-tensors, float32 observer"))
+            pairs.append(("ModelOpt", "compressed-tensors, bf16 observer"))
+            for a, b in pairs:
+                (ca, sa), (cb, sb) = encoded[a], encoded[b]
+                counts = totals.setdefault(f"{a} vs {b}", [0, 0])
+                counts[0] += int((ca != cb).sum())
+                counts[1] += int((sa != sb).sum())
+            elements += w.numel()
+            blocks_total += w.numel() // 16
+    lines = [f"{seeds} seeds x {', '.join(f'{r}x{c}' for r, c in shapes)} of torch.randn * 0.02 in bf16 "
+             f"({elements} elements, {blocks_total} blocks)", "",
+             "| pair | codes that differ | block-scale bytes that differ |", "|---|---|---|"]
+    for pair, (codes_diff, scales_diff) in totals.items():
+        lines.append(f"| {pair} | {codes_diff} ({codes_diff / elements:.3%}) | "
+                     f"{scales_diff} ({scales_diff / blocks_total:.3%}) |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_cpu(shapes: list[tuple[int, int]], repeats: int) -> tuple[list[dict], str]:
+    contenders = {"ours (torch reference)": lambda w: ref.quantize_and_pack(w)}
+    for label, make in (("compressed-tensors compressor", _compressed_tensors), ("ModelOpt NVFP4QTensor", _modelopt)):
+        fn = make()
+        if fn is None:
+            console.print(f"[yellow]{label} is not installed; skipped[/]")
+        else:
+            contenders[label] = fn
+    rows = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        w = torch.randn(shape, dtype=torch.bfloat16) * 0.02
+        console.print(f"{shape[0]}x{shape[1]}: {', '.join(contenders)} ...")
+        best = _best_of({label: (lambda fn=fn: fn(w.clone())) for label, fn in contenders.items()}, repeats)
+        times = {label: wall for label, (wall, _) in best.items()}
+        cpu_times = {label: cpu for label, (_, cpu) in best.items()}
+        others = [label for label in times if not label.startswith("ours")]
+        ours = "ours (torch reference)"
+        rows.append({
+            "shape": f"{shape[0]}x{shape[1]}", "times": times, "cpu_times": cpu_times,
+            "speedup_vs_fastest_other": min(times[o] for o in others) / times[ours] if others else None,
+            "cpu_speedup_vs_fastest_other": min(cpu_times[o] for o in others) / cpu_times[ours] if others else None,
+        })
+    return rows, "cpu"
+
+
+def _cuda_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def bench_gpu(shapes: list[tuple[int, int]], repeats: int) -> tuple[list[dict], str]:
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu mode needs a CUDA device")
+    rows = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        w = (torch.randn(shape, dtype=torch.bfloat16) * 0.02).cuda()
+        g = ref.global_scale_from_amax(w.abs().amax())
+        gb = w.numel() * w.element_size() / 1e9
+        times = {
+            "device-to-device copy": _cuda_time(lambda: w.clone(), repeats),
+            "Triton quantize+pack": _cuda_time(lambda: dispatch.quantize_and_pack(w, g, backend="triton"), repeats),
+            "Triton fake-quant": _cuda_time(lambda: dispatch.fake_quantize(w, g, backend="triton"), repeats),
+        }
+        packed, scales, _ = dispatch.quantize_and_pack(w, g, backend="triton")
+        cpu_packed, cpu_scales, _ = ref.quantize_and_pack(w.cpu(), g.cpu())
+        exact = torch.equal(packed.cpu(), cpu_packed) and torch.equal(
+            scales.cpu().view(torch.uint8), cpu_scales.view(torch.uint8))
+        fake = dispatch.fake_quantize(w, g, backend="triton").cpu()
+        fq_exact = torch.equal(fake, ref.fake_quantize(w.cpu(), g.cpu()))
+        rows.append({"shape": f"{shape[0]}x{shape[1]}", "times": times,
+                     "gbps": {k: gb / t for k, t in times.items()},
+                     "bit_exact": exact and fq_exact})
+    return rows, torch.cuda.get_device_name()
+
+
+def render(rows: list[dict], mode: str, device: str, command: str) -> str:
+    load = ", load average {:.1f} / {:.1f} / {:.1f} (1/5/15 min)".format(*os.getloadavg()) if mode == "cpu" else ""
+    lines = [f"Command: `{command}`", "",
+             f"Machine: {device}; torch {torch.__version__}; {os.cpu_count()} CPU cores visible; "
+             f"{platform.processor() or platform.machine()}{load}", ""]
+    if mode == "cpu":
+        labels = list(rows[0]["times"])
+        lines.append("Best of the timed rounds; wall seconds, with process CPU seconds (all threads) in brackets. "
+                     "The last columns are the faster library's time divided by ours (above 1: ours is faster).")
+        lines.append("")
+        lines.append("| matrix (bf16) | " + " | ".join(f"{label} (s)" for label in labels) +
+                     " | fastest other / ours (wall) | fastest other / ours (CPU) |")
+        lines.append("|" + "---|" * (len(labels) + 3))
+
+        def ratio(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f}x"
+
+        for row in rows:
+            cells = " | ".join(f"{row['times'][label]:.2f} ({row['cpu_times'][label]:.2f})" for label in labels)
+            lines.append(f"| {row['shape']} | {cells} | {ratio(row['speedup_vs_fastest_other'])} | "
+                         f"{ratio(row['cpu_speedup_vs_fastest_other'])} |")
+    else:
+        labels = list(rows[0]["times"])
+        lines.append("| matrix (bf16) | " + " | ".join(f"{label} (GB/s of input)" for label in labels) +
+                     " | quantize+pack / copy | bit-exact vs CPU |")
+        lines.append("|" + "---|" * (len(labels) + 3))
+        for row in rows:
+            cells = " | ".join(f"{row['gbps'][label]:.0f}" for label in labels)
+            ratio = row["gbps"]["Triton quantize+pack"] / row["gbps"]["device-to-device copy"]
+            lines.append(f"| {row['shape']} | {cells} | {ratio:.0%} | {row['bit_exact']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("cpu", "gpu", "agreement"),
+                        help="cpu / gpu: time quantize-and-pack; agreement: compare codes with the libraries")
+    parser.add_argument("--seeds", type=int, default=4, help="agreement: random matrices per shape "
+                        "(default: %(default)s)")
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="ROWSxCOLS (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per contender, best (cpu) or median "
+                        "(gpu) kept (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--markdown", help="also write the results table to this file")
+    args = parser.parse_args(argv)
+    shapes = [_shape(s) for s in args.shapes]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python " + " ".join(["benchmarks/bench_nvfp4.py", *sys.argv[1:]])
+    if args.mode == "agreement":
+        text = f"Command: `{command}`\n\n" + agreement(shapes, args.seeds)
+        print(text)
+        if args.markdown:
+            atomic_write_text(args.markdown, text)
+        return
+    rows, device = (bench_cpu if args.mode == "cpu" else bench_gpu)(shapes, args.repeats)
+    if args.mode == "cpu":
+        device = f"CPU, {torch.get_num_threads()} torch threads"
+    text = render(rows, args.mode, device, command)
+    table = Table(title=f"NVFP4 quantize-and-pack ({args.mode})")
+    for column in ("matrix", *rows[0]["times"]):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["shape"], *(f"{t * 1e3:.1f} ms" for t in row["times"].values()))
+    Console().print(table)
+    print(text)
+    if args.markdown:
+        atomic_write_text(args.markdown, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Backend choice for NVFP4: the Triton kernels on CUDA tensors, the PyTorch reference elsewhere.
+
+backend="auto" picks by device; "triton" or "torch" forces one. Triton on CPU tensors needs TRITON_INTERPRET=1 set
+before triton is first imported (the test suite does this). Both give the same bits.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from . import nvfp4_ref as ref
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return x.is_cuda and x.dtype in TRITON_DTYPES and _triton_available()
+    if x.dtype not in TRITON_DTYPES:
+        raise ValueError(f"the Triton kernels take bfloat16, float16 or float32, got {x.dtype}")
+    if not x.is_cuda and not triton_interpreted():
+        raise ValueError(
+            "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 in the environment before triton is imported"
+        )
+    return True
+
+
+def _triton_available() -> bool:
+    try:
+        from . import nvfp4_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreted() -> bool:
+    """Whether the Triton kernels run in the interpreter (TRITON_INTERPRET=1 was set before triton was imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from . import nvfp4_triton
+
+    return isinstance(nvfp4_triton._quantize_pack_kernel, InterpretedFunction)
+
+
+def quantize_and_pack(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    *,
+    backend: Backend = "auto",
+    swizzle: bool = False,
+    name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (packed uint8 [..., K/2], E4M3 block scales, g float32 0-d); see nvfp4_ref.quantize_and_pack.
+
+    ``swizzle`` returns the block scales in the Blackwell 128x4 tiled layout instead of the linear [..., K/16] one.
+    NaN or Inf in x raises a ValueError naming ``name``.
+    """
+    ref.check_last_dim(x)
+    if not _use_triton(x, backend):
+        packed, scales, g = ref.quantize_and_pack(x, global_scale, name=name)
+        return packed, ref.swizzle_block_scales(scales) if swizzle else scales, g
+    from . import nvfp4_triton
+
+    g = ref.resolve_global_scale(x, global_scale)
+    finite = torch.isfinite(g) if global_scale is None else torch.isfinite(g) & torch.isfinite(x).all()
+    if not bool(finite):  # with the dynamic g, amax(x) is finite exactly when every element is
+        raise ref.nonfinite_error(name)
+    if swizzle and x.ndim != 2:
+        packed, scales = nvfp4_triton.quantize_and_pack(x.detach(), g)
+        return packed, ref.swizzle_block_scales(scales), g
+    packed, scales = nvfp4_triton.quantize_and_pack(x.detach(), g, swizzle=swizzle)
+    return packed, scales, g
+
+
+def fake_quantize(
+    x: torch.Tensor, global_scale: torch.Tensor | float | None = None, *, backend: Backend = "auto"
+) -> torch.Tensor:
+    """Quantize-dequantize in x's dtype (no autograd; see fake_quant.fake_quantize_ste). NaN/Inf propagate."""
+    ref.check_last_dim(x)
+    if not _use_triton(x, backend):
+        return ref.fake_quantize(x, global_scale)
+    from . import nvfp4_triton
+
+    return nvfp4_triton.fake_quantize(x.detach(), ref.resolve_global_scale(x, global_scale))

@@ -1,0 +1,268 @@
+"""PyTorch reference of the NVFP4 definition (docs/nvfp4.md), on any device; the Triton kernels match it bit for bit.
+
+Every float operation happens in float32, in the order pinned in nvfp4_spec. Divisions by a scalar use a tensor on the
+input's device: CUDA turns a division by a host scalar into a multiplication by its reciprocal, which rounds
+differently.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .nvfp4_spec import (
+    BLOCK_SIZE,
+    E2M1_VALUES,
+    E4M3_MAX,
+    E4M3_MIN_SCALE,
+    FP4_MAX,
+    GLOBAL_SCALE_DIVISOR,
+    SIGN_BIT,
+    SWIZZLE_COLS,
+    SWIZZLE_ROWS,
+    ZERO_BLOCK_SCALE,
+    ZERO_TENSOR_GLOBAL_SCALE,
+)
+
+ROWS_PER_CHUNK_ELEMENTS = 1 << 22
+"""Encoding works through chunks of rows of about this many elements: bounded memory (~120 MB of float32
+temporaries), and few enough parallel regions that a loaded CPU does not stall on thread barriers."""
+
+_E2M1_SIGNED = torch.tensor(list(E2M1_VALUES) + [-v for v in E2M1_VALUES], dtype=torch.float32)
+"""Decoded value of each 4-bit code (code 8 is -0.0)."""
+
+
+def check_last_dim(x: torch.Tensor, what: str = "NVFP4 input") -> None:
+    """Refuse a last dimension that blocks of 16 cannot tile."""
+    if x.ndim == 0 or x.shape[-1] % BLOCK_SIZE != 0:
+        raise ValueError(
+            f"{what} needs a last dimension that is a multiple of {BLOCK_SIZE}, got shape {tuple(x.shape)}"
+        )
+
+
+def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
+    """g = amax / (6 * 448) as a float32 0-d tensor (ModelOpt's weight_scale_2); an amax of 0 gives 1.0.
+
+    A non-finite amax gives a non-finite g on purpose: activations carrying NaN/Inf then dequantize to NaN.
+    """
+    amax = torch.as_tensor(amax).detach().to(torch.float32).reshape(())
+    g = amax / torch.tensor(GLOBAL_SCALE_DIVISOR, dtype=torch.float32, device=amax.device)
+    return torch.where(g == 0, torch.ones_like(g) * ZERO_TENSOR_GLOBAL_SCALE, g)
+
+
+def resolve_global_scale(x: torch.Tensor, global_scale: torch.Tensor | float | None) -> torch.Tensor:
+    """The float32 0-d g on x's device: the given one, or computed from amax(x) when None."""
+    if global_scale is None:
+        return global_scale_from_amax(x.detach().abs().amax() if x.numel() else torch.zeros(()))
+    g = torch.as_tensor(global_scale).detach().to(device=x.device, dtype=torch.float32)
+    if g.numel() != 1:
+        raise ValueError(f"global_scale must hold one value, got shape {tuple(g.shape)}")
+    return g.reshape(())
+
+
+def nonfinite_error(name: str | None) -> ValueError:
+    """The error for NaN/Inf in a tensor to encode (a weight): it names the tensor."""
+    what = f"tensor {name!r}" if name else "the tensor"
+    return ValueError(f"{what} contains NaN or Inf; NVFP4 cannot encode it")
+
+
+def block_scales_e4m3(block_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 block scales from float32 block amaxes: e4m3(clamp(a_b / (6 g), 2**-9, 448)), 1.0 for zero blocks.
+
+    A block whose amax is not finite gets the NaN scale (byte 0x7F).
+    """
+    six_g = FP4_MAX * global_scale
+    s = block_amax / six_g
+    s = torch.where(s == 0, torch.full_like(s, ZERO_BLOCK_SCALE), s)
+    s = s.clamp(E4M3_MIN_SCALE, E4M3_MAX)
+    s = torch.where(torch.isfinite(block_amax), s, torch.full_like(s, float("nan")))
+    return s.to(torch.float8_e4m3fn)
+
+
+def _grid_terms(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """|r| rounded half to even on the E2M1 grid, split by the grid's three spacings (0.5 up to 2, 1 up to 4, 2 up
+    to 6). Each term is a whole number; index = t1 + t2 + t3, magnitude = t1 / 2 + t2 + 2 * t3.
+
+    torch.round rounds half to even, so 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4;
+    everything above 6 saturates. Float arithmetic vectorizes better than comparisons or bucketize on the CPU, and
+    every step is exact (the subtractions are of numbers within a factor of two).
+    """
+    t1 = a.clamp(max=2.0).mul_(2.0).round_()
+    t2 = a.clamp(2.0, 4.0).sub_(2.0).round_()
+    t3 = a.clamp(4.0, 6.0).sub_(4.0).mul_(0.5).round_()
+    return t1, t2, t3
+
+
+def _sign_source(r: torch.Tensor) -> torch.Tensor:
+    """r + 0.0 turns -0.0 into +0.0, so the sign bit marks exactly r < 0 (as the definition says)."""
+    return r + 0.0
+
+
+def _e2m1_codes(r: torch.Tensor) -> torch.Tensor:
+    """Codes (r < 0) << 3 | index of finite scaled values r, as uint8."""
+    t1, t2, t3 = _grid_terms(r.abs())
+    code = t1.add_(t2).add_(t3).to(torch.int32)
+    code |= _sign_source(r).view(torch.int32).bitwise_right_shift(28).bitwise_and_(SIGN_BIT)
+    return code.to(torch.uint8)
+
+
+def _e2m1_values(r: torch.Tensor) -> torch.Tensor:
+    """The decoded value of each code of r (float32; -0.0 for code 8), without forming the codes; NaN stays NaN."""
+    t1, t2, t3 = _grid_terms(r.abs())
+    magnitude = t1.mul_(0.5).add_(t2).add_(t3.mul_(2.0))
+    return magnitude.copysign_(_sign_source(r))
+
+
+def _scales_and_ratios(
+    x2: torch.Tensor, g: torch.Tensor, *, name: str | None, check_finite: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x2 [R, K] in its own dtype -> (E4M3 scales [R, K/16], r = x / d float32 [R, K], d float32 [R, K]).
+
+    The block max is a max-pool (NaN-propagating, and faster than amax over a 16-wide last dimension); d is
+    materialized to full width because a broadcast division vectorizes badly.
+    """
+    rows, k = x2.shape
+    xf = x2.to(torch.float32)
+    block_amax = F.max_pool1d(xf.abs().unsqueeze(1), BLOCK_SIZE).squeeze(1) if rows else xf.new_empty(0, k // 16)
+    if check_finite and not bool(torch.isfinite(block_amax).all()):
+        raise nonfinite_error(name)
+    scales = block_scales_e4m3(block_amax, g)
+    d = block_divisors(scales, g).unsqueeze(-1).expand(rows, k // BLOCK_SIZE, BLOCK_SIZE).reshape(rows, k)
+    return scales, xf / d, d
+
+
+def _row_chunks(rows: int, k: int) -> list[slice]:
+    step = max(1, ROWS_PER_CHUNK_ELEMENTS // k)
+    return [slice(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
+
+
+def block_divisors(block_scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """d = float32(s) * g per block: x / d is what gets rounded, E2M1 value * d is what comes back."""
+    return block_scales.to(torch.float32) * global_scale
+
+
+def scaled_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """r = x / d as float32 [..., K/16, 16]: the values rounded onto the E2M1 grid (|r| > 6 saturates)."""
+    check_last_dim(x)
+    r = _scales_and_ratios(x.detach().reshape(-1, x.shape[-1]), global_scale, name=None, check_finite=False)[1]
+    return r.reshape(*x.shape[:-1], -1, BLOCK_SIZE)
+
+
+def _check_global_scale(g: torch.Tensor, name: str | None) -> None:
+    if not bool(torch.isfinite(g)):
+        raise nonfinite_error(name)
+
+
+def _encode(
+    x: torch.Tensor, global_scale: torch.Tensor | float | None, name: str | None, *, pack: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_last_dim(x)
+    g = resolve_global_scale(x, global_scale)
+    _check_global_scale(g, name)
+    k = x.shape[-1]
+    x2 = x.detach().reshape(-1, k)
+    rows = x2.shape[0]
+    width = k // 2 if pack else k
+    codes = torch.empty(rows, width, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(rows, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=x.device)
+    for rows_slice in _row_chunks(rows, k):
+        scales[rows_slice], r, _ = _scales_and_ratios(x2[rows_slice], g, name=name, check_finite=True)
+        chunk = _e2m1_codes(r)
+        codes[rows_slice] = pack_fp4(chunk) if pack else chunk
+    lead = x.shape[:-1]
+    return codes.reshape(*lead, width), scales.reshape(*lead, k // BLOCK_SIZE), g
+
+
+def quantize(
+    x: torch.Tensor, global_scale: torch.Tensor | float | None = None, *, name: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (codes uint8 [..., K] = sign << 3 | index, block scales float8_e4m3fn [..., K/16], g float32 0-d).
+
+    global_scale None computes g from amax(x). NaN or Inf in x raises a ValueError naming ``name``.
+    """
+    return _encode(x, global_scale, name, pack=False)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes per byte: element 2i in the low nibble, 2i+1 in the high nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_fp4 needs an even last dimension, got shape {tuple(codes.shape)}")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_fp4: uint8 [..., K/2] -> codes uint8 [..., K]."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_fp4 needs uint8 bytes, got {packed.dtype}")
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def quantize_and_pack(
+    x: torch.Tensor, global_scale: torch.Tensor | float | None = None, *, name: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], g float32 0-d).
+
+    The bytes of pack_fp4(quantize(x)[0]), made chunk by chunk of rows to bound memory.
+    """
+    return _encode(x, global_scale, name, pack=True)
+
+
+def _decode(codes: torch.Tensor, scales: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """value = E2M1(code) * (float32(s) * g), computed in float32, cast to dtype last."""
+    values = _E2M1_SIGNED.to(codes.device)[codes.to(torch.int32)]
+    out = values.reshape(*codes.shape[:-1], -1, BLOCK_SIZE) * block_divisors(scales, g).unsqueeze(-1)
+    return out.reshape(codes.shape).to(dtype)
+
+
+def dequantize(
+    packed: torch.Tensor,
+    block_scales: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Packed bytes [..., K/2] + linear block scales [..., K/16] + g -> values [..., K] in ``dtype``."""
+    codes = unpack_fp4(packed)
+    check_last_dim(codes, "packed NVFP4 data (unpacked)")
+    if block_scales.shape != (*codes.shape[:-1], codes.shape[-1] // BLOCK_SIZE):
+        raise ValueError(
+            f"block scales of shape {tuple(block_scales.shape)} do not match packed data {tuple(packed.shape)}"
+        )
+    g = torch.as_tensor(global_scale).to(device=packed.device, dtype=torch.float32).reshape(())
+    return _decode(codes, block_scales, g, dtype)
+
+
+def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Quantize-dequantize in x's dtype; equals dequantize(*quantize_and_pack(x, g), dtype=x.dtype) exactly.
+
+    NaN/Inf propagate instead of raising: a block holding one dequantizes to NaN, and with the dynamic global scale
+    (global_scale None) the whole tensor does.
+    """
+    check_last_dim(x)
+    g = resolve_global_scale(x, global_scale)
+    k = x.shape[-1]
+    x2 = x.detach().reshape(-1, k)
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    for rows_slice in _row_chunks(x2.shape[0], k):
+        _, r, d = _scales_and_ratios(x2[rows_slice], g, name=None, check_finite=False)
+        out[rows_slice] = _e2m1_values(r).mul_(d)
+    return out.reshape(x.shape)
+
+
+def swizzle_block_scales(block_scales: torch.Tensor) -> torch.Tensor:
+    """Linear scales [..., M, K/16] -> the Blackwell 128x4 tiled layout, shape [..., ceil(M/128)*128, ceil(K/64)*4].
+
+    Padding is zero. Within each 512-byte tile, scale (m, k) sits at (m % 32) * 16 + ((m // 32) % 4) * 4 + k % 4;
+    tiles follow row-tile major, then column tile (torchao's to_blocked, vLLM's swizzle_blockscale).
+    """
+    if block_scales.ndim < 2:
+        raise ValueError(f"block scales need at least 2 dimensions, got shape {tuple(block_scales.shape)}")
+    *lead, m, kb = block_scales.shape
+    mt, kt = -(-m // SWIZZLE_ROWS), -(-kb // SWIZZLE_COLS)
+    raw = block_scales.view(torch.uint8)
+    padded = torch.zeros(*lead, mt * SWIZZLE_ROWS, kt * SWIZZLE_COLS, dtype=torch.uint8, device=raw.device)
+    padded[..., :m, :kb] = raw
+    tiles = padded.reshape(*lead, mt, 4, 32, kt, SWIZZLE_COLS)
+    n = len(lead)
+    order = [*range(n), n, n + 3, n + 2, n + 1, n + 4]  # -> [..., mt, kt, 32, 4, 4]
+    out = tiles.permute(order).reshape(*lead, mt * SWIZZLE_ROWS, kt * SWIZZLE_COLS)
+    return out.view(block_scales.dtype)

@@ -1,0 +1,148 @@
+"""Model-level NVFP4 (ckaqad_cli.quant) on a tiny transformers Llama built from a config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ckaqad_cli import quant
+from ckaqad_cli.errors import CkaqadError
+from ckaqad_kernels import nvfp4_ref as ref
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 11, 4]])
+
+
+def test_exclusions_skips_and_state_dict_names():
+    model = tiny_llama()
+    keys = list(model.state_dict())
+    q_weight = model.model.layers[0].self_attn.q_proj.weight
+    recipe = quant.apply_fake_quant(model, scheme="w4a4", exclude=["*.o_proj"])
+    assert list(model.state_dict()) == keys
+    assert model.model.layers[0].self_attn.q_proj.weight is q_weight
+    assert isinstance(model.model.layers[0].self_attn.q_proj, quant.NVFP4Linear)
+    assert type(model.lm_head) is torch.nn.Linear and "lm_head" not in recipe.quantized
+    assert type(model.model.layers[1].self_attn.o_proj) is torch.nn.Linear
+    assert recipe.skipped["model.layers.1.self_attn.o_proj"] == "excluded by '*.o_proj'"
+    # in_features 40 (the intermediate size) is not a multiple of 16: left alone and reported
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert "not a multiple of 16" in recipe.skipped["model.layers.0.mlp.down_proj"]
+    assert len(recipe.quantized) == 2 * 5  # q, k, v, gate, up per layer
+    with pytest.raises(CkaqadError, match="already"):
+        quant.apply_fake_quant(model)
+
+
+def test_fused_groups_from_plain_names():
+    names = [
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.experts.0.gate_proj", "model.layers.0.mlp.experts.0.up_proj",
+        "model.layers.0.mlp.experts.0.down_proj", "model.layers.0.mlp.experts.1.gate_proj",
+        "model.layers.0.mlp.experts.1.up_proj",
+        "model.layers.1.block_sparse_moe.experts.3.w1", "model.layers.1.block_sparse_moe.experts.3.w2",
+        "model.layers.1.block_sparse_moe.experts.3.w3", "model.layers.2.self_attn.q_proj",
+    ]
+    assert quant.fused_groups(names) == [
+        names[0:3], names[4:6], names[7:9],
+        ["model.layers.1.block_sparse_moe.experts.3.w1", "model.layers.1.block_sparse_moe.experts.3.w3"],
+    ]
+
+
+def test_fused_group_shares_the_max_amax_global_scale():
+    model = tiny_llama()
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(10)  # k now holds the group's largest amax
+    recipe = quant.apply_fake_quant(model, scheme="w4a16")
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj"] in recipe.fused_groups
+    expected = ref.global_scale_from_amax(attn.k_proj.weight.abs().amax())
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert float(proj.weight_global_scale()) == float(expected)
+    assert float(quant.group_weight_global_scale([attn.q_proj.weight, attn.k_proj.weight])) == float(expected)
+    x = torch.randn(3, 32)
+    fq_q = ref.fake_quantize(attn.q_proj.weight.detach(), expected)
+    assert torch.equal(attn.q_proj(x), F.linear(x, fq_q))  # w4a16: input untouched
+    assert not torch.equal(fq_q, ref.fake_quantize(attn.q_proj.weight.detach()))  # its own scale would differ
+
+
+def test_w4a4_quantizes_inputs_dynamically_then_with_a_calibrated_amax():
+    model = tiny_llama()
+    quant.apply_fake_quant(model, scheme="w4a4")
+    up = model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 3, 32)
+    w = ref.fake_quantize(up.weight.detach(), up.weight_global_scale())
+    assert torch.equal(up(x), F.linear(ref.fake_quantize(x), w))
+    with quant.record_input_amax(model) as amax:
+        model(IDS)
+        model(IDS[:, :4])
+    assert set(amax) == {n for n, m in model.named_modules() if isinstance(m, quant.NVFP4Linear)}
+    assert not up._forward_pre_hooks  # hooks removed
+    quant.set_input_amax(model, {"model.layers.0.mlp.up_proj": 7.5})
+    g_in = ref.global_scale_from_amax(7.5)
+    assert torch.equal(up(x), F.linear(ref.fake_quantize(x, g_in), w))
+
+
+def test_gradients_reach_the_weights_through_the_ste():
+    model = tiny_llama()
+    quant.apply_fake_quant(model)
+    model(IDS, labels=IDS).loss.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_recipe_round_trip_reproduces_the_model(tmp_path):
+    model = tiny_llama()
+    recipe = quant.apply_fake_quant(model, scheme="w4a4")
+    with quant.record_input_amax(model) as amax:
+        model(IDS)
+    recipe.input_amax = dict(amax)
+    quant.set_input_amax(model, recipe.input_amax)
+    path = recipe.save(tmp_path)
+    assert path.name == quant.RECIPE_FILE
+    loaded = quant.QuantRecipe.load(tmp_path)
+    assert loaded == recipe
+    fresh = tiny_llama()
+    quant.apply_recipe(fresh, loaded)
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+    assert not torch.equal(fresh(IDS).logits, tiny_llama()(IDS).logits)
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(CkaqadError, match="no quant_recipe.json"):
+        quant.QuantRecipe.load(tmp_path)
+    (tmp_path / quant.RECIPE_FILE).write_text(json.dumps({"version": 99}))
+    with pytest.raises(CkaqadError, match="version"):
+        quant.QuantRecipe.load(tmp_path)
+    with pytest.raises(CkaqadError, match="scheme"):
+        quant.QuantRecipe(scheme="w8a8")
+    bad = quant.QuantRecipe(quantized=["model.layers.9.mlp.up_proj"])
+    with pytest.raises(CkaqadError, match="does not have"):
+        quant.apply_recipe(tiny_llama(), bad)
+    with pytest.raises(CkaqadError, match="not a quantizable"):
+        quant.apply_recipe(tiny_llama(), quant.QuantRecipe(quantized=["model.layers.0.mlp.down_proj"]))
+
+
+def test_moe_router_excluded_and_fused_experts_reported():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         num_experts=4, num_experts_per_tok=2)
+    model = Qwen3MoeForCausalLM(cfg)
+    recipe = quant.apply_fake_quant(model, scheme="w4a16")
+    assert not any(".mlp.gate" in name for name in recipe.quantized)
+    assert "3-D MoE" in recipe.skipped["model.layers.0.mlp.experts"]
+    assert recipe.fused_groups == [[f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]]
