@@ -1,15 +1,131 @@
-"""`ckaqad pack` (not built yet: issue 4)."""
+"""`ckaqad pack`: write the distilled student (or any local HF model) as a real NVFP4 checkpoint."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ckaqad_cli.cli.common import RunOption, handle_errors
+import typer
+from rich.table import Table
+
+from ckaqad_cli.cli.common import RunOption, console, handle_errors
 from ckaqad_cli.config import ConfigOption
-from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.stages.pack import PackConfig, run_pack, summary_rows
 
 
 @handle_errors
-def pack(run: Path = RunOption, config: Path = ConfigOption) -> None:
-    """Not built yet (issue 4)."""
-    raise CkaqadError("ckaqad pack is not built yet (issue 4)")
+def pack(
+    run: Path = RunOption,
+    config: Path = ConfigOption,
+    model: Path | None = typer.Option(
+        None,
+        "--model",
+        help="A local HF causal-LM directory to quantize (plain PTQ). Default: the run's distilled student.",
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Output directory. Default: RUN/pack/model."),
+    fmt: str = typer.Option(
+        "compressed-tensors",
+        "--format",
+        help="compressed-tensors (vLLM, transformers) or modelopt (TensorRT-LLM, vLLM, SGLang).",
+    ),
+    scheme: str | None = typer.Option(
+        None,
+        "--scheme",
+        help="w4a4 (weights and activations) or w4a16 (weights only). Default: the student's, else w4a4.",
+    ),
+    exclude: list[str] = typer.Option(
+        [],
+        "--exclude",
+        help="Extra fnmatch globs of modules to keep in BF16 (plain PTQ only; repeatable). Default: none.",
+    ),
+    max_shard_size: str = typer.Option(
+        "5GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 5GB. Default: 5GB."
+    ),
+    calib_data: str | None = typer.Option(
+        None,
+        "--calib-data",
+        help="W4A4 calibration text: builtin, a .txt / .jsonl file or a datasets dir. Default: the run's distill data.",
+    ),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Tokens for W4A4 input calibration. Default: 4096."),
+    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Calibration sequence length. Default: 256."),
+    verify: bool | None = typer.Option(
+        None,
+        "--verify/--no-verify",
+        help="Load the output back and compare with the fake-quantized student. Default: on for sources up to 2 GB.",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output and re-run a finished stage. Default: off."
+    ),
+    backend: str = typer.Option(
+        "auto", "--backend", help="Quantization kernels: auto (Triton on GPU), triton or torch. Default: auto."
+    ),
+    device: str = typer.Option(
+        "cpu", "--device", help="Device for quantization, calibration and verify. Default: cpu."
+    ),
+    push_to_hub: str | None = typer.Option(
+        None, "--push-to-hub", help="Then push the output to this ORG/NAME repo. Default: no push."
+    ),
+    private: bool = typer.Option(
+        False, "--private", help="With --push-to-hub: create the repo private. Default: public."
+    ),
+    revision: str = typer.Option("main", "--revision", help="With --push-to-hub: branch to push to. Default: main."),
+    endpoint: str | None = typer.Option(
+        None, "--endpoint", help="With --push-to-hub: Hub URL. Default: HF_ENDPOINT or huggingface.co."
+    ),
+    token: str | None = typer.Option(
+        None, "--token", help="With --push-to-hub: Hub token. Default: HF_TOKEN / the saved login."
+    ),
+    commit_message: str | None = typer.Option(
+        None, "--commit-message", help="With --push-to-hub: the commit message. Default: generated."
+    ),
+) -> None:
+    """Write an NVFP4 checkpoint (compressed-tensors or ModelOpt) that vLLM, TensorRT-LLM and transformers load.
+
+    Tensors are streamed one at a time (bounded memory); the output appears only when complete.
+
+    Examples:
+
+      ckaqad pack --run runs/qwen3-4b
+
+      ckaqad pack --model ./Llama-3.2-1B --out ./llama-nvfp4 --scheme w4a16 --format modelopt
+    """
+    cfg = PackConfig(
+        model=str(model) if model else None,
+        out=str(out) if out else None,
+        format=fmt,
+        scheme=scheme,
+        exclude=list(exclude),
+        max_shard_size=max_shard_size,
+        calib_data=calib_data,
+        calib_tokens=calib_tokens,
+        calib_seq_len=calib_seq_len,
+        verify=verify,
+        force=force,
+        backend=backend,
+        device=device,
+    )
+    rundir = RunDir(run, on_message=lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
+    result = run_pack(cfg, rundir)
+    table = Table(title=f"pack -> {result.out} ({result.format}, {result.scheme})")
+    table.add_column("")
+    table.add_column("", justify="right", overflow="fold")
+    for label, value in summary_rows(result.summary):
+        table.add_row(label, value)
+    console.print(table)
+    if push_to_hub:
+        from ckaqad_cli.stages.push import PushConfig, push_folder
+
+        pushed = push_folder(
+            result.out,
+            PushConfig(
+                repo_id=push_to_hub,
+                revision=revision,
+                private=private,
+                endpoint=endpoint,
+                commit_message=commit_message,
+                force=force,
+            ),
+            token=token,
+            run=rundir,
+        )
+        console.print(f"pushed to {pushed['url']} (commit {pushed['commit_oid']})")

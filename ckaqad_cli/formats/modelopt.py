@@ -1,0 +1,104 @@
+"""The NVIDIA ModelOpt NVFP4 export format, as TensorRT-LLM, vLLM (``modelopt_fp4``) and SGLang read it.
+
+Per quantized Linear ``M``:
+
+- ``M.weight``          uint8 [out, in/2], two E2M1 codes per byte, the even element in the low nibble
+- ``M.weight_scale``    float8_e4m3fn [out, in/16], the block scales
+- ``M.weight_scale_2``  float32 scalar, amax / (6 * 448): our global scale as it is
+- ``M.input_scale``     float32 scalar, the calibrated input global scale (W4A4 only)
+
+``hf_quant_config.json`` holds producer and quantization (quant_algo NVFP4 or W4A16_NVFP4, kv_cache_quant_algo,
+group_size, exclude_modules: vLLM requires each key), and config.json the same as ``quantization_config`` with
+quant_method modelopt (the shape of ModelOpt's own ``convert_hf_quant_config_format``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ckaqad_cli import __version__
+from ckaqad_cli.safetensors_io import TensorSpec
+from ckaqad_kernels import nvfp4_ref
+from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
+
+NAME = "modelopt"
+QUANT_METHOD = "modelopt"
+HF_QUANT_CONFIG = "hf_quant_config.json"
+WEIGHT = "weight"
+PARAMS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+QUANT_ALGO = {"w4a4": "NVFP4", "w4a16": "W4A16_NVFP4"}
+
+
+def hf_quant_config(scheme: str, exclude: list[str]) -> dict[str, Any]:
+    """``hf_quant_config.json``."""
+    return {
+        "producer": {"name": "ckaqad", "version": __version__},
+        "quantization": {
+            "quant_algo": QUANT_ALGO[scheme],
+            "kv_cache_quant_algo": None,
+            "group_size": BLOCK_SIZE,
+            "exclude_modules": sorted(exclude),
+        },
+    }
+
+
+def quantization_config(scheme: str, exclude: list[str]) -> dict[str, Any]:
+    """config.json's ``quantization_config``: the same information in the shape ModelOpt's export writes."""
+    fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": BLOCK_SIZE}
+    group: dict[str, Any] = {"weights": dict(fp4), "targets": ["Linear"]}
+    if scheme == "w4a4":
+        group = {"input_activations": dict(fp4), **group}
+    hf = hf_quant_config(scheme, exclude)
+    return {
+        "config_groups": {"group_0": group},
+        "ignore": hf["quantization"]["exclude_modules"],
+        "quant_algo": QUANT_ALGO[scheme],
+        "producer": hf["producer"],
+        "quant_method": QUANT_METHOD,
+    }
+
+
+def is_format(config: dict[str, Any]) -> bool:
+    return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def module_specs(module: str, out_features: int, in_features: int, scheme: str) -> list[TensorSpec]:
+    """The tensors written for one quantized Linear, in write order."""
+    specs = [
+        TensorSpec(f"{module}.weight", torch.uint8, (out_features, in_features // 2)),
+        TensorSpec(f"{module}.weight_scale", torch.float8_e4m3fn, (out_features, in_features // BLOCK_SIZE)),
+        TensorSpec(f"{module}.weight_scale_2", torch.float32, ()),
+    ]
+    if scheme == "w4a4":
+        specs.append(TensorSpec(f"{module}.input_scale", torch.float32, ()))
+    return specs
+
+
+def encode(
+    module: str,
+    packed: torch.Tensor,
+    block_scales: torch.Tensor,
+    global_scale: torch.Tensor,
+    input_global_scale: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Tensors for :func:`module_specs`; ModelOpt's scale convention is ours, stored as 0-d float32."""
+    out = {
+        f"{module}.weight": packed,
+        f"{module}.weight_scale": block_scales,
+        f"{module}.weight_scale_2": global_scale.detach().to(torch.float32).reshape(()),
+    }
+    if input_global_scale is not None:
+        out[f"{module}.input_scale"] = input_global_scale.detach().to(torch.float32).reshape(())
+    return out
+
+
+def decode(tensors: dict[str, torch.Tensor], module: str, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight of ``module`` from its packed tensors (our own unpacker, the kernels' dequantize)."""
+    return nvfp4_ref.dequantize(
+        tensors[f"{module}.weight"],
+        tensors[f"{module}.weight_scale"],
+        tensors[f"{module}.weight_scale_2"].to(torch.float32).reshape(()),
+        dtype=dtype,
+    )

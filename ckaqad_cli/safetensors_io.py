@@ -1,0 +1,339 @@
+"""Streaming safetensors I/O: read a (sharded) checkpoint one tensor at a time, write sharded outputs.
+
+Reading goes through ``safe_open`` one tensor at a time, so memory holds one tensor, not the model. Writing is planned
+up front: every output tensor's name, dtype and shape is known before the first byte is written (quantization only
+changes shapes in known ways), so each shard's header is written first and the tensors' bytes are streamed after it.
+Memory therefore stays at one tensor whatever ``max_shard_bytes`` is, and the exact output size is known in advance
+for the disk-space check.
+
+Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ckaqad_cli.atomic import atomic_write_json
+from ckaqad_cli.errors import CkaqadError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int (decimal units as in transformers' max_shard_size)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
+    if not m:
+        raise CkaqadError(f"cannot read size {text!r}: use a number of bytes or e.g. 500MB, 5GB, 2GiB")
+    number, unit, binary = m.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " KMGT".index(unit or " "))
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's name, dtype and shape, without its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights (via its index when sharded), checked to exist."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CkaqadError(f"{directory} is not a directory")
+    index = directory / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CkaqadError(f"{index} is not a valid safetensors index ({e})") from None
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CkaqadError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(p for p in directory.glob("*.safetensors") if not p.name.startswith("."))
+    if files:
+        return files
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CkaqadError(
+            f"{directory} holds only pickle checkpoints ({', '.join(pickles[:3])}); ckaqad never unpickles weights: "
+            "convert them to safetensors first (e.g. model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise CkaqadError(f"{directory} holds no safetensors weights (no *.safetensors, no {INDEX_FILE})")
+
+
+class SafetensorsSource:
+    """The tensors of a safetensors checkpoint directory, one file or sharded, read one tensor at a time.
+
+    Opening reads and validates every file's header (a corrupt or truncated file is a one-line CkaqadError);
+    :meth:`get` then loads a single tensor. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.files = weight_files(self.directory)
+        self._specs: dict[str, TensorSpec] = {}
+        self._file_of: dict[str, Path] = {}
+        for path in self.files:
+            with self._open(path) as handle:
+                for name in handle.keys():
+                    if name in self._specs:
+                        raise CkaqadError(f"tensor {name} appears in both {self._file_of[name].name} and {path.name}")
+                    sl = handle.get_slice(name)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise CkaqadError(f"{path.name}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                    self._specs[name] = TensorSpec(name, dtype, tuple(sl.get_shape()))
+                    self._file_of[name] = path
+
+    @staticmethod
+    def _open(path: Path):
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CkaqadError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+
+    def __enter__(self) -> SafetensorsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing stays open between reads; kept so the source works as a context manager."""
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def names(self) -> list[str]:
+        """Tensor names, grouped by file in the order the files are listed."""
+        return list(self._specs)
+
+    def spec(self, name: str) -> TensorSpec:
+        return self._specs[name]
+
+    def specs(self) -> list[TensorSpec]:
+        return list(self._specs.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self._specs.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor.
+
+        The file is opened for this one read: safe_open maps the file, and pages a tensor touched stay resident
+        (and counted in RSS) while a handle holds the mapping, so a long-lived handle would grow RSS to the size
+        of everything read. A fresh handle per tensor releases them with the tensor.
+        """
+        path = self._file_of[name]
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name).clone()
+        except SafetensorError as e:
+            raise CkaqadError(f"{path}: cannot read tensor {name} (corrupt file?): {e}") from None
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a bigger single tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards if shards[0] else []
+
+
+def shard_file_names(n: int) -> list[str]:
+    if n == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _header_bytes(shard: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for spec in shard:
+        header[spec.name] = {
+            "dtype": _DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Write the planned tensors, in plan order, into shards of ``max_shard_bytes`` (+ the index when sharded).
+
+    Each tensor is written to disk as soon as it is given; nothing is buffered beyond it.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        specs: Sequence[TensorSpec],
+        max_shard_bytes: int,
+        *,
+        metadata: dict[str, str] | None = None,
+    ):
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the write plan")
+        self.directory = Path(directory)
+        self.shards = plan_shards(specs, max_shard_bytes)
+        self.file_names = shard_file_names(len(self.shards))
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._queue: Iterator[tuple[int, TensorSpec]] = iter(
+            [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
+        )
+        self._file = None
+        self._file_index = -1
+        self._written = 0
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of tensor data in the output (the index's ``total_size``)."""
+        return sum(s.nbytes for shard in self.shards for s in shard)
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes the output files take on disk (tensor data plus headers)."""
+        return self.total_bytes + sum(len(_header_bytes(s, self.metadata)) for s in self.shards)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        try:
+            shard_index, spec = next(self._queue)
+        except StopIteration:
+            raise ValueError(f"tensor {name} was not in the write plan") from None
+        if spec.name != name:
+            raise ValueError(f"tensors out of plan order: expected {spec.name}, got {name}")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"tensor {name}: planned {spec.dtype} {list(spec.shape)}, got {tensor.dtype} {list(tensor.shape)}"
+            )
+        if shard_index != self._file_index:
+            self._close_file()
+            self._file_index = shard_index
+            self._file = open(self.directory / self.file_names[shard_index], "wb")  # noqa: SIM115
+            self._file.write(_header_bytes(self.shards[shard_index], self.metadata))
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._written += 1
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        """Finish the last shard and write the index; every planned tensor must have been written."""
+        self._close_file()
+        planned = sum(len(s) for s in self.shards)
+        if self._written != planned:
+            raise ValueError(f"only {self._written} of {planned} planned tensors were written")
+        if len(self.shards) > 1:
+            weight_map = {s.name: self.file_names[i] for i, shard in enumerate(self.shards) for s in shard}
+            atomic_write_json(
+                self.directory / INDEX_FILE, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            )
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def ensure_disk_space(target: str | os.PathLike, needed_bytes: int, *, margin: float = 1.05) -> None:
+    """Refuse (CkaqadError) when the filesystem that will hold ``target`` has less than ``needed_bytes * margin``."""
+    probe = Path(target).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes * margin:
+        raise CkaqadError(
+            f"not enough disk space for {target}: the output needs {format_bytes(needed_bytes)}, "
+            f"{format_bytes(free)} free on that filesystem"
+        )
+
+
+def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:
+    """Copy the named files that exist in ``src`` into ``dst``; return the names copied."""
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,362 @@
+"""`ckaqad pack`: both formats x both schemes on tiny Llama / Qwen3 / Qwen3-MoE models built from configs, the run
+flow, sharding, tied embeddings, odd widths, every bad input, and bounded memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+from typer.testing import CliRunner
+
+from ckaqad_cli import formats
+from ckaqad_cli.app import app
+from ckaqad_cli.builtin.tokenizer import VOCAB_SIZE, build_tokenizer
+from ckaqad_cli.quant import QuantRecipe, apply_fake_quant, fused_groups, group_weight_global_scale
+from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.safetensors_io import INDEX_FILE, SafetensorsSource
+from ckaqad_cli.stages.pack import PackConfig, pack_model, same_bits
+from ckaqad_kernels import nvfp4_ref
+
+runner = CliRunner()
+SMALL = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+
+
+def _config(arch: str, *, tie: bool = False, intermediate: int = 96):
+    if arch == "llama":
+        return LlamaConfig(**SMALL, intermediate_size=intermediate, tie_word_embeddings=tie)
+    if arch == "qwen3":
+        return Qwen3Config(**SMALL, intermediate_size=intermediate, tie_word_embeddings=tie)
+    return Qwen3MoeConfig(
+        **SMALL, intermediate_size=intermediate, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        tie_word_embeddings=tie,
+    )
+
+
+def make_model(directory: Path, arch: str = "llama", *, student: str | None = "w4a4", tie: bool = False,
+               intermediate: int = 96, shard: str | None = None) -> Path:
+    """A tiny HF model directory (a distilled student with quant_recipe.json when ``student`` names a scheme)."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(arch, tie=tie, intermediate=intermediate), dtype=torch.bfloat16)
+    recipe = apply_fake_quant(model, student) if student else None
+    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+    if recipe:
+        recipe.save(directory)
+    build_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(f"what is {i} plus {3 * i}? the answer is {4 * i}." for i in range(200)))
+    return str(path)
+
+
+def _assert_decodes_to(decoded: torch.Tensor, want: torch.Tensor, g: torch.Tensor, fmt: str, module: str) -> None:
+    """Bit for bit; except, in compressed-tensors, a global scale with no exactly-invertible float32 reciprocal
+    (the format stores 1/g), whose values may then differ by one rounding step."""
+    if fmt == "compressed-tensors" and not formats.compressed_tensors.reciprocal_is_exact(g):
+        assert ((decoded.float() - want.float()).abs() <= want.float().abs() * torch.finfo(want.dtype).eps).all()
+    else:
+        assert same_bits(decoded, want), module
+
+
+def _expected_weights(source: Path, modules: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (fake-quantized weight the student's forward uses, its group's shared global scale)}."""
+    with SafetensorsSource(source) as src:
+        weights = {m: src.get(f"{m}.weight") for m in modules}
+    out = {}
+    groups = fused_groups(modules)
+    grouped = {m for g in groups for m in g}
+    for group in groups + [[m] for m in modules if m not in grouped]:
+        g = group_weight_global_scale([weights[m] for m in group])
+        out.update({m: (nvfp4_ref.fake_quantize(weights[m], g), g) for m in group})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("arch", "fmt", "scheme"),
+    [
+        ("llama", "compressed-tensors", "w4a4"),
+        ("llama", "modelopt", "w4a4"),
+        ("qwen3", "compressed-tensors", "w4a16"),
+        ("qwen3", "modelopt", "w4a16"),
+    ],
+)
+def test_pack_student_decodes_bit_exact_and_loads(tmp_path, calib, arch, fmt, scheme):
+    source = make_model(tmp_path / "student", arch)
+    out = tmp_path / "out"
+    result = pack_model(PackConfig(model=str(source), out=str(out), format=fmt, scheme=scheme, calib_data=calib, calib_tokens=512, verify=True))
+    summary = result.summary
+    recipe = QuantRecipe.load(source)
+    assert summary["modules_quantized"] == len(recipe.quantized) == 14
+    assert formats.detect_format(out) == fmt
+    # our unpacker gives, bit for bit, the weights the student's forward used
+    decoded = formats.load_dequantized_state_dict(out)
+    for module, (want, g) in _expected_weights(source, recipe.quantized).items():
+        _assert_decodes_to(decoded[f"{module}.weight"], want, g, fmt, module)
+    # verify took the right path and passed within its tolerance
+    logits = summary["verify"]["logits"]
+    assert logits["passed"]
+    if fmt == "compressed-tensors":
+        assert logits["path"] == "transformers + compressed-tensors"
+        assert logits["weights_only_max_abs_diff"] == 0.0  # the packed weights, through transformers, exactly
+        assert logits["top1_agreement"] >= 0.8
+        if scheme == "w4a16":
+            assert logits["max_abs_diff"] == 0.0
+    else:
+        assert logits["path"].startswith("ckaqad unpacker") and logits["max_abs_diff"] == 0.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == ("modelopt" if fmt == "modelopt" else "compressed-tensors")
+    assert "lm_head" in (config["quantization_config"]["ignore"])
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert summary["bytes_after"] < summary["bytes_before"]
+    if scheme == "w4a4":  # a finite positive input scale on every quantized module
+        tensors = load_file(out / "model.safetensors")
+        key = "input_global_scale" if fmt == "compressed-tensors" else "input_scale"
+        scales = [t for n, t in tensors.items() if n.endswith(key)]
+        assert len(scales) == 14 and all(math.isfinite(float(s)) and float(s) > 0 for s in scales)
+
+
+def test_modelopt_output_matches_modelopt_and_compressed_tensors_decoders(tmp_path, calib):
+    """ModelOpt's own NVFP4QTensor.dequantize and compressed-tensors' ModelOpt converter read our modelopt output."""
+    from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    source = make_model(tmp_path / "student", "llama")
+    mo, ct = tmp_path / "mo", tmp_path / "ct"
+    pack_model(PackConfig(model=str(source), out=str(mo), format="modelopt", calib_data=calib, calib_tokens=512, verify=False))
+    pack_model(PackConfig(model=str(source), out=str(ct), format="compressed-tensors", calib_data=calib, calib_tokens=512, verify=False))
+    mo_t, ct_t = load_file(mo / "model.safetensors"), load_file(ct / "model.safetensors")
+    expected = _expected_weights(source, QuantRecipe.load(source).quantized)
+    for module, (want, _) in expected.items():
+        qt = NVFP4QTensor(torch.Size(want.shape), torch.float32, mo_t[f"{module}.weight"])
+        got = qt.dequantize(
+            dtype=torch.float32, scale=mo_t[f"{module}.weight_scale"], double_scale=mo_t[f"{module}.weight_scale_2"],
+            block_sizes={-1: 16},
+        )
+        # ModelOpt's float32 order is ours: equal values (it decodes code 8 as +0 where we give -0)
+        assert torch.equal(got.to(want.dtype), want), module
+    converted = ModelOptNvfp4Converter(targets=["Linear"], ignore=["lm_head"]).process(dict(mo_t))
+    for name, tensor in ct_t.items():
+        assert name in converted, name
+        if tensor.dtype in (torch.uint8, torch.float8_e4m3fn, torch.bfloat16):
+            assert same_bits(converted[name], tensor), name
+        else:  # reciprocal scales: 1 / x computed by the converter, ours picks the exactly-invertible neighbour
+            torch.testing.assert_close(converted[name].reshape(1), tensor, rtol=2**-22, atol=0)
+
+
+def test_moe_model_ptq_verifies_through_our_unpacker(tmp_path, calib):
+    source = make_model(tmp_path / "moe", "qwen3moe", student=None)
+    result = pack_model(PackConfig(model=str(source), out=str(tmp_path / "out"), calib_data=calib, calib_tokens=512, verify=True))
+    logits = result.summary["verify"]["logits"]
+    assert logits["path"].startswith("ckaqad unpacker") and "MoE" in logits["path"]
+    assert logits["passed"]
+    weights = result.summary["verify"]["weights"]
+    assert not weights["mismatched"]
+    if not weights["reciprocal_scale_inexact"]:
+        assert logits["max_abs_diff"] == 0.0
+    with SafetensorsSource(tmp_path / "out") as packed, SafetensorsSource(source) as src:
+        router = "model.layers.0.mlp.gate.weight"  # routers stay unquantized, as stored
+        assert same_bits(packed.get(router), src.get(router))
+        assert "model.layers.0.mlp.gate.weight_packed" not in packed
+
+
+def test_moe_experts_quantized_per_expert_with_fallback_input_scales(tmp_path):
+    """A recipe naming per-expert modules (the checkpoint layout): each expert packed on its own, gate/up sharing a
+    global scale, and an expert calibration never routed to still gets a finite input scale (documented fallback)."""
+    source = make_model(tmp_path / "moe", "qwen3moe", student=None)
+    with SafetensorsSource(source) as src:
+        experts = sorted({n.rpartition(".")[0] for n in src.names() if ".experts." in n})
+    amax = {m: 1.0 + i for i, m in enumerate(experts) if ".experts.3." not in m}  # expert 3 never routed
+    QuantRecipe(scheme="w4a4", quantized=experts, fused_groups=fused_groups(experts), input_amax=amax).save(source)
+    out = tmp_path / "out"
+    result = pack_model(PackConfig(model=str(source), out=str(out), format="modelopt", verify=False))
+    fallbacks = result.summary["input_scale_fallbacks"]
+    assert set(fallbacks) == {m for m in experts if ".experts.3." in m}
+    tensors = load_file(out / "model.safetensors")
+    for m in experts:
+        scale = float(tensors[f"{m}.input_scale"])
+        assert math.isfinite(scale) and scale > 0
+    layer0_down = [m for m in experts if m.startswith("model.layers.0.") and m.endswith("down_proj")]
+    want = max(amax[m] for m in layer0_down if m in amax) / 2688
+    assert float(tensors["model.layers.0.mlp.experts.3.down_proj.input_scale"]) == pytest.approx(want, rel=1e-6)
+    gate, up = "model.layers.1.mlp.experts.2.gate_proj", "model.layers.1.mlp.experts.2.up_proj"
+    assert same_bits(tensors[f"{gate}.weight_scale_2"], tensors[f"{up}.weight_scale_2"])
+    decoded = formats.load_dequantized_state_dict(out)
+    for module, (want_w, g) in _expected_weights(source, experts).items():
+        _assert_decodes_to(decoded[f"{module}.weight"], want_w, g, "modelopt", module)
+
+
+def test_sharded_source_and_output_tied_embeddings_and_odd_width(tmp_path, calib):
+    source = make_model(tmp_path / "src", "llama", student=None, tie=True, intermediate=40, shard="20KB")
+    assert (source / INDEX_FILE).is_file()
+    out = tmp_path / "out"
+    result = pack_model(
+        PackConfig(model=str(source), out=str(out), scheme="w4a16", max_shard_size="30KB", calib_data=calib, verify=True)
+    )
+    s = result.summary
+    assert s["shards"] > 1 and (out / INDEX_FILE).is_file()
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("*.safetensors")}
+    odd = [m for m, why in s["kept"].items() if "not a multiple of 16" in why]
+    assert odd == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert set(odd) <= set(ignore)
+    with SafetensorsSource(out) as packed:
+        assert "lm_head.weight" not in packed  # tied: stays tied, not stored, not quantized
+        assert packed.spec("model.layers.0.mlp.down_proj.weight").dtype == torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert s["verify"]["logits"]["max_abs_diff"] == 0.0
+
+
+def test_cli_run_flow_records_outputs(tmp_path, calib):
+    run = RunDir(tmp_path / "run")
+    student = make_model(run.stage_dir("distill") / "student", "llama")
+    with run.stage("distill", config={"data": calib}) as rec:
+        rec.outputs["student"] = "distill/student"
+    result = runner.invoke(app, ["pack", "--run", str(run.path), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    entry = run.stage_entry("pack")
+    assert entry["status"] == "done"
+    assert entry["outputs"]["model"] == "pack/model" and entry["outputs"]["format"] == "compressed-tensors"
+    assert entry["outputs"]["scheme"] == "w4a4"
+    out = run.path / "pack" / "model"
+    assert entry["outputs"]["files"]["model.safetensors"] == (out / "model.safetensors").stat().st_size
+    assert "modules quantized" in result.output and "compression ratio" in result.output
+    assert json.loads((run.path / "pack" / "summary.json").read_text())["modules_quantized"] == 14
+    assert student.is_dir()
+
+
+# -- bad inputs: one line, exit 1, nothing left looking finished --------------------------------------------------
+
+
+def _invoke_bad(tmp_path, source: Path, *extra: str):
+    out = tmp_path / "bad-out"
+    result = runner.invoke(
+        app, ["pack", "--run", str(tmp_path / "run"), "--model", str(source), "--out", str(out), "--no-verify", *extra]
+    )
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".bad-out", "bad-out"))]
+    return lines[0], leftovers
+
+
+def test_bad_input_no_safetensors(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    line, left = _invoke_bad(tmp_path, tmp_path / "src")
+    assert "no safetensors" in line and not left
+
+
+def test_bad_input_pickle_only(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+    line, left = _invoke_bad(tmp_path, src)
+    assert "pickle" in line and not left
+
+
+def test_bad_input_truncated_safetensors(tmp_path):
+    src = make_model(tmp_path / "src", student=None)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    line, left = _invoke_bad(tmp_path, src)
+    assert "corrupt or truncated" in line and not left
+
+
+def test_bad_input_existing_output_needs_force(tmp_path):
+    src = make_model(tmp_path / "src", student=None)
+    (tmp_path / "bad-out").mkdir()
+    (tmp_path / "bad-out" / "keep.txt").write_text("mine")
+    line, _ = _invoke_bad(tmp_path, src, "--scheme", "w4a16")
+    assert "exists" in line and "--force" in line
+    assert (tmp_path / "bad-out" / "keep.txt").read_text() == "mine"
+
+
+def test_bad_input_nan_weight_names_the_tensor(tmp_path):
+    src = make_model(tmp_path / "src", student=None)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.self_attn.o_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    line, left = _invoke_bad(tmp_path, src, "--scheme", "w4a16")
+    assert "model.layers.1.self_attn.o_proj.weight" in line and "NaN" in line and not left
+
+
+def test_bad_input_not_enough_disk_space(tmp_path, monkeypatch):
+    import ckaqad_cli.safetensors_io as sio
+
+    src = make_model(tmp_path / "src", student=None)
+    monkeypatch.setattr(sio.shutil, "disk_usage", lambda p: type("Usage", (), {"free": 1000})())
+    line, left = _invoke_bad(tmp_path, src, "--scheme", "w4a16")
+    assert "not enough disk space" in line and not left
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from ckaqad_cli.formats import read_config
+    from ckaqad_cli.stages.pack import PackConfig, build_recipe, pack_model
+
+    build_recipe(Path(sys.argv[1]), read_config(sys.argv[1]), "w4a16", [])  # fixed cost: imports the model code
+
+    def peak():  # VmHWM: this process image's peak RSS (ru_maxrss would carry pytest's over fork+exec)
+        return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024
+
+    base = peak()
+    pack_model(PackConfig(model=sys.argv[1], out=sys.argv[2], scheme="w4a16", verify=False, max_shard_size="64MB"))
+    print(json.dumps({"base": base, "peak": peak()}))
+    """
+)
+
+
+def test_peak_memory_bounded_by_largest_tensor(tmp_path):
+    """Pack a ~300 MB checkpoint in a subprocess: peak RSS growth stays below a few times its largest tensor."""
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_pack.py"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pack", bench)
+    bench_pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_pack)
+    src = tmp_path / "big"
+    total, largest = bench_pack.write_synthetic_checkpoint(src, hidden=1024, intermediate=4096, layers=10, vocab=8192)
+    assert total > 350e6
+    largest_quantized = 4096 * 1024 * 2  # one MLP projection (the largest tensors, the embeddings, are copied)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(src), str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = rss["peak"] - rss["base"]
+    # the reference quantizer's float32 temporaries peak near 20x a bf16 weight inside one call (glibc keeps the
+    # freed chunks), plus the group's inputs and one copied tensor: a constant times the largest tensor
+    bound = 32 * largest_quantized + 2 * largest + 64 * 2**20
+    assert growth < bound, f"RSS grew {growth / 1e6:.0f} MB; bound {bound / 1e6:.0f} MB"
+    assert growth < 0.8 * total, f"RSS grew {growth / 1e6:.0f} MB for a {total / 1e6:.0f} MB model"

@@ -1,0 +1,95 @@
+"""The two on-disk formats: configs the reference libraries accept, scale conventions, detection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ckaqad_cli import formats
+from ckaqad_cli.formats import compressed_tensors as ct
+from ckaqad_cli.formats import modelopt as mo
+from ckaqad_kernels import nvfp4_ref
+
+finite_scales = st.floats(min_value=2.0**-100, max_value=2.0**100, allow_nan=False, allow_infinity=False, width=32)
+
+
+@pytest.mark.parametrize("scheme", ["w4a4", "w4a16"])
+def test_compressed_tensors_config_is_what_compressed_tensors_parses(scheme):
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.quant_scheme import NVFP4, NVFP4A16
+
+    qc = ct.quantization_config(scheme, ["lm_head", "model.layers.0.mlp.down_proj"])
+    parsed = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k != "quant_method"})
+    group = parsed.config_groups["group_0"]
+    preset = NVFP4 if scheme == "w4a4" else NVFP4A16
+    assert group.weights == preset["weights"]
+    assert group.input_activations == preset.get("input_activations")
+    assert parsed.format == "nvfp4-pack-quantized" and parsed.quantization_status == "compressed"
+    assert parsed.ignore == ["lm_head", "model.layers.0.mlp.down_proj"]
+
+
+@pytest.mark.parametrize("scheme", ["w4a4", "w4a16"])
+def test_modelopt_configs_match_modelopts_own_conversion(scheme):
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    hf = mo.hf_quant_config(scheme, ["lm_head"])
+    q = hf["quantization"]
+    assert {"quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules"} <= set(q)  # vLLM reads each
+    assert q["quant_algo"] == {"w4a4": "NVFP4", "w4a16": "W4A16_NVFP4"}[scheme] and q["group_size"] == 16
+    assert mo.quantization_config(scheme, ["lm_head"]) == convert_hf_quant_config_format(hf)
+
+
+@settings(max_examples=300, deadline=None)
+@given(finite_scales)
+def test_compressed_tensors_reciprocal_decodes_back_exactly_when_possible(g_value):
+    g = torch.tensor(g_value, dtype=torch.float32)
+    stored = ct.encode("m", torch.zeros(1, 8, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.float8_e4m3fn), g, g)
+    r = stored["m.weight_global_scale"]
+    assert r.shape == (1,) and r.dtype == torch.float32
+    assert torch.equal(stored["m.input_global_scale"], r)
+    # within a float32 ulp of 1/g: what compressed-tensors and vLLM expect
+    assert abs(float(r) * g_value - 1.0) < 2.5e-7
+    back = ct.global_scale(r)
+    if ct.reciprocal_is_exact(g):
+        assert torch.equal(back, g)
+    else:  # no float32 has a reciprocal rounding to g: nothing could be stored exactly
+        near = [torch.nextafter(r, torch.tensor(d)) for d in (float("inf"), float("-inf"))]
+        assert all(not torch.equal(ct.global_scale(c), g) for c in [r, *near])
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.floats(1e-3, 1e3), st.integers(0, 2**31))
+def test_modelopt_encode_decode_is_bit_exact(rows, blocks, amax_scale, seed):
+    x = torch.randn(rows, blocks * 16, generator=torch.Generator().manual_seed(seed)) * amax_scale
+    packed, scales, g = nvfp4_ref.quantize_and_pack(x)
+    tensors = mo.encode("m", packed, scales, g, None)
+    assert tensors["m.weight_scale_2"].shape == () and "m.input_scale" not in tensors
+    for spec in mo.module_specs("m", rows, blocks * 16, "w4a16"):
+        assert tensors[spec.name].dtype == spec.dtype and tuple(tensors[spec.name].shape) == spec.shape
+    assert torch.equal(mo.decode(tensors, "m", torch.float32), nvfp4_ref.fake_quantize(x))
+
+
+def test_compressed_tensors_specs_match_encode():
+    x = torch.randn(3, 32)
+    packed, scales, g = nvfp4_ref.quantize_and_pack(x)
+    tensors = ct.encode("a.b", packed, scales, g, torch.tensor(0.5))
+    specs = ct.module_specs("a.b", 3, 32, "w4a4")
+    assert [s.name for s in specs] == list(tensors)
+    for spec in specs:
+        assert tensors[spec.name].dtype == spec.dtype and tuple(tensors[spec.name].shape) == spec.shape
+
+
+def test_detect_format(tmp_path):
+    assert formats.detect_format(tmp_path) is None
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": ct.quantization_config("w4a4", [])}))
+    assert formats.detect_format(tmp_path) == "compressed-tensors"
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": mo.quantization_config("w4a4", [])}))
+    assert formats.detect_format(tmp_path) == "modelopt"
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}}))
+    assert formats.detect_format(tmp_path) is None
+    with pytest.raises(Exception, match="unknown format"):
+        formats.format_module("gguf")

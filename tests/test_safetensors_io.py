@@ -1,0 +1,154 @@
+"""Streaming safetensors reading and the planned, sharded writer."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.safetensors_io import (
+    INDEX_FILE,
+    SafetensorsSource,
+    ShardedWriter,
+    TensorSpec,
+    ensure_disk_space,
+    parse_size,
+    plan_shards,
+)
+
+DTYPES = [torch.bfloat16, torch.float32, torch.float16, torch.uint8, torch.float8_e4m3fn, torch.int64]
+
+
+def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype in (torch.uint8, torch.int64):
+        return torch.randint(0, 200, shape, generator=g, dtype=dtype)
+    return torch.randn(shape, generator=g).clamp(-400, 400).to(dtype)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _write_all(directory, tensors: dict[str, torch.Tensor], max_bytes: int) -> ShardedWriter:
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    writer = ShardedWriter(directory, specs, max_bytes)
+    for n, t in tensors.items():
+        writer.write(n, t)
+    writer.close()
+    return writer
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shapes=st.lists(
+        st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 9), min_size=0, max_size=3)), min_size=1, max_size=8
+    ),
+    max_bytes=st.integers(1, 600),
+)
+def test_sharded_write_reads_back_exactly(tmp_path_factory, shapes, max_bytes):
+    out = tmp_path_factory.mktemp("out")
+    tensors = {f"t{i}.w": _tensor(d, tuple(s), i) for i, (d, s) in enumerate(shapes)}
+    writer = _write_all(out, tensors, max_bytes)
+    files = sorted(out.glob("*.safetensors"))
+    assert len(files) == len(writer.shards)
+    # the safetensors library itself accepts every shard, and the bytes round-trip exactly
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(f))
+    assert loaded.keys() == tensors.keys()
+    for n, t in tensors.items():
+        assert loaded[n].dtype == t.dtype and loaded[n].shape == t.shape
+        assert torch.equal(_bytes(loaded[n]), _bytes(t))
+    if len(files) > 1:
+        index = json.loads((out / INDEX_FILE).read_text())
+        assert set(index["weight_map"]) == set(tensors)
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+        for name, fname in index["weight_map"].items():
+            with safe_open(out / fname, "pt") as f:
+                assert name in f.keys()
+    else:
+        assert [f.name for f in files] == ["model.safetensors"] and not (out / INDEX_FILE).exists()
+    assert writer.file_bytes == sum(f.stat().st_size for f in files)
+    # and our reader reads the sharded directory back
+    with SafetensorsSource(out) as src:
+        assert set(src.names()) == set(tensors)
+        for n, t in tensors.items():
+            assert torch.equal(_bytes(src.get(n)), _bytes(t))
+
+
+def test_plan_shards_respects_the_limit():
+    specs = [TensorSpec(f"t{i}", torch.float32, (n,)) for i, n in enumerate([10, 10, 30, 5, 5, 5])]
+    shards = plan_shards(specs, 80)
+    assert [[s.name for s in sh] for sh in shards] == [["t0", "t1"], ["t2"], ["t3", "t4", "t5"]]
+    assert all(sum(s.nbytes for s in sh) <= 120 for sh in shards)
+
+
+def test_writer_refuses_a_tensor_out_of_plan(tmp_path):
+    writer = ShardedWriter(tmp_path, [TensorSpec("a", torch.float32, (2,)), TensorSpec("b", torch.float32, (2,))], 99)
+    with pytest.raises(ValueError, match="expected a"):
+        writer.write("b", torch.zeros(2))
+    writer = ShardedWriter(tmp_path, [TensorSpec("a", torch.float32, (2,))], 99)
+    with pytest.raises(ValueError, match="planned"):
+        writer.write("a", torch.zeros(3))
+
+
+def test_source_without_safetensors(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CkaqadError, match="no safetensors"):
+        SafetensorsSource(tmp_path)
+
+
+def test_pickle_only_source_is_refused_without_unpickling(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(CkaqadError, match="pickle"):
+        SafetensorsSource(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_file_is_a_one_line_error(tmp_path, damage):
+    save_file({"w": torch.randn(64, 64)}, tmp_path / "model.safetensors")
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    bad = raw[: len(raw) - 100] if damage == "truncate" else b"\x20\x00\x00\x00\x00\x00\x00\x00" + b"x" * 40
+    (tmp_path / "model.safetensors").write_bytes(bad)
+    with pytest.raises(CkaqadError, match="corrupt or truncated") as e:
+        SafetensorsSource(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CkaqadError, match="missing"):
+        SafetensorsSource(tmp_path)
+
+
+def test_disk_space_check(tmp_path, monkeypatch):
+    ensure_disk_space(tmp_path / "new" / "dir", 1000)
+    import ckaqad_cli.safetensors_io as sio
+
+    monkeypatch.setattr(sio.shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
+    with pytest.raises(CkaqadError, match="not enough disk space"):
+        ensure_disk_space(tmp_path / "new", 1000)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), ("123", 123), (77, 77)]
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_parse_size_rejects_nonsense():
+    with pytest.raises(CkaqadError):
+        parse_size("lots")
