@@ -323,3 +323,16 @@ def copy_plot(plot: Path | None, folder: Path) -> bool:
         return False
     atomic_write_bytes(Path(folder) / PLOT_FILE, Path(plot).read_bytes())
     return True
+
+
+def base_model_from_manifest(manifest: dict[str, Any]) -> str | None:
+    """The teacher of the run: a Hub id when it was given as one, else the path or name it was given as."""
+    for stage in ("distill", "diagnose"):
+        entry = manifest.get("stages", {}).get(stage) or {}
+        teacher = (entry.get("inputs") or {}).get("teacher")
+        if isinstance(teacher, dict):
+            return teacher.get("hub_id") or teacher.get("path") or teacher.get("builtin")
+        teacher = (entry.get("config") or {}).get("teacher")
+        if teacher:
+            return str(teacher)
+    return None

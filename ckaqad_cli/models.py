@@ -80,8 +80,12 @@ def load_model(
 def _load_packed(path: Path, config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from ckaqad_cli.formats import load_dequantized_state_dict
+    from ckaqad_cli.formats import load_dequantized_state_dict, read_config
+    from ckaqad_cli.stages.pack import _is_moe
 
+    if _is_moe(read_config(path)):
+        model = _load_packed_moe(path)
+        return model if model.dtype == dtype else model.to(dtype)  # .to casts float32 buffers (rotary) as well
     for attr in ("quantization_config", "compression_config"):  # the dense model must not be quantized again
         if hasattr(config, attr):
             delattr(config, attr)
@@ -97,6 +101,33 @@ def _load_packed(path: Path, config, dtype: torch.dtype, trust_remote_code: bool
     if tied:
         model.tie_weights()
     return model
+
+
+def _load_packed_moe(path: Path) -> nn.Module:
+    """A packed MoE model decoded by our unpacker and loaded through ``from_pretrained`` (pack's verify path, with
+    nothing to fake-quantize): its checkpoint stores experts one by one, and only transformers' loader fuses them
+    into the in-memory 3-D expert tensors (load_state_dict would leave those at their random initialization)."""
+    from ckaqad_cli import formats
+    from ckaqad_cli.quant import QuantRecipe
+    from ckaqad_cli.stages.pack import PackPlan, _packed_through_unpacker
+
+    config = formats.read_config(path)
+    dense = QuantRecipe(scheme="w4a16")
+    plan = PackPlan(
+        source=path,
+        config=config,
+        fmt=formats.FORMATS[formats.detect_format(path)],
+        scheme=dense.scheme,
+        recipe=dense,
+        shapes={},
+        kept={},
+        groups=[],
+        input_amax={},
+        input_fallbacks={},
+        specs=[],
+        steps=[],
+    )
+    return _packed_through_unpacker(path, plan, "cpu")
 
 
 def ptq_student(teacher: nn.Module, scheme: str) -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -175,11 +176,149 @@ class NVFP4Linear(nn.Linear):
         return ", ".join(parts)
 
 
+EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj")
+"""Per-expert checkpoint Linears of a fused experts module ``M``: ``M.E.gate_proj`` and ``M.E.up_proj`` are the
+two halves of ``M.gate_up_proj[E]`` [2I, H], ``M.E.down_proj`` is ``M.down_proj[E]`` [H, I] (the Qwen2/Qwen3-MoE,
+DeepSeek, OLMoE layout transformers converts on load)."""
+
+_EXPERT_NAME = re.compile(r"^(?P<experts>.+)\.(?P<index>\d+)\.(?P<leaf>gate_proj|up_proj|down_proj)$")
+
+
+def fused_experts_problem(module: nn.Module) -> str | None:
+    """Why ``module`` (which holds 3-D parameters) cannot be fake-quantized as fused experts; None when it can."""
+    gate_up, down = module._parameters.get("gate_up_proj"), module._parameters.get("down_proj")
+    if not all(isinstance(p, torch.Tensor) and p.ndim == 3 for p in (gate_up, down)):
+        return "fused 3-D MoE expert weights without gate_up_proj/down_proj; left unquantized"
+    if getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True):
+        return "fused MoE experts in a transposed or interleaved layout are not supported; left unquantized"
+    if not hasattr(module, "_apply_gate") or not getattr(module, "has_gate", False):
+        return "fused MoE experts without transformers' experts interface (_apply_gate); left unquantized"
+    hidden, inter = gate_up.shape[-1], down.shape[-1]
+    if hidden % BLOCK_SIZE or inter % BLOCK_SIZE:
+        return f"expert in_features {hidden}/{inter} are not multiples of {BLOCK_SIZE}"
+    return None
+
+
+def expert_module_names(experts_name: str, num_experts: int) -> list[str]:
+    """The per-expert checkpoint Linears of a fused experts module, expert by expert."""
+    return [f"{experts_name}.{e}.{leaf}" for e in range(num_experts) for leaf in EXPERT_LEAVES]
+
+
+def _per_expert_fake_quant(weight: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize a fused [E, out, in] weight expert by expert: blocks along ``in``, one global scale per expert
+    from the expert's whole slice (for gate_up_proj: gate and up together, one fused group, as pack does it)."""
+    amax = weight.detach().abs().amax(dim=(1, 2)).to(torch.float32)
+    return torch.stack([fake_quantize_ste(weight[e], global_scale_from_amax(amax[e])) for e in range(weight.shape[0])])
+
+
+class NVFP4Experts(nn.Module):
+    """Mixin for a fused experts module (3-D ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) whose expert
+    weights, and for W4A4 inputs, are NVFP4 fake-quantized expert by expert, bit-identical to pack's per-expert
+    tensors. ``apply_fake_quant`` swaps a module's class for a subclass of its own class and this one, so the
+    Parameters, their state_dict names and the transformers forward (any experts implementation that calls
+    ``_apply_gate``: grouped_mm, batched_mm) stay as they are; reading ``gate_up_proj`` / ``down_proj`` returns the
+    fake-quantized tensors, with a straight-through gradient into the Parameters.
+
+    The inputs of all experts of one module share one global scale per projection (``input_amax`` for gate/up,
+    ``down_input_amax`` for down; dynamic when None): the token rows are quantized once before the routing split,
+    which is the same as quantizing each expert's rows with that shared scale.
+    """
+
+    quantize_weight: bool
+    quantize_input: bool
+    input_amax: torch.Tensor | None
+    down_input_amax: torch.Tensor | None
+    input_observer: Any
+
+    def _init_fake_quant(self, *, quantize_input: bool) -> None:
+        self.quantize_weight = True
+        self.quantize_input = quantize_input
+        self.register_buffer("input_amax", None, persistent=False)
+        self.register_buffer("down_input_amax", None, persistent=False)
+        self.input_observer = None
+        """Called as observer(projection, tensor) with each unquantized input ("gate_up" / "down"): calibration."""
+        self._gate_applied = False
+
+    @property
+    def gate_up_proj(self) -> torch.Tensor:
+        weight = self._parameters["gate_up_proj"]
+        return _per_expert_fake_quant(weight) if self.quantize_weight else weight
+
+    @property
+    def down_proj(self) -> torch.Tensor:
+        weight = self._parameters["down_proj"]
+        return _per_expert_fake_quant(weight) if self.quantize_weight else weight
+
+    def _quantize_input(self, projection: str, x: torch.Tensor, amax: torch.Tensor | None) -> torch.Tensor:
+        if self.input_observer is not None:
+            self.input_observer(projection, x)
+        if not self.quantize_input:
+            return x
+        return fake_quantize_ste(x, None if amax is None else global_scale_from_amax(amax))
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        self._gate_applied = True
+        return self._quantize_input("down", super()._apply_gate(gate_up_out), self.down_input_amax)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._gate_applied = False
+        out = super().forward(self._quantize_input("gate_up", hidden_states, self.input_amax), *args, **kwargs)
+        if (self.quantize_input or self.input_observer is not None) and not self._gate_applied:
+            impl = getattr(getattr(self, "config", None), "_experts_implementation", None)
+            raise CkaqadError(
+                f"NVFP4 input quantization of fused MoE experts needs an experts implementation that calls "
+                f"_apply_gate (grouped_mm or batched_mm), not {impl!r}: load the model with "
+                f"experts_implementation='grouped_mm'"
+            )
+        return out
+
+    def extra_repr(self) -> str:
+        parts = [f"weight={'nvfp4 per expert' if self.quantize_weight else 'off'}"]
+        if self.quantize_input:
+            parts.append("input=nvfp4 " + ("dynamic" if self.input_amax is None else "static"))
+        return ", ".join(parts)
+
+
+_EXPERTS_CLASSES: dict[type, type] = {}
+
+
+def _wrap_experts(module: nn.Module, scheme: str) -> None:
+    cls = type(module)
+    if cls not in _EXPERTS_CLASSES:
+        _EXPERTS_CLASSES[cls] = type(f"NVFP4{cls.__name__}", (NVFP4Experts, cls), {})
+    module.__class__ = _EXPERTS_CLASSES[cls]
+    module._init_fake_quant(quantize_input=scheme == "w4a4")
+
+
+def _num_experts(module: nn.Module) -> int:
+    return int(module._parameters["gate_up_proj"].shape[0])
+
+
 def _matches(name: str, patterns: Iterable[str]) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
 
 
+def _expert_of(name: str) -> str | None:
+    """'M.3.gate_proj' -> 'M'; None for a name that is not a per-expert Linear."""
+    m = _EXPERT_NAME.match(name)
+    return m["experts"] if m else None
+
+
+def _is_fused_experts(model: nn.Module, name: str) -> bool:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return not isinstance(module, nn.ModuleList) and fused_experts_problem(module) is None
+
+
 def _wrap(model: nn.Module, names: Sequence[str], groups: Sequence[Sequence[str]], scheme: str) -> None:
+    """Wrap the named Linears and, for per-expert names (``M.E.gate_proj``...), their fused experts module ``M``."""
+    experts = {m["experts"] for n in names if (m := _EXPERT_NAME.match(n)) and _is_fused_experts(model, m["experts"])}
+    for name in sorted(experts):
+        _wrap_experts(model.get_submodule(name), scheme)
+    groups = [g for g in groups if not any(_expert_of(n) in experts for n in g)]
+    names = [n for n in names if _expert_of(n) not in experts]
     wrapped: dict[str, NVFP4Linear] = {}
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
@@ -193,14 +332,17 @@ def _wrap(model: nn.Module, names: Sequence[str], groups: Sequence[Sequence[str]
 
 
 def apply_fake_quant(model: nn.Module, scheme: str = "w4a4", exclude: Iterable[str] = ()) -> QuantRecipe:
-    """Wrap every nn.Linear not excluded (DEFAULT_EXCLUDE plus ``exclude``) in an NVFP4Linear, in place.
+    """Wrap every nn.Linear not excluded (DEFAULT_EXCLUDE plus ``exclude``) in an NVFP4Linear, and fake-quantize
+    every fused MoE experts module per expert (NVFP4Experts), in place.
 
-    Linears whose in_features is not a multiple of 16 stay as they are and are listed in ``recipe.skipped``, as are
-    excluded ones and fused 3-D MoE expert tensors (not nn.Linear, so not wrapped).
+    The recipe names fused experts by their per-expert checkpoint Linears (``M.E.gate_proj``, ``M.E.up_proj``,
+    ``M.E.down_proj``; gate/up of each expert one fused group), so pack packs exactly what was trained. Linears whose
+    in_features is not a multiple of 16 stay as they are and are listed in ``recipe.skipped``, as are excluded
+    modules and fused experts in a layout fused_experts_problem refuses.
     """
     recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude])
     for name, module in model.named_modules():
-        if isinstance(module, NVFP4Linear):
+        if isinstance(module, (NVFP4Linear, NVFP4Experts)):
             raise CkaqadError(f"{name} is already fake-quantized; apply_fake_quant runs once per model")
         if isinstance(module, nn.Linear):
             pattern = _matches(name, recipe.exclude)
@@ -210,8 +352,13 @@ def apply_fake_quant(model: nn.Module, scheme: str = "w4a4", exclude: Iterable[s
                 recipe.skipped[name] = f"in_features {module.in_features} is not a multiple of {BLOCK_SIZE}"
             else:
                 recipe.quantized.append(name)
-        elif any(p.ndim == 3 for p in module.parameters(recurse=False)) and not _matches(name, recipe.exclude):
-            recipe.skipped[name] = "fused 3-D MoE expert weights are not nn.Linear; left unquantized"
+        elif any(p.ndim == 3 for p in module.parameters(recurse=False)):
+            pattern = _matches(name, recipe.exclude)
+            problem = f"excluded by {pattern!r}" if pattern is not None else fused_experts_problem(module)
+            if problem is not None:
+                recipe.skipped[name] = problem
+            else:
+                recipe.quantized += expert_module_names(name, _num_experts(module))
     recipe.fused_groups = fused_groups(recipe.quantized)
     _wrap(model, recipe.quantized, recipe.fused_groups, scheme)
     return recipe
@@ -219,14 +366,30 @@ def apply_fake_quant(model: nn.Module, scheme: str = "w4a4", exclude: Iterable[s
 
 def apply_recipe(model: nn.Module, recipe: QuantRecipe) -> None:
     """Re-apply a saved recipe: the same modules, fused groups and calibrated input amaxes."""
+    listed = set(recipe.quantized)
+    experts: set[str] = set()
     for name in recipe.quantized:
+        experts_name = _expert_of(name)
+        if experts_name is not None and _is_fused_experts(model, experts_name):
+            experts.add(experts_name)
+            continue
         try:
             module = model.get_submodule(name)
         except AttributeError:
             raise CkaqadError(f"the quantization recipe names {name}, which this model does not have") from None
         if not isinstance(module, nn.Linear) or isinstance(module, NVFP4Linear) or module.in_features % BLOCK_SIZE:
             raise CkaqadError(f"the quantization recipe names {name}, which is not a quantizable nn.Linear here")
-    listed = set(recipe.quantized)
+    grouped = {tuple(g) for g in recipe.fused_groups}
+    for name in sorted(experts):
+        module = model.get_submodule(name)
+        if isinstance(module, NVFP4Experts):
+            raise CkaqadError(f"{name} is already fake-quantized; a recipe is applied once per model")
+        members = expert_module_names(name, _num_experts(module))
+        if not set(members) <= listed:
+            raise CkaqadError(f"the quantization recipe quantizes only some experts of {name}; it takes all or none")
+        for gate in members[0::3]:
+            if (gate, gate.replace(".gate_proj", ".up_proj")) not in grouped:
+                raise CkaqadError(f"the quantization recipe does not fuse {gate} with its up_proj (one global scale)")
     for group in recipe.fused_groups:
         if not set(group) <= listed:
             raise CkaqadError(f"fused group {group} of the quantization recipe has unquantized members")
@@ -234,36 +397,86 @@ def apply_recipe(model: nn.Module, recipe: QuantRecipe) -> None:
     set_input_amax(model, recipe.input_amax)
 
 
+def _amax_tensor(name: str, amax: float, device: torch.device) -> torch.Tensor:
+    value = torch.tensor(float(amax), dtype=torch.float32, device=device)
+    if not bool(torch.isfinite(value)) or value < 0:
+        raise CkaqadError(f"input amax {amax} of {name} is not a finite non-negative number")
+    return value
+
+
 def set_input_amax(model: nn.Module, input_amax: dict[str, float]) -> None:
-    """Switch the named NVFP4Linears to a static input global scale from a calibrated amax."""
+    """Switch the named NVFP4Linears, and the fused experts of per-expert names, to a static input global scale
+    from a calibrated amax. The experts of one module share one input scale per projection, so their amaxes must
+    be equal (as record_input_amax records them)."""
+    shared: dict[tuple[str, str], set[float]] = {}
     for name, amax in input_amax.items():
+        experts_name = _expert_of(name)
+        if experts_name is not None and isinstance(_submodule_or_none(model, experts_name), NVFP4Experts):
+            attr = "down_input_amax" if name.endswith(".down_proj") else "input_amax"
+            shared.setdefault((experts_name, attr), set()).add(float(amax))
+            continue
         module = model.get_submodule(name)
         if not isinstance(module, NVFP4Linear):
             raise CkaqadError(f"{name} is not fake-quantized, so it takes no input amax")
-        value = torch.tensor(float(amax), dtype=torch.float32, device=module.weight.device)
-        if not bool(torch.isfinite(value)) or value < 0:
-            raise CkaqadError(f"input amax {amax} of {name} is not a finite non-negative number")
-        module.input_amax = value
+        module.input_amax = _amax_tensor(name, amax, module.weight.device)
+    for (experts_name, attr), values in shared.items():
+        if len(values) > 1:
+            raise CkaqadError(
+                f"the experts of {experts_name} share one input scale per projection, but their input amaxes for "
+                f"{attr} differ ({min(values):.4g} to {max(values):.4g})"
+            )
+        module = model.get_submodule(experts_name)
+        setattr(module, attr, _amax_tensor(experts_name, values.pop(), module._parameters["down_proj"].device))
+
+
+def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 @contextlib.contextmanager
 def record_input_amax(model: nn.Module) -> Iterator[dict[str, float]]:
-    """Within the block, collect the largest |input| each NVFP4Linear sees: {module name: amax}, for calibration."""
+    """Within the block, collect the largest |input| each NVFP4Linear sees: {module name: amax}, for calibration.
+
+    Fused experts are recorded under their per-expert names, every expert of a module with the module's amax (the
+    largest over all routed tokens): their inputs share one global scale per projection.
+    """
     amax: dict[str, float] = {}
     handles = []
+    observed: list[NVFP4Experts] = []
+
+    def record(names: Iterable[str], seen: float) -> None:
+        for name in names:
+            amax[name] = max(amax.get(name, seen), seen)
 
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            seen = float(args[0].detach().abs().amax())
-            amax[name] = max(amax.get(name, seen), seen)
+            record([name], float(args[0].detach().abs().amax()))
 
         return hook
+
+    def observer_for(name: str, module: NVFP4Experts):
+        members = expert_module_names(name, _num_experts(module))
+        by_projection = {"gate_up": [m for m in members if not m.endswith(".down_proj")], "down": members[2::3]}
+
+        def observe(projection: str, x: torch.Tensor) -> None:
+            if x.numel():
+                record(by_projection[projection], float(x.detach().abs().amax()))
+
+        return observe
 
     for name, module in model.named_modules():
         if isinstance(module, NVFP4Linear):
             handles.append(module.register_forward_pre_hook(hook_for(name)))
+        elif isinstance(module, NVFP4Experts):
+            module.input_observer = observer_for(name, module)
+            observed.append(module)
     try:
         yield amax
     finally:
         for handle in handles:
             handle.remove()
+        for module in observed:
+            module.input_observer = None

@@ -144,5 +144,7 @@ def test_moe_router_excluded_and_fused_experts_reported():
     model = Qwen3MoeForCausalLM(cfg)
     recipe = quant.apply_fake_quant(model, scheme="w4a16")
     assert not any(".mlp.gate" in name for name in recipe.quantized)
-    assert "3-D MoE" in recipe.skipped["model.layers.0.mlp.experts"]
-    assert recipe.fused_groups == [[f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]]
+    assert "model.layers.0.mlp.experts" not in recipe.skipped
+    assert "model.layers.0.mlp.experts.3.down_proj" in recipe.quantized
+    assert recipe.fused_groups[0] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    assert ["model.layers.0.mlp.experts.0.gate_proj", "model.layers.0.mlp.experts.0.up_proj"] in recipe.fused_groups

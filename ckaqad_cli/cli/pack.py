@@ -8,9 +8,19 @@ import typer
 from rich.table import Table
 
 from ckaqad_cli.cli.common import RunOption, console, handle_errors
+from ckaqad_cli.cli.push import (
+    CommitMessageOption,
+    EndpointOption,
+    PrivateOption,
+    RevisionOption,
+    TokenOption,
+    push_config,
+)
 from ckaqad_cli.config import ConfigOption
+from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
 from ckaqad_cli.stages.pack import PackConfig, run_pack, summary_rows
+from ckaqad_cli.stages.push import check_repo_id, push_folder, resolve_endpoint, resolve_token
 
 
 @handle_errors
@@ -65,19 +75,11 @@ def pack(
     push_to_hub: str | None = typer.Option(
         None, "--push-to-hub", help="Then push the output to this ORG/NAME repo. Default: no push."
     ),
-    private: bool = typer.Option(
-        False, "--private", help="With --push-to-hub: create the repo private. Default: public."
-    ),
-    revision: str = typer.Option("main", "--revision", help="With --push-to-hub: branch to push to. Default: main."),
-    endpoint: str | None = typer.Option(
-        None, "--endpoint", help="With --push-to-hub: Hub URL. Default: HF_ENDPOINT or huggingface.co."
-    ),
-    token: str | None = typer.Option(
-        None, "--token", help="With --push-to-hub: Hub token. Default: HF_TOKEN / the saved login."
-    ),
-    commit_message: str | None = typer.Option(
-        None, "--commit-message", help="With --push-to-hub: the commit message. Default: generated."
-    ),
+    private: bool = PrivateOption,
+    revision: str = RevisionOption,
+    endpoint: str | None = EndpointOption,
+    token: str | None = TokenOption,
+    commit_message: str | None = CommitMessageOption,
 ) -> None:
     """Write an NVFP4 checkpoint (compressed-tensors or ModelOpt) that vLLM, TensorRT-LLM and transformers load.
 
@@ -104,6 +106,19 @@ def pack(
         backend=backend,
         device=device,
     )
+    push_cfg = None
+    if push_to_hub:  # check the Hub options now, not after a long pack
+        push_cfg = push_config(
+            push_to_hub,
+            private=private,
+            revision=revision,
+            endpoint=endpoint,
+            commit_message=commit_message,
+            force=force,
+        )
+        check_repo_id(push_cfg.repo_id)
+        resolve_endpoint(push_cfg.endpoint)
+        token = resolve_token(token)
     rundir = RunDir(run, on_message=lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
     result = run_pack(cfg, rundir)
     table = Table(title=f"pack -> {result.out} ({result.format}, {result.scheme})")
@@ -112,20 +127,13 @@ def pack(
     for label, value in summary_rows(result.summary):
         table.add_row(label, value)
     console.print(table)
-    if push_to_hub:
-        from ckaqad_cli.stages.push import PushConfig, push_folder
-
-        pushed = push_folder(
-            result.out,
-            PushConfig(
-                repo_id=push_to_hub,
-                revision=revision,
-                private=private,
-                endpoint=endpoint,
-                commit_message=commit_message,
-                force=force,
-            ),
-            token=token,
-            run=rundir,
-        )
+    if push_cfg is not None:
+        try:
+            pushed = push_folder(result.out, push_cfg, token=token, run=rundir)
+        except CkaqadError as e:
+            retry = f"ckaqad push --run {run} --repo-id {push_to_hub}"
+            retry += (f" --revision {revision}" if revision != "main" else "") + (
+                f" --endpoint {endpoint}" if endpoint else ""
+            )
+            raise CkaqadError(f"packed {result.out}, but the push failed: {e}. Retry only the push: {retry}") from None
         console.print(f"pushed to {pushed['url']} (commit {pushed['commit_oid']})")

@@ -59,6 +59,8 @@ class DiagnoseConfig:
     trust_remote_code: bool = False
     seed: int = 0
     force: bool = False
+    stage: str = "diagnose"
+    """Name of the stage in run.json and of its folder (the pipeline runs "diagnose-ptq" before "diagnose")."""
 
     def token_filter(self) -> TokenFilter:
         return TokenFilter(self.drop_first, self.drop_massive, self.massive_ratio, self.standardize)
@@ -360,9 +362,9 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
         raise CkaqadError("--seq-len must be >= 2 and --batch-size, --max-tokens, --chunk-batches >= 1")
     if cfg.lm_eval_tasks:
         _require_lm_eval()
-    done = run.stage_entry("diagnose")
+    done = run.stage_entry(cfg.stage)
     if done and done.get("status") == "done" and not cfg.force:  # fail before loading any model
-        raise StageDoneError(f"stage diagnose already finished in {run.path}; pass --force to run it again")
+        raise StageDoneError(f"stage {cfg.stage} already finished in {run.path}; pass --force to run it again")
     device = _device(cfg.device)
     dtype = _dtype(cfg.dtype, device)
     teacher, students = load_models(cfg, run, device, dtype)
@@ -370,7 +372,7 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
     inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
     inputs.update({f"student:{s.label}": describe_input(s.spec) for s in students if not s.label.startswith("ptq-")})
     config = {**asdict(cfg), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-    with run.stage("diagnose", config=config, inputs=inputs, force=cfg.force) as rec:
+    with run.stage(cfg.stage, config=config, inputs=inputs, force=cfg.force) as rec:
         report = measure(teacher, students, sequences, cfg, device, console)
         report.update(
             teacher_spec=cfg.teacher,
@@ -380,7 +382,7 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
             lm_eval=lm_eval_scores(teacher, students, cfg, device),
             seq_len=cfg.seq_len,
         )
-        paths = write_report(report, run.stage_dir("diagnose"), console=console)
+        paths = write_report(report, run.stage_dir(cfg.stage), console=console)
         rec.outputs.update({key: run.relpath(p) for key, p in paths.items()})
         rec.metrics.update(summary_metrics(report))
     return report

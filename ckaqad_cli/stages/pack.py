@@ -439,7 +439,7 @@ def _packed_through_unpacker(out: Path, plan: PackPlan, device: str):
     stored input scales (weights are not quantized again: they already are the quantized values)."""
     from transformers import AutoModelForCausalLM
 
-    from ckaqad_cli.quant import NVFP4Linear, apply_recipe
+    from ckaqad_cli.quant import NVFP4Experts, NVFP4Linear, apply_recipe
 
     state = formats.load_dequantized_state_dict(out)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -456,7 +456,7 @@ def _packed_through_unpacker(out: Path, plan: PackPlan, device: str):
     recipe.fused_groups = [g for g in plan.groups if len(g) > 1]
     apply_recipe(model, recipe)
     for module in model.modules():
-        if isinstance(module, NVFP4Linear):
+        if isinstance(module, (NVFP4Linear, NVFP4Experts)):
             module.quantize_weight = False
     return model
 
@@ -468,11 +468,11 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _set_activation_quant(student, packed, on: bool, through_transformers: bool) -> None:
     """Switch W4A4 input quantization on or off in both models (weights stay quantized)."""
-    from ckaqad_cli.quant import NVFP4Linear
+    from ckaqad_cli.quant import NVFP4Experts, NVFP4Linear
 
     for model in (student, packed):
         for module in model.modules():
-            if isinstance(module, NVFP4Linear):
+            if isinstance(module, (NVFP4Linear, NVFP4Experts)):
                 module.quantize_input = on
             scheme = getattr(module, "quantization_scheme", None) if through_transformers else None
             if scheme is not None:
@@ -636,12 +636,10 @@ def _raise_if_failed(verification: dict[str, Any]) -> None:
 
 
 def _write_card(folder: Path, run: RunDir | None, plan: PackPlan) -> None:
-    from ckaqad_cli.card import CARD_FILE, render_model_card
-
-    from ckaqad_cli.stages.push import _base_model
+    from ckaqad_cli.card import CARD_FILE, base_model_from_manifest, render_model_card
 
     manifest = run.read() if run is not None else None
-    base = (_base_model(manifest) if manifest else None) or str(plan.source)
+    base = (base_model_from_manifest(manifest) if manifest else None) or str(plan.source)
     text = render_model_card(folder, manifest=manifest, base_model=base, fmt=plan.fmt.NAME, scheme=plan.scheme)
     atomic_write_text(folder / CARD_FILE, text)
 

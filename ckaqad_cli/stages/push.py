@@ -33,7 +33,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from ckaqad_cli import __version__
 from ckaqad_cli.atomic import atomic_write_text
-from ckaqad_cli.card import CARD_FILE, CARD_MODES, PLOT_FILE, CardMode, copy_plot, render_model_card
+from ckaqad_cli.card import (
+    CARD_FILE,
+    CARD_MODES,
+    PLOT_FILE,
+    CardMode,
+    base_model_from_manifest,
+    copy_plot,
+    render_model_card,
+)
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.formats import detect_format
 from ckaqad_cli.rundir import RunDir, sha256_file
@@ -218,19 +226,6 @@ def _quant_description(folder: Path) -> tuple[str, str]:
     return fmt, "w4a4" if any(isinstance(g, dict) and g.get("input_activations") for g in groups) else "w4a16"
 
 
-def _base_model(manifest: dict[str, Any]) -> str | None:
-    """The teacher of the run: a Hub id when it was given as one, else the path or name it was given as."""
-    for stage in ("distill", "diagnose"):
-        entry = manifest.get("stages", {}).get(stage) or {}
-        teacher = (entry.get("inputs") or {}).get("teacher")
-        if isinstance(teacher, dict):
-            return teacher.get("hub_id") or teacher.get("path") or teacher.get("builtin")
-        teacher = (entry.get("config") or {}).get("teacher")
-        if teacher:
-            return str(teacher)
-    return None
-
-
 def _batches(files: dict[str, int], pending: list[str], commit_bytes: int) -> list[list[str]]:
     """Weight files in batches of at most ``commit_bytes`` (one file at least), then everything else last."""
     weights = [p for p in pending if p.endswith(".safetensors")]
@@ -270,7 +265,7 @@ def plan_push(folder: Path | None, cfg: PushConfig, *, run: RunDir | None = None
     if from_run:
         fmt = pack.get("outputs", {}).get("format") or fmt
         scheme = pack.get("outputs", {}).get("scheme") or scheme
-    base_model = cfg.base_model or _base_model(manifest)
+    base_model = cfg.base_model or base_model_from_manifest(manifest)
     plot = run.stage_output("diagnose", "plot") if run is not None else None
     plot = Path(plot) if isinstance(plot, Path) and plot.is_file() else None
     existing_path = folder / CARD_FILE

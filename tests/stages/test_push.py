@@ -18,9 +18,8 @@ from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
 from ckaqad_cli.stages.push import PushConfig, push_folder, redact
 from tests.hub_server import HubServer
+from tests.stages.conftest import FAKE_TOKEN, READ_TOKEN
 
-FAKE_TOKEN = "hf_FAKEtokenDoNotPrint0123456789abcdef"
-READ_TOKEN = "hf_READonlyTokenDoNotPrint9876543210"
 runner = CliRunner()
 
 
@@ -94,28 +93,6 @@ def packed_run(tmp_path, packed_template) -> RunDir:
         rec.outputs["plot"] = "diagnose/cka.png"
         rec.metrics["cka_qad"] = {"mean_cka": 0.991, "min_cka": 0.975, "kl": 0.0123, "top1": 0.93}
     return run
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """The loopback Hub, with the client switched online, without Xet, and with no stored token."""
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    # huggingface_hub reads these at import: patch the constants too.
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_TELEMETRY", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
-    monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setattr(hf_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
-    with HubServer(tmp_path / "hub") as server:
-        server.tokens[FAKE_TOKEN] = "write"
-        server.tokens[READ_TOKEN] = "read"
-        yield server
 
 
 def _push_cli(run: RunDir, hub: HubServer, *extra: str, token: str | None = FAKE_TOKEN):
