@@ -9,6 +9,7 @@ from ckaqad_cli.cli import common
 from ckaqad_cli.cli.diagnose import diagnose
 from ckaqad_cli.cli.distill import distill
 from ckaqad_cli.cli.pack import pack
+from ckaqad_cli.cli.pipeline import pipeline
 from ckaqad_cli.cli.push import push
 from ckaqad_cli.cli.status import status
 
@@ -16,8 +17,10 @@ app = typer.Typer(
     name="ckaqad",
     help=(
         "CKA-QAD: distill a BF16 LLM into a deployable NVFP4 model without losing its internal geometry.\n\n"
-        "Stages chain over one run directory (--run DIR): diagnose -> distill -> pack -> push.\n\n"
-        "Example: ckaqad distill --run runs/demo && ckaqad pack --run runs/demo && ckaqad status --run runs/demo"
+        "Stages chain over one run directory (--run DIR): diagnose -> distill -> pack -> push; `pipeline` runs them "
+        "all.\n\n"
+        "Examples: ckaqad pipeline --run runs/demo --baseline;  "
+        "ckaqad distill --run runs/demo && ckaqad pack --run runs/demo && ckaqad status --run runs/demo"
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -46,6 +49,7 @@ app.command()(diagnose)
 app.command()(distill)
 app.command()(pack)
 app.command()(push)
+app.command()(pipeline)
 app.command()(status)
 
 

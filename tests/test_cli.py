@@ -17,7 +17,7 @@ from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
 
 runner = CliRunner()
-COMMANDS = ("diagnose", "distill", "pack", "push", "status")
+COMMANDS = ("diagnose", "distill", "pack", "push", "pipeline", "status")
 
 
 def test_version():

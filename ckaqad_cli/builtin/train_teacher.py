@@ -1,6 +1,6 @@
 """Train the built-in teacher from scratch, reproducibly (seeded), on the generated task suite.
 
-    python -m ckaqad_cli.builtin.train_teacher --out ckaqad_cli/builtin/teacher --steps 1800 --seed 0
+    python -m ckaqad_cli.builtin.train_teacher --out ckaqad_cli/builtin/teacher --steps 5000 --mlp 512 --seed 0
 
 The loss is the cross-entropy of the answer tokens only (prompt positions are labelled -100; the model shifts the
 labels itself). The checkpoint with the best accuracy on a validation sample of the held-out split is written to
@@ -32,7 +32,7 @@ VALIDATION_SEED = 10_000  # checkpoint selection draws from the held-out split w
 REPORT_SEED = 0  # the accuracy in training_log.json (and docs/builtin.md) uses the held-out split with this seed
 
 
-def model_config(tokenizer, *, hidden: int = 128, layers: int = 4, heads: int = 4, mlp: int = 256) -> LlamaConfig:
+def model_config(tokenizer, *, hidden: int = 128, layers: int = 4, heads: int = 4, mlp: int = 512) -> LlamaConfig:
     """The teacher's shape: every Linear's input width (hidden, mlp) is a multiple of 16, as NVFP4 needs."""
     if hidden % 16 or mlp % 16 or hidden % heads:
         raise ValueError("hidden and mlp must be multiples of 16, and hidden a multiple of heads")
@@ -99,14 +99,14 @@ def save_teacher(model, tokenizer, out: Path, log: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=TEACHER_DIR, help=f"output directory (default {TEACHER_DIR})")
-    parser.add_argument("--steps", type=int, default=1800, help="optimizer steps of the schedule (default 1800)")
+    parser.add_argument("--steps", type=int, default=5000, help="optimizer steps of the schedule (default 5000)")
     parser.add_argument("--minutes", type=float, default=None, help="stop early after this wall time (default none)")
     parser.add_argument("--batch-size", type=int, default=128, help="problems per step (default 128)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (default 3e-3)")
     parser.add_argument("--warmup", type=int, default=150, help="linear warmup steps (default 150)")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the training data (default 0)")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between validations (default 250)")
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between validations (default 500)")
     parser.add_argument("--eval-size", type=int, default=320, help="validation problems (default 320)")
     parser.add_argument("--report-size", type=int, default=1000, help="final held-out problems (default 1000)")
     parser.add_argument(
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     parser.add_argument("--hidden", type=int, default=128, help="hidden width (default 128)")
-    parser.add_argument("--mlp", type=int, default=256, help="MLP width (default 256)")
+    parser.add_argument("--mlp", type=int, default=512, help="MLP width (default 512)")
     return parser.parse_args(argv)
 
 

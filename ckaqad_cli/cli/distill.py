@@ -1,15 +1,107 @@
-"""`ckaqad distill` (not built yet: issue 6)."""
+"""`ckaqad distill`: CKA-regularized QAD of an NVFP4 fake-quantized student (options -> DistillConfig -> stage)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ckaqad_cli.cli.common import RunOption, handle_errors
+import typer
+from rich.table import Table
+
+from ckaqad_cli.cli.common import RunOption, console, handle_errors
 from ckaqad_cli.config import ConfigOption
-from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.rundir import RunDir
+
+_P = "Default: the built-in preset with the built-in teacher, else the real-model preset (docs/distill.md)."
 
 
 @handle_errors
-def distill(run: Path = RunOption, config: Path = ConfigOption) -> None:
-    """Not built yet (issue 6)."""
-    raise CkaqadError("ckaqad distill is not built yet (issue 6)")
+def distill(
+    run: Path = RunOption,
+    config: Path = ConfigOption,
+    teacher: str = typer.Option("builtin", help="Teacher: 'builtin', a local HF directory or a hub id."),
+    data: str = typer.Option("builtin", help="Training text: 'builtin', a .txt, a .jsonl or a saved datasets dir."),
+    text_field: str = typer.Option("text", help="Field of a .jsonl / dataset that holds the text."),
+    scheme: str = typer.Option("w4a4", help="w4a4 (weights and activations NVFP4) or w4a16 (weights only)."),
+    exclude: list[str] = typer.Option(
+        [], help="Glob of module names left in high precision, on top of lm_head/embeddings/norms/routers. Repeatable."
+    ),
+    steps: int = typer.Option(None, help=f"Optimizer steps. Real models 1000, built-in 300. {_P}"),
+    batch_size: int = typer.Option(None, help=f"Sequences per micro-batch over all processes. 8 / built-in 32. {_P}"),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step. Default: 1."),
+    seq_len: int = typer.Option(None, help=f"Tokens per packed sequence. 2048 / built-in 128. {_P}"),
+    lr: float = typer.Option(None, help=f"Peak learning rate (AdamW). 1e-5 (NVIDIA's QAD) / built-in 3e-4. {_P}"),
+    warmup: float = typer.Option(0.05, help="Warmup: below 1 a fraction of --steps, else steps. Default: 0.05."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay. Default: 0."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = none). Default: 1.0."),
+    grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward to save memory."),
+    seed: int = typer.Option(0, help="Seed of data order and CKA token sampling. Default: 0."),
+    temperature: float = typer.Option(1.0, help="KL temperature T (loss scaled by T^2). Default: 1."),
+    kl_topk: int = typer.Option(None, help="KL over the teacher's top-K tokens, renormalized. Default: full vocab."),
+    kl_chunk_tokens: int = typer.Option(1024, help="Tokens per KL chunk (bounds logits memory). Default: 1024."),
+    lambda_cka: float = typer.Option(
+        None, help="Fixed CKA weight lambda; 0 = KL-only QAD (the baseline). Default: balanced (--cka-balance)."
+    ),
+    cka_balance: float = typer.Option(
+        0.5, help="Balanced lambda = this factor x KL / CKA-term each step (detached). Default: 0.5."
+    ),
+    cka_layers: str = typer.Option(
+        None, help=f"Decoder layers of the CKA term: all, every:K, '0,3,5-7' or '2:10:2'. every:4 / built-in all. {_P}"
+    ),
+    cka_tokens: int = typer.Option(512, help="Token positions sampled per step for CKA. Default: 512."),
+    cka_debiased: bool = typer.Option(False, help="Debiased CKA in the loss instead of linear CKA."),
+    cka_drop_massive: bool = typer.Option(False, help="Drop massive-activation tokens from the CKA term."),
+    cka_standardize: bool = typer.Option(False, help="Scale features by the teacher's per-feature std for CKA."),
+    max_tokens: int = typer.Option(None, help="Cap on the packed training + held-out tokens. Default: all data."),
+    eval_every: int = typer.Option(None, help=f"Held-out KL / layer CKA every N steps. 100 / built-in 50. {_P}"),
+    eval_sequences: int = typer.Option(None, help=f"Held-out sequences. 32 / built-in 64. {_P}"),
+    eval_tokens: int = typer.Option(2048, help="Held-out tokens used for layer CKA. Default: 2048."),
+    save_every: int = typer.Option(None, help=f"Checkpoint every N steps. 200 / built-in 100. {_P}"),
+    keep: int = typer.Option(2, help="Checkpoints kept (the latest ones). Default: 2."),
+    resume: bool = typer.Option(False, help="Continue from the latest complete checkpoint of this run."),
+    force: bool = typer.Option(False, help="Run again even if distill finished, discarding old checkpoints."),
+    device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N."),
+    teacher_offload: bool = typer.Option(False, help="Keep the teacher on the CPU, streamed per layer (torchrun)."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the teacher's repository."),
+) -> None:
+    """Distill the teacher into an NVFP4 fake-quantized student with KL + lambda * (1 - layer CKA).
+
+    Writes distill/metrics.jsonl, distill/checkpoints/step-N/ and distill/student/ (for pack and diagnose).
+
+    Examples:
+
+      ckaqad distill --run runs/demo                      # built-in teacher and data, built-in preset
+
+      ckaqad distill --run runs/q3 --teacher Qwen/Qwen3-4B --data corpus.jsonl --steps 2000
+
+      ckaqad distill --run runs/q3 --resume               # after a crash or Ctrl-C
+
+      torchrun --nproc-per-node 8 -m ckaqad_cli.app distill --run runs/q3 --teacher Qwen/Qwen3-4B --data c.jsonl
+    """
+    from ckaqad_cli.stages.distill import DistillConfig, run_distill
+
+    cfg = DistillConfig(
+        teacher=teacher, data=data, text_field=text_field, scheme=scheme, exclude=tuple(exclude), steps=steps,
+        batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup=warmup,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, grad_checkpointing=grad_checkpointing, seed=seed,
+        temperature=temperature, kl_topk=kl_topk, kl_chunk_tokens=kl_chunk_tokens, lambda_cka=lambda_cka,
+        cka_balance=cka_balance, cka_layers=cka_layers, cka_tokens=cka_tokens, cka_debiased=cka_debiased,
+        cka_drop_massive=cka_drop_massive, cka_standardize=cka_standardize, max_tokens=max_tokens,
+        eval_every=eval_every, eval_sequences=eval_sequences, eval_tokens=eval_tokens, save_every=save_every,
+        keep=keep, resume=resume, force=force, device=device, teacher_offload=teacher_offload,
+        trust_remote_code=trust_remote_code,
+    )
+    rundir = RunDir(run, on_message=lambda msg: console.print(msg, highlight=False))
+    summary = run_distill(rundir, cfg, console=console)
+    if not summary:  # a non-zero rank under torchrun: rank 0 reports
+        return
+    table = Table(title=f"distill ({summary['mode']}, {summary['steps']} steps)")
+    table.add_column("")
+    table.add_column("held-out KL", justify="right")
+    table.add_column("mean layer CKA", justify="right")
+    table.add_column("min layer CKA", justify="right")
+    if "ptq_eval_kl" in summary:
+        table.add_row("PTQ (step 0)", f"{summary['ptq_eval_kl']:.4g}", f"{summary['ptq_mean_cka']:.4f}",
+                      f"{summary['ptq_min_cka']:.4f}")
+    table.add_row("student", f"{summary['eval_kl']:.4g}", f"{summary['mean_cka']:.4f}", f"{summary['min_cka']:.4f}")
+    console.print(table)
+    console.print(f"student: {rundir.path / 'distill' / 'student'}", highlight=False)

@@ -92,14 +92,14 @@ def encode(
     out = {
         f"{module}.weight_packed": packed,
         f"{module}.weight_scale": block_scales,
-        f"{module}.weight_global_scale": _reciprocal(global_scale),
+        f"{module}.weight_global_scale": stored_reciprocal(global_scale),
     }
     if input_global_scale is not None:
-        out[f"{module}.input_global_scale"] = _reciprocal(input_global_scale)
+        out[f"{module}.input_global_scale"] = stored_reciprocal(input_global_scale)
     return out
 
 
-def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
+def stored_reciprocal(scale: torch.Tensor) -> torch.Tensor:
     """The float32 nearest 1/scale whose own reciprocal rounds back to ``scale`` exactly, when one exists.
 
     Readers divide by the stored value, so this keeps decoding bit-exact. About one float32 in seven is no
@@ -123,7 +123,7 @@ _RECIPROCAL_SEARCH_ULPS = 2
 def reciprocal_is_exact(scale: torch.Tensor) -> bool:
     """True when the stored reciprocal of ``scale`` decodes back to exactly ``scale``."""
     g = scale.detach().to(torch.float32).reshape(())
-    return bool(global_scale(_reciprocal(g)) == g)
+    return bool(global_scale(stored_reciprocal(g)) == g)
 
 
 def global_scale(stored: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,487 @@
+"""The distill stage: CKA-regularized quantization-aware distillation of an NVFP4 fake-quantized student.
+
+Student = a copy of the teacher with NVFP4 fake quantization (``quant.apply_fake_quant``), trained in float32 master
+weights against the frozen teacher with ``KL + lambda * mean(1 - CKA)`` (see :mod:`ckaqad_cli.objective`).
+Writes ``distill/metrics.jsonl``, ``distill/checkpoints/step-N/`` and the final ``distill/student/`` HF directory.
+Runs in one process or under torchrun (FSDP2); see docs/distill.md and docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ckaqad_cli import checkpoints
+from ckaqad_cli import distributed as D
+from ckaqad_cli.atomic import atomic_directory
+from ckaqad_cli.cka import Standardizer, TokenFilter
+from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.objective import CausalLMBody, Objective, ObjectiveSettings, parse_layers
+from ckaqad_cli.rundir import RunDir, describe_input
+from ckaqad_cli.training import (
+    MetricsLog,
+    StopRequest,
+    build_optimizer,
+    check_finite,
+    peak_memory_bytes,
+    warmup_steps,
+)
+
+STAGE = "distill"
+BUILTIN = "builtin"
+
+# Defaults for real models (NVIDIA's QAD recipe: lr 1e-5, cosine, 5% warmup) and for the small built-in teacher,
+# which needs a much larger learning rate to move in a few hundred steps. Options left unset take these.
+REAL_MODEL_PRESET = {
+    "steps": 1000, "batch_size": 8, "seq_len": 2048, "lr": 1e-5,
+    "eval_every": 100, "save_every": 200, "eval_sequences": 32, "cka_layers": "every:4",
+}
+BUILTIN_PRESET = {
+    "steps": 300, "batch_size": 32, "seq_len": 128, "lr": 3e-4,
+    "eval_every": 50, "save_every": 100, "eval_sequences": 64, "cka_layers": "all",
+}
+# Fields that must match when a run is resumed (the others, like --steps or --eval-every, may change).
+_RESUME_MUST_MATCH = (
+    "teacher", "data", "text_field", "scheme", "exclude", "batch_size", "grad_accum", "seq_len", "lr", "seed",
+    "warmup", "weight_decay", "temperature", "kl_topk", "lambda_cka", "cka_balance", "cka_layers", "cka_tokens",
+    "cka_debiased", "cka_drop_massive", "cka_standardize", "max_tokens", "eval_sequences",
+)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = BUILTIN
+    data: str = BUILTIN
+    text_field: str = "text"
+    scheme: str = "w4a4"
+    exclude: tuple[str, ...] = ()
+    steps: int | None = None
+    batch_size: int | None = None
+    grad_accum: int = 1
+    seq_len: int | None = None
+    lr: float | None = None
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False
+    seed: int = 0
+    temperature: float = 1.0
+    kl_topk: int | None = None
+    kl_chunk_tokens: int = 1024
+    lambda_cka: float | None = None
+    cka_balance: float = 0.5
+    cka_layers: str | None = None
+    cka_tokens: int = 512
+    cka_debiased: bool = False
+    cka_drop_massive: bool = False
+    cka_standardize: bool = False
+    max_tokens: int | None = None
+    eval_every: int | None = None
+    eval_sequences: int | None = None
+    eval_batch_size: int | None = None
+    eval_tokens: int = 2048
+    save_every: int | None = None
+    keep: int = 2
+    resume: bool = False
+    force: bool = False
+    device: str = "auto"
+    teacher_offload: bool = False
+    trust_remote_code: bool = False
+
+    def resolved(self) -> DistillConfig:
+        """A copy with the preset filled in for every option left unset (the built-in preset for the built-in
+        teacher), validated."""
+        preset = BUILTIN_PRESET if self.teacher == BUILTIN else REAL_MODEL_PRESET
+        values = {k: (preset[k] if getattr(self, k) is None and k in preset else getattr(self, k))
+                  for k in (f.name for f in dataclasses.fields(self))}
+        cfg = DistillConfig(**values)
+        cfg.exclude = tuple(cfg.exclude)
+        if cfg.eval_batch_size is None:
+            cfg.eval_batch_size = cfg.batch_size
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "eval_sequences",
+                    "eval_batch_size", "eval_tokens", "keep", "kl_chunk_tokens", "cka_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise CkaqadError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise CkaqadError(f"--lr must be > 0, got {self.lr}")
+        if self.temperature <= 0:
+            raise CkaqadError(f"--temperature must be > 0, got {self.temperature}")
+        if self.kl_topk is not None and self.kl_topk < 1:
+            raise CkaqadError(f"--kl-topk must be at least 1, got {self.kl_topk}")
+        if self.lambda_cka is not None and self.lambda_cka < 0:
+            raise CkaqadError(f"--lambda-cka must be >= 0, got {self.lambda_cka}")
+        if self.cka_balance <= 0:
+            raise CkaqadError(f"--cka-balance must be > 0, got {self.cka_balance}")
+        if self.scheme not in ("w4a4", "w4a16"):
+            raise CkaqadError(f"--scheme must be w4a4 or w4a16, got {self.scheme!r}")
+        if self.max_grad_norm < 0:
+            raise CkaqadError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+
+
+def train_rows(step: int, micro: int, *, n_train: int, batch: int, grad_accum: int, seed: int) -> torch.Tensor:
+    """Training-row indices of a micro-batch: a fresh seeded permutation per pass over the data, read in order.
+
+    A function of the step alone, so a resumed run reads exactly the rows the uninterrupted run would have.
+    """
+    start = (step * grad_accum + micro) * batch
+    out = []
+    for pos in range(start, start + batch):
+        epoch, offset = divmod(pos, n_train)
+        out.append(int(_permutation(epoch, n_train, seed)[offset]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def _permutation(epoch: int, n: int, seed: int) -> torch.Tensor:
+    key = (epoch, n, seed)
+    if key not in _PERM_CACHE:
+        _PERM_CACHE.clear()
+        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return _PERM_CACHE[key]
+
+
+def split_heldout(sequences: torch.Tensor, eval_sequences: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out): the last ``eval_sequences`` packed rows (a multiple of the world size) are held out."""
+    n_eval = (min(eval_sequences, sequences.shape[0] // 4) // world_size) * world_size
+    if n_eval < world_size or sequences.shape[0] - n_eval < 1:
+        raise CkaqadError(
+            f"the data give only {sequences.shape[0]} sequences of the chosen --seq-len: too few for training and "
+            "a held-out slice; use more data or a shorter --seq-len"
+        )
+    return sequences[:-n_eval], sequences[-n_eval:]
+
+
+def _eval_batch_size(batch_size: int, world: int) -> int:
+    """An eval batch size that splits evenly over ranks (every rank runs every forward: FSDP needs that)."""
+    return max(world, (batch_size // world) * world)
+
+
+def _objective_settings(cfg: DistillConfig, num_layers: int) -> ObjectiveSettings:
+    return ObjectiveSettings(
+        temperature=cfg.temperature,
+        kl_topk=cfg.kl_topk,
+        kl_chunk_tokens=cfg.kl_chunk_tokens,
+        lambda_cka=cfg.lambda_cka,
+        cka_balance=cfg.cka_balance,
+        cka_layers=tuple(parse_layers(cfg.cka_layers, num_layers)),
+        cka_tokens=cfg.cka_tokens,
+        cka_debiased=cfg.cka_debiased,
+        token_filter=TokenFilter(drop_first=True, drop_massive=cfg.cka_drop_massive, standardize=cfg.cka_standardize),
+    )
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]distill[/bold]"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[terms]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=False,
+    )
+
+
+@dataclass
+class Models:
+    """What training needs, built by :func:`build_models` (or by a test)."""
+
+    student: torch.nn.Module  # the HF causal LM with fake quantization, float32 master weights, trainable
+    teacher: torch.nn.Module  # frozen
+    tokenizer: Any
+    recipe: Any  # quant.QuantRecipe
+
+
+def build_models(cfg: DistillConfig, ctx: D.DistContext) -> Models:
+    """Load the teacher (bf16 on GPU, float32 on the CPU) and make the fake-quantized float32 student from it."""
+    from ckaqad_cli.models import load_model
+    from ckaqad_cli.quant import apply_fake_quant
+
+    dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    load_device = "cpu" if ctx.distributed else ctx.device  # FSDP moves each shard to its device
+    teacher, tokenizer = load_model(cfg.teacher, device=load_device, dtype=dtype,
+                                    trust_remote_code=cfg.trust_remote_code)
+    student = copy.deepcopy(teacher).float()
+    recipe = apply_fake_quant(student, scheme=cfg.scheme, exclude=cfg.exclude)
+    student.requires_grad_(True)
+    student.train()
+    return Models(student=student, teacher=teacher, tokenizer=tokenizer, recipe=recipe)
+
+
+def load_sequences(cfg: DistillConfig, tokenizer) -> torch.Tensor:
+    from ckaqad_cli.data import load_texts, pack_sequences
+
+    texts = load_texts(cfg.data, split="train", seed=cfg.seed, text_field=cfg.text_field)
+    return pack_sequences(texts, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens, seed=cfg.seed)
+
+
+def train(
+    cfg: DistillConfig,
+    models: Models,
+    train_ids: torch.Tensor,
+    eval_ids: torch.Tensor,
+    out_dir: Path,
+    ctx: D.DistContext,
+    *,
+    console: Console | None = None,
+    on_step: Callable[[int], None] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """The training loop; ``cfg`` must be resolved. Returns the summary metrics; writes under ``out_dir``."""
+    from ckaqad_cli.models import decoder_layers
+
+    console = console or Console(stderr=True)
+    say = console.print if ctx.is_main else (lambda *a, **k: None)
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    metrics = MetricsLog(out_dir / "metrics.jsonl")
+    on_gpu = ctx.device.type == "cuda"
+
+    student_model, teacher_model = models.student, models.teacher
+    teacher_model.eval()
+    teacher_model.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        student_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student_layers, teacher_layers = decoder_layers(student_model), decoder_layers(teacher_model)
+    student, teacher = CausalLMBody(student_model), CausalLMBody(teacher_model)
+    settings = _objective_settings(cfg, len(teacher_layers))
+    objective = Objective(
+        student, teacher, student_layers, teacher_layers, settings, ctx,
+        bos_token_id=getattr(models.tokenizer, "bos_token_id", None),
+        standardizer=Standardizer() if cfg.cka_standardize else None,
+    )
+    if ctx.distributed:
+        D.shard(student, student_layers, ctx)
+        D.shard(teacher, teacher_layers, ctx, offload=cfg.teacher_offload)
+    elif cfg.teacher_offload:
+        raise CkaqadError("--teacher-offload streams the teacher with FSDP2: launch with torchrun (1 process is fine)")
+
+    global_batch = cfg.batch_size
+    if global_batch % ctx.world_size:
+        raise CkaqadError(f"--batch-size {global_batch} must be a multiple of the process count ({ctx.world_size})")
+    local = slice(ctx.rank * (global_batch // ctx.world_size), (ctx.rank + 1) * (global_batch // ctx.world_size))
+    eval_batch = _eval_batch_size(cfg.eval_batch_size, ctx.world_size)
+
+    optimizer, scheduler = build_optimizer(
+        student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.steps,
+        warmup=warmup_steps(cfg.warmup, cfg.steps),
+    )
+    sampler = torch.Generator().manual_seed(cfg.seed)
+    generators = {"cka_tokens": sampler}
+    config_fingerprint = {k: _jsonable(getattr(cfg, k)) for k in _RESUME_MUST_MATCH}
+    start_step = 0
+    latest = checkpoints.latest_complete(ckpt_root)
+    if cfg.resume and latest is not None:
+        meta = checkpoints.load(latest, model=student, optimizer=optimizer, scheduler=scheduler,
+                                generators=generators, ctx=ctx)
+        changed = {k: (meta["config"].get(k), v) for k, v in config_fingerprint.items() if meta["config"].get(k) != v}
+        if changed:
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise CkaqadError(f"cannot resume {latest}: the run's settings changed ({shown})")
+        start_step = meta["step"]
+        if ctx.is_main:
+            metrics.truncate_after(start_step)
+        say(f"resumed from {latest} (step {start_step} of {cfg.steps})")
+    else:
+        if latest is not None and not cfg.resume and not cfg.force:
+            raise CkaqadError(
+                f"{ckpt_root} holds checkpoints of an earlier run (latest {latest.name}): pass --resume to continue "
+                "it, or --force to start over"
+            )
+        if cfg.resume:
+            say("no complete checkpoint to resume from: starting from step 0")
+        if ctx.is_main:
+            metrics.reset()
+            checkpoints.prune(ckpt_root, 0)
+        D.barrier(ctx)
+    if cfg.cka_standardize:
+        objective.fit_standardizer(eval_ids[:eval_batch])
+
+    def evaluate(step: int) -> dict[str, Any]:
+        student.eval()
+        with _autocast(on_gpu):
+            result = objective.evaluate(eval_ids, eval_batch, cfg.eval_tokens, seed=cfg.seed)
+        student.train()
+        record = {"step": step, "type": "eval", **result}
+        if ctx.is_main:
+            metrics.write(record)
+        return record
+
+    last_saved: Path | None = checkpoints.latest_complete(ckpt_root)
+    tokens_per_step = global_batch * cfg.grad_accum * train_ids.shape[1]
+
+    def save(step: int) -> Path:
+        nonlocal last_saved
+        state = {"data_position": step * cfg.grad_accum * global_batch, "config": config_fingerprint}
+        last_saved = checkpoints.save(ckpt_root, step, model=student, optimizer=optimizer, scheduler=scheduler,
+                                      generators=generators, state=state, recipe=models.recipe, ctx=ctx,
+                                      keep=cfg.keep)
+        return last_saved
+
+    if start_step == 0:
+        first_eval = evaluate(0)
+    else:  # the PTQ numbers were logged by the run this one resumes
+        first_eval = next((r for r in metrics.read() if r.get("type") == "eval" and r["step"] == 0), None)
+    stop = StopRequest()
+    last: dict[str, Any] = {}
+    started = time.perf_counter()
+    with stop.installed(), _progress(console, show_progress and ctx.is_main) as progress:
+        task = progress.add_task("distill", total=cfg.steps, completed=start_step, terms="")
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats(ctx.device)
+            lr = optimizer.param_groups[0]["lr"]
+            sums = {"loss": 0.0, "kl": 0.0, "cka_term": 0.0, "lambda": 0.0}
+            for micro in range(cfg.grad_accum):
+                rows = train_rows(step, micro, n_train=train_ids.shape[0], batch=global_batch,
+                                  grad_accum=cfg.grad_accum, seed=cfg.seed)
+                scores = torch.rand(global_batch, train_ids.shape[1], generator=sampler)
+                with _autocast(on_gpu):
+                    terms = objective(train_ids[rows], local, scores)
+                loss_value = float(D.all_reduce_mean(terms.loss.detach(), ctx))
+                check_finite(step + 1, "the loss", loss_value,
+                             {"kl": terms.kl, "cka_term": terms.cka_term, "lambda": terms.lambda_cka},
+                             str(last_saved) if last_saved else None)
+                (terms.loss / cfg.grad_accum).backward()
+                sums["loss"] += loss_value / cfg.grad_accum
+                sums["kl"] += terms.kl / cfg.grad_accum
+                sums["cka_term"] += (terms.cka_term or 0.0) / cfg.grad_accum
+                sums["lambda"] += terms.lambda_cka / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                student.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            )
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            check_finite(step + 1, "the gradient norm", grad_norm, {"loss": sums["loss"]},
+                         str(last_saved) if last_saved else None)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            last = {
+                "step": done, "type": "train", "loss": sums["loss"], "kl": sums["kl"],
+                "cka_term": sums["cka_term"] if settings.uses_cka else None, "lambda": sums["lambda"], "lr": lr,
+                "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
+                "peak_mem_mb": peak_memory_bytes(ctx.device) / 2**20,
+            }
+            if ctx.is_main:
+                metrics.write(last)
+            terms_text = f"loss {last['loss']:.4g}  kl {last['kl']:.4g}"
+            if settings.uses_cka:
+                terms_text += f"  1-cka {last['cka_term']:.3g}  λ {last['lambda']:.3g}"
+            progress.update(task, completed=done, terms=terms_text)
+            if done % cfg.eval_every == 0 and done != cfg.steps:
+                evaluate(done)
+            interrupted = D.any_rank(stop.requested, ctx)
+            if done % cfg.save_every == 0 or (interrupted and done != cfg.steps):
+                save(done)
+            if on_step is not None:
+                on_step(done)
+            if interrupted and done != cfg.steps:
+                say(f"interrupted: saved {last_saved}; continue with --resume")
+                raise KeyboardInterrupt
+    final_eval = evaluate(cfg.steps)
+    summary = {
+        "steps": cfg.steps,
+        "mode": "kl-only" if not settings.uses_cka else "cka-qad",
+        "cka_layers": list(settings.cka_layers),
+        "final_kl": last.get("kl"),
+        "eval_kl": final_eval["eval_kl"],
+        "mean_cka": final_eval["eval_cka_mean"],
+        "min_cka": final_eval["eval_cka_min"],
+        "layer_cka": final_eval["eval_cka"],
+        "train_seconds": time.perf_counter() - started,
+    }
+    if first_eval:
+        summary.update(ptq_eval_kl=first_eval["eval_kl"], ptq_mean_cka=first_eval["eval_cka_mean"],
+                       ptq_min_cka=first_eval["eval_cka_min"])
+    _save_student(student, models, out_dir / "student", ctx)
+    return summary
+
+
+def _save_student(student: CausalLMBody, models: Models, target: Path, ctx: D.DistContext) -> None:
+    """The final student as a HF directory: float32 master weights, tokenizer, quant_recipe.json."""
+    state = D.full_model_state(student, ctx)
+    if ctx.is_main:
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        model = models.student
+        model.config.dtype = torch.float32
+        with atomic_directory(target, overwrite=True) as tmp:
+            model.save_pretrained(tmp, state_dict=state)
+            models.tokenizer.save_pretrained(tmp)
+            models.recipe.save(tmp)
+    D.barrier(ctx)
+
+
+def _autocast(on_gpu: bool):
+    import contextlib
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def run_distill(
+    run: RunDir,
+    cfg: DistillConfig,
+    *,
+    console: Console | None = None,
+    on_step: Callable[[int], None] | None = None,
+    show_progress: bool = True,
+    stage: str = STAGE,
+) -> dict[str, Any]:
+    """Run the stage in ``run`` (one process, or every rank under torchrun); returns the summary metrics.
+
+    ``stage`` names the record in run.json and the folder (the pipeline's KL-only baseline is "distill-kl").
+    """
+    console = console or Console(stderr=True)
+    ctx = D.setup(cfg.device)
+    try:
+        cfg = cfg.resolved()
+        entry = run.stage_entry(stage)
+        if entry and entry.get("status") == "done" and not cfg.force:
+            raise CkaqadError(f"stage {stage} already finished in {run.path}; pass --force to run it again")
+        torch.manual_seed(cfg.seed)
+        models = build_models(cfg, ctx)
+        sequences = load_sequences(cfg, models.tokenizer)
+        train_ids, eval_ids = split_heldout(sequences, cfg.eval_sequences, ctx.world_size)
+        record_config = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
+        record_config["world_size"] = ctx.world_size
+        inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
+        out_dir = run.stage_dir(stage)
+        if not ctx.is_main:  # rank 0 alone records the stage; the others train alongside it and report nothing
+            train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
+                  show_progress=False)
+            return {}
+        with run.stage(stage, config=record_config, inputs=inputs, force=True) as rec:
+            summary = train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
+                            show_progress=show_progress)
+            summary.update(train_sequences=int(train_ids.shape[0]), eval_sequences=int(eval_ids.shape[0]))
+            rec.outputs["student"] = run.relpath(out_dir / "student")
+            rec.outputs["metrics"] = run.relpath(out_dir / "metrics.jsonl")
+            rec.metrics.update(summary)
+        return summary
+    finally:
+        D.teardown(ctx)

@@ -1,0 +1,181 @@
+"""The whole chain over one run directory: PTQ diagnose -> distill (CKA-QAD) [-> KL-only baseline] -> diagnose ->
+pack (with verify) -> push as a dry run -> the comparison table.
+
+Every step is an ordinary stage recorded in run.json; a step already done is skipped, so an interrupted pipeline
+continues where it stopped when run again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rich.console import Console
+
+from ckaqad_cli import report as report_io
+from ckaqad_cli.atomic import atomic_write_json, atomic_write_text
+from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.stages.diagnose import DiagnoseConfig, run_diagnose
+from ckaqad_cli.stages.distill import DistillConfig, run_distill
+from ckaqad_cli.stages.pack import PackConfig, run_pack
+from ckaqad_cli.stages.push import PushConfig, push_folder
+
+STAGE = "pipeline"
+CKA_QAD, KL_ONLY, TEACHER = "cka-qad", "kl-only", "bf16-teacher"
+COLUMNS = ("mean_cka", "min_cka", "kl", "top1", "task_acc")
+
+
+@dataclass
+class PipelineConfig:
+    """Options of ``ckaqad pipeline``; None leaves the distill preset for the teacher in force."""
+
+    teacher: str = "builtin"
+    data: str = "builtin"
+    scheme: str = "w4a4"
+    baseline: bool = False
+    steps: int | None = None
+    batch_size: int | None = None
+    seq_len: int | None = None
+    lr: float | None = None
+    lambda_cka: float | None = None
+    cka_layers: str | None = None
+    seed: int = 0
+    diagnose_tokens: int = 16384
+    diagnose_seq_len: int = 128
+    task_problems: int = 256
+    format: str = "compressed-tensors"
+    repo_id: str = "your-org/ckaqad-nvfp4"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("w4a4", "w4a16"):
+            raise CkaqadError(f"--scheme must be w4a4 or w4a16, got {self.scheme!r}")
+
+
+def _distill_config(cfg: PipelineConfig, *, lambda_cka: float | None) -> DistillConfig:
+    overrides = {
+        k: getattr(cfg, k) for k in ("steps", "batch_size", "seq_len", "lr", "cka_layers") if getattr(cfg, k) is not None
+    }
+    return DistillConfig(
+        teacher=cfg.teacher, data=cfg.data, scheme=cfg.scheme, seed=cfg.seed, device=cfg.device,
+        lambda_cka=lambda_cka, **overrides,
+    )
+
+
+def _diagnose_config(cfg: PipelineConfig, stage: str, students: list[tuple[str, str]]) -> DiagnoseConfig:
+    return DiagnoseConfig(
+        teacher=cfg.teacher, data=cfg.data, students=students, ptq=[cfg.scheme], use_run_student=False,
+        max_tokens=cfg.diagnose_tokens, seq_len=cfg.diagnose_seq_len, task_problems=cfg.task_problems,
+        seed=cfg.seed, device=cfg.device, stage=stage,
+    )
+
+
+def _steps(cfg: PipelineConfig, run: RunDir, console: Console) -> list[tuple[str, Callable[[], Any]]]:
+    """The stages in order, each a (name, thunk) pair."""
+
+    def student(stage: str) -> str:
+        path = run.stage_output(stage, "student")
+        if path is None:
+            raise CkaqadError(f"stage {stage} recorded no student in {run.path}")
+        return str(path)
+
+    def final_diagnose() -> Any:
+        students = [(CKA_QAD, student("distill"))]
+        if cfg.baseline:
+            students.append((KL_ONLY, student("distill-kl")))
+        return run_diagnose(_diagnose_config(cfg, "diagnose", students), run, console=console)
+
+    def push_dry_run() -> Any:
+        with run.stage("push-dry-run", config={"repo_id": cfg.repo_id, "dry_run": True}) as rec:
+            result = push_folder(None, PushConfig(repo_id=cfg.repo_id, dry_run=True), run=run)
+            card = atomic_write_text(run.stage_dir("push-dry-run") / "README.md", result["card"])
+            rec.outputs.update(card=run.relpath(card), files=len(result["files"]), commits=result["commits"])
+            rec.metrics["bytes"] = sum(result["files"].values())
+        return result
+
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("diagnose-ptq", lambda: run_diagnose(_diagnose_config(cfg, "diagnose-ptq", []), run, console=console)),
+        ("distill", lambda: run_distill(run, _distill_config(cfg, lambda_cka=cfg.lambda_cka), console=console)),
+    ]
+    if cfg.baseline:
+        steps.append(
+            ("distill-kl", lambda: run_distill(run, _distill_config(cfg, lambda_cka=0.0), console=console,
+                                               stage="distill-kl"))
+        )
+    steps += [
+        ("diagnose", final_diagnose),
+        ("pack", lambda: run_pack(PackConfig(format=cfg.format, verify=True), run)),
+        ("push-dry-run", push_dry_run),
+    ]
+    return steps
+
+
+def comparison_rows(diagnose_report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The comparison table from the final diagnose report: the teacher, then every student."""
+    tasks = diagnose_report.get("task_accuracy", {})
+
+    def with_tasks(row: dict[str, Any], label: str) -> dict[str, Any]:
+        acc = tasks.get(label)
+        if acc is not None:
+            row["task_acc"] = acc["overall"]
+            row.update({f"acc:{family}": value for family, value in sorted(acc["per_family"].items())})
+        return row
+
+    rows = {TEACHER: with_tasks({"mean_cka": 1.0, "min_cka": 1.0, "kl": 0.0, "top1": 1.0}, "teacher")}
+    for label in sorted(diagnose_report["students"], key=_row_rank):
+        s = diagnose_report["students"][label]
+        rows[label] = with_tasks({k: s[k] for k in ("mean_cka", "min_cka", "kl", "top1")}, label)
+    return rows
+
+
+def _row_rank(label: str) -> tuple[int, str]:
+    """PTQ first, then KL-only, then CKA-QAD: the order of the paper's table."""
+    return (0 if label.startswith("ptq-") else 1 if label == KL_ONLY else 2 if label == CKA_QAD else 3, label)
+
+
+def write_comparison(run: RunDir, console: Console) -> dict[str, Any]:
+    """Write pipeline/comparison.json, .md and cka.png from the final diagnose report; print the table."""
+    report_path = run.stage_output("diagnose", "report_json")
+    if report_path is None:
+        raise CkaqadError(f"the final diagnose stage of {run.path} has no report")
+    report = json.loads(report_path.read_text())
+    rows = comparison_rows(report)
+    columns = list(COLUMNS) + sorted({k for r in rows.values() for k in r if k.startswith("acc:")})
+    out = run.stage_dir(STAGE)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "comparison.json", {"rows": rows, "columns": columns, "filters": report.get("filters")})
+    md = "# NVFP4 students against the BF16 teacher\n\n" + report_io.summary_markdown(rows, columns) + "\n"
+    atomic_write_text(out / "comparison.md", md)
+    plot = run.stage_output("diagnose", "plot")
+    if plot is not None:
+        tmp = out / ".cka.png.tmp"
+        shutil.copyfile(plot, tmp)
+        tmp.replace(out / "cka.png")
+    console.print(report_io.summary_table(rows, columns, title="BF16 teacher vs NVFP4 students"))
+    return {"rows": rows, "columns": columns}
+
+
+def run_pipeline(cfg: PipelineConfig, run: RunDir, *, console: Console | None = None) -> dict[str, Any]:
+    """Run every step not yet done, then the comparison. Returns the comparison rows."""
+    console = console or Console(stderr=True)
+    with run.lock():
+        steps = _steps(cfg, run, console)
+        for i, (name, step) in enumerate(steps, 1):
+            entry = run.stage_entry(name)
+            if entry and entry.get("status") == "done":
+                console.print(f"[dim][{i}/{len(steps)}] {name}: done already, skipped[/dim]")
+                continue
+            console.rule(f"[{i}/{len(steps)}] {name}")
+            step()
+        with run.stage(STAGE, config=asdict(cfg), force=True) as rec:
+            result = write_comparison(run, console)
+            rec.outputs.update(
+                comparison_json=f"{STAGE}/comparison.json", comparison_md=f"{STAGE}/comparison.md",
+                plot=f"{STAGE}/cka.png",
+            )
+            rec.metrics.update({label: {k: row.get(k) for k in COLUMNS} for label, row in result["rows"].items()})
+    return result

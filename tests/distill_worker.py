@@ -1,0 +1,103 @@
+"""Test helper (not a test): a tiny distill run on a random-weight Llama, in one process or under torchrun.
+
+    python tests/distill_worker.py OUT [--steps N] [--lambda-cka X] [--resume] [--kill-at STEP] [--kill-in-save STEP]
+
+--kill-at sends SIGKILL to this process right after step STEP (and its checkpoint, if any) is done;
+--kill-in-save sends SIGKILL while checkpoint STEP is being written, before its COMPLETE marker;
+--sigint-at sends SIGINT (Ctrl-C) to this process at the end of step STEP; the run then exits with code 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import sys
+
+import torch
+from rich.console import Console
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ckaqad_cli import checkpoints, distributed
+from ckaqad_cli.builtin.tokenizer import build_tokenizer
+from ckaqad_cli.quant import apply_fake_quant
+from ckaqad_cli.stages.distill import DistillConfig, Models, split_heldout, train
+
+SEQ_LEN = 24
+
+
+def tiny_models(seed: int = 0, scheme: str = "w4a4") -> Models:
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    teacher = LlamaForCausalLM(config).eval().requires_grad_(False)
+    student = copy.deepcopy(teacher).float()
+    recipe = apply_fake_quant(student, scheme=scheme)
+    student.requires_grad_(True).train()
+    return Models(student=student, teacher=teacher, tokenizer=tokenizer, recipe=recipe)
+
+
+def tiny_sequences(n: int = 40, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 100, (n, SEQ_LEN), generator=gen)
+    ids[:, 0] = build_tokenizer().bos_token_id
+    return ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lambda-cka", type=float, default=None)
+    p.add_argument("--save-every", type=int, default=2)
+    p.add_argument("--scheme", default="w4a4")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--kill-in-save", type=int, default=None)
+    p.add_argument("--sigint-at", type=int, default=None)
+    args = p.parse_args(argv)
+
+    ctx = distributed.setup("cpu")
+    cfg = DistillConfig(
+        teacher="tiny", scheme=args.scheme, steps=args.steps, batch_size=args.batch_size, seq_len=SEQ_LEN, lr=3e-3,
+        lambda_cka=args.lambda_cka, cka_layers="all", cka_tokens=32, eval_every=3, eval_sequences=8,
+        save_every=args.save_every, keep=2, resume=args.resume, eval_tokens=64,
+    ).resolved()
+    models = tiny_models(scheme=args.scheme)
+    train_ids, eval_ids = split_heldout(tiny_sequences(), cfg.eval_sequences, ctx.world_size)
+
+    if args.kill_in_save is not None:
+        original = checkpoints.atomic_write_text
+
+        def dying_marker(path, text):
+            if os.path.basename(path) == checkpoints.COMPLETE and f"step {args.kill_in_save}" in text:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(path, text)
+
+        checkpoints.atomic_write_text = dying_marker
+
+    def on_step(step: int) -> None:
+        if step == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step == args.sigint_at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        summary = train(cfg, models, train_ids, eval_ids, args.out, ctx, console=Console(stderr=True, quiet=True),
+                        on_step=on_step, show_progress=False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if ctx.is_main:
+        json.dump(summary, sys.stdout)
+    distributed.teardown(ctx)
+
+
+if __name__ == "__main__":
+    main()
