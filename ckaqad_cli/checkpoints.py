@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ckaqad_cli import distributed as D
-from ckaqad_cli.atomic import _fsync_dir, atomic_write_json, atomic_write_text
+from ckaqad_cli.atomic import fsync_dir, atomic_write_json, atomic_write_text
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.training import capture_rng_state, restore_rng_state
 
@@ -147,7 +147,7 @@ def save(
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         prune(root, keep)
     D.barrier(ctx)
     return final

