@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ckaqad_cli import distributed as D
-from ckaqad_cli.atomic import fsync_dir, atomic_write_json, atomic_write_text
+from ckaqad_cli.atomic import atomic_write_json, atomic_write_text, fsync_dir
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.training import capture_rng_state, restore_rng_state
 
