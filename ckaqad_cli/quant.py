@@ -22,7 +22,7 @@ from torch import nn
 from ckaqad_cli.atomic import atomic_write_json
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_kernels.fake_quant import fake_quantize_ste
-from ckaqad_kernels.nvfp4_ref import global_scale_from_amax
+from ckaqad_kernels.nvfp4_ref import global_scale_from_amax, tensor_amax
 from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
 
 RECIPE_FILE = "quant_recipe.json"
@@ -120,7 +120,7 @@ def group_weight_global_scale(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """The float32 0-d global scale shared by a fused group: from the largest amax among its weights."""
     if not weights:
         raise ValueError("a fused group needs at least one weight")
-    amax = torch.stack([w.detach().abs().amax().to(torch.float32) for w in weights]).amax()
+    amax = torch.stack([tensor_amax(w) for w in weights]).amax()
     return global_scale_from_amax(amax)
 
 
@@ -453,7 +453,7 @@ def record_input_amax(model: nn.Module) -> Iterator[dict[str, float]]:
 
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            record([name], float(args[0].detach().abs().amax()))
+            record([name], float(tensor_amax(args[0])))
 
         return hook
 
@@ -463,7 +463,7 @@ def record_input_amax(model: nn.Module) -> Iterator[dict[str, float]]:
 
         def observe(projection: str, x: torch.Tensor) -> None:
             if x.numel():
-                record(by_projection[projection], float(x.detach().abs().amax()))
+                record(by_projection[projection], float(tensor_amax(x)))
 
         return observe
 

@@ -1,6 +1,7 @@
 """Streaming safetensors I/O: read a (sharded) checkpoint one tensor at a time, write sharded outputs.
 
-Reading goes through ``safe_open`` one tensor at a time, so memory holds one tensor, not the model. Writing is planned
+Reading validates each file with ``safe_open``, then reads one tensor at a time straight from the file into a new
+tensor (one copy, no mapping left resident), so memory holds one tensor, not the model. Writing is planned
 up front: every output tensor's name, dtype and shape is known before the first byte is written (quantization only
 changes shapes in known ways), so each shard's header is written first and the tensors' bytes are streamed after it.
 Memory therefore stays at one tensor whatever ``max_shard_bytes`` is, and the exact output size is known in advance
@@ -133,8 +134,10 @@ class SafetensorsSource:
         self.files = weight_files(self.directory)
         self._specs: dict[str, TensorSpec] = {}
         self._file_of: dict[str, Path] = {}
+        self._offset: dict[str, int] = {}  # where each tensor's bytes start in its file
         for path in self.files:
-            with self._open(path) as handle:
+            with self._open(path) as handle:  # validates the header (size, offsets) before we read it ourselves
+                self._offset.update(_data_offsets(path))
                 for name in handle.keys():
                     if name in self._specs:
                         raise CkaqadError(f"tensor {name} appears in both {self._file_of[name].name} and {path.name}")
@@ -182,18 +185,34 @@ class SafetensorsSource:
         return sum(s.nbytes for s in self._specs.values())
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor.
+        """Load one tensor: its bytes are read from the file straight into a new tensor.
 
-        The file is opened for this one read: safe_open maps the file, and pages a tensor touched stay resident
-        (and counted in RSS) while a handle holds the mapping, so a long-lived handle would grow RSS to the size
-        of everything read. A fresh handle per tensor releases them with the tensor.
+        No mapping is used: safe_open's pages would stay resident (and counted in RSS) while a handle holds them,
+        and copying out of a mapping costs a second pass over the data.
         """
-        path = self._file_of[name]
+        spec, path = self._specs[name], self._file_of[name]
+        out = torch.empty(spec.shape, dtype=spec.dtype)
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                return handle.get_tensor(name).clone()
-        except SafetensorError as e:
-            raise CkaqadError(f"{path}: cannot read tensor {name} (corrupt file?): {e}") from None
+            with open(path, "rb") as f:
+                f.seek(self._offset[name])
+                got = f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) if spec.nbytes else 0
+        except OSError as e:
+            raise CkaqadError(f"{path}: cannot read tensor {name}: {e}") from None
+        if got != spec.nbytes:
+            raise CkaqadError(f"{path}: tensor {name} is cut short ({got} of {spec.nbytes} bytes): truncated file?")
+        return out
+
+
+def _data_offsets(path: Path) -> dict[str, int]:
+    """Byte offset of each tensor's data in a safetensors file (after the 8-byte length and the JSON header)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        return {name: 8 + length + int(entry["data_offsets"][0])
+                for name, entry in header.items() if name != "__metadata__"}
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        raise CkaqadError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
 
 
 # -- writing ---------------------------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ from .nvfp4_spec import (
     ZERO_TENSOR_GLOBAL_SCALE,
 )
 
-ROWS_PER_CHUNK_ELEMENTS = 1 << 22
-"""Encoding works through chunks of rows of about this many elements: bounded memory (~120 MB of float32
-temporaries), and few enough parallel regions that a loaded CPU does not stall on thread barriers."""
+ROWS_PER_CHUNK_ELEMENTS = 1 << 20
+"""Encoding works through chunks of rows of about this many elements: a few MB of float32 temporaries, which stay
+in the CPU's caches across the dozen elementwise passes (2.7x faster than chunks of 4M elements on 2 cores), and few
+enough parallel regions that a loaded CPU does not stall on thread barriers."""
 
 _E2M1_SIGNED = torch.tensor(list(E2M1_VALUES) + [-v for v in E2M1_VALUES], dtype=torch.float32)
 """Decoded value of each 4-bit code (code 8 is -0.0)."""
@@ -50,10 +51,28 @@ def global_scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     return torch.where(g == 0, torch.ones_like(g) * ZERO_TENSOR_GLOBAL_SCALE, g)
 
 
+_AMINMAX_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a float32 0-d tensor (0 for an empty tensor); NaN anywhere gives NaN, +-Inf gives Inf.
+
+    One aminmax pass, then max(-min, max): the same value as x.abs().amax(), an order of magnitude faster on the CPU
+    (no |x| temporary).
+    """
+    x = x.detach()
+    if not x.numel():
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    if x.dtype not in _AMINMAX_DTYPES:
+        return x.abs().amax().to(torch.float32)
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(-lo, hi).to(torch.float32)
+
+
 def resolve_global_scale(x: torch.Tensor, global_scale: torch.Tensor | float | None) -> torch.Tensor:
     """The float32 0-d g on x's device: the given one, or computed from amax(x) when None."""
     if global_scale is None:
-        return global_scale_from_amax(x.detach().abs().amax() if x.numel() else torch.zeros(()))
+        return global_scale_from_amax(tensor_amax(x))
     g = torch.as_tensor(global_scale).detach().to(device=x.device, dtype=torch.float32)
     if g.numel() != 1:
         raise ValueError(f"global_scale must hold one value, got shape {tuple(g.shape)}")
@@ -79,18 +98,27 @@ def block_scales_e4m3(block_amax: torch.Tensor, global_scale: torch.Tensor) -> t
     return s.to(torch.float8_e4m3fn)
 
 
-def _grid_terms(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """|r| rounded half to even on the E2M1 grid, split by the grid's three spacings (0.5 up to 2, 1 up to 4, 2 up
-    to 6). Each term is a whole number; index = t1 + t2 + t3, magnitude = t1 / 2 + t2 + 2 * t3.
+_FLOAT32_EXPONENT_BITS = 0x7F800000
+_ONE_BITS = 0x3F800000  # float32 1.0
+_TWO_POW_22_BITS = 0x4A800000  # float32 2**22
 
-    torch.round rounds half to even, so 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4;
-    everything above 6 saturates. Float arithmetic vectorizes better than comparisons or bucketize on the CPU, and
-    every step is exact (the subtractions are of numbers within a factor of two).
+
+def _rounder_bits(a: torch.Tensor) -> torch.Tensor:
+    """For a = |r| clamped to [0, 6] (float32): the int32 bits of M = 2 ** (22 + max(floor(log2 a), 0)).
+
+    Why: float32 a + M (a < M) is rounded, half to even, to a multiple of ulp(M) = 2 ** (max(floor(log2 a), 0) - 1),
+    which is exactly the E2M1 grid spacing at a (0.5 below 2, 1 in [2, 4), 2 in [4, 6]); a + M = M + k * ulp(M) and
+    the parity of k is the parity of the E2M1 index, so IEEE's "even" is E2M1's. One add replaces a search of the grid.
+    NaN gives garbage bits here, and NaN again once added.
     """
-    t1 = a.clamp(max=2.0).mul_(2.0).round_()
-    t2 = a.clamp(2.0, 4.0).sub_(2.0).round_()
-    t3 = a.clamp(4.0, 6.0).sub_(4.0).mul_(0.5).round_()
-    return t1, t2, t3
+    return a.view(torch.int32).bitwise_and(_FLOAT32_EXPONENT_BITS).clamp_(min=_ONE_BITS).add_(22 << 23)
+
+
+def _rounded_magnitudes(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a + M as float32, bits of M) for a = min(|r|, 6): see _rounder_bits; (a + M) - M is |r| on the E2M1 grid."""
+    a = r.abs().clamp_(max=FP4_MAX)
+    m_bits = _rounder_bits(a)
+    return a.add_(m_bits.view(torch.float32)), m_bits
 
 
 def _sign_source(r: torch.Tensor) -> torch.Tensor:
@@ -99,36 +127,47 @@ def _sign_source(r: torch.Tensor) -> torch.Tensor:
 
 
 def _e2m1_codes(r: torch.Tensor) -> torch.Tensor:
-    """Codes (r < 0) << 3 | index of finite scaled values r, as uint8."""
-    t1, t2, t3 = _grid_terms(r.abs())
-    code = t1.add_(t2).add_(t3).to(torch.int32)
-    code |= _sign_source(r).view(torch.int32).bitwise_right_shift(28).bitwise_and_(SIGN_BIT)
-    return code.to(torch.uint8)
+    """Codes (r < 0) << 3 | index of finite scaled values r, as int32.
+
+    a + M = M + k * ulp(M) (see _rounder_bits), so k is the difference of the bits; the index is k below 2, k + 2 in
+    [2, 4) (k = 2..4) and k + 4 in [4, 6] (k = 2, 3): (bits(M) - bits(2**22)) >> 22 is that offset (0, 2 or 4).
+    """
+    shifted, m_bits = _rounded_magnitudes(r)
+    index = shifted.view(torch.int32).sub_(m_bits).add_(m_bits.sub_(_TWO_POW_22_BITS).bitwise_right_shift_(22))
+    return index.bitwise_or_(_sign_source(r).view(torch.int32).bitwise_right_shift(28).bitwise_and_(SIGN_BIT))
+
+
+def _pack_int32_codes(codes: torch.Tensor) -> torch.Tensor:
+    """int32 codes [..., K] (K even) -> uint8 [..., K/2], element 2i in the low nibble (as pack_fp4).
+
+    A little-endian int64 view holds element 2i in its low and 2i+1 in its high 32 bits: one shift and one or put
+    both nibbles in the low byte, and the cast to uint8 keeps that byte.
+    """
+    pairs = codes.view(torch.int64)
+    return pairs.bitwise_or(pairs.bitwise_right_shift(28)).to(torch.uint8)
 
 
 def _e2m1_values(r: torch.Tensor) -> torch.Tensor:
     """The decoded value of each code of r (float32; -0.0 for code 8), without forming the codes; NaN stays NaN."""
-    t1, t2, t3 = _grid_terms(r.abs())
-    magnitude = t1.mul_(0.5).add_(t2).add_(t3.mul_(2.0))
-    return magnitude.copysign_(_sign_source(r))
+    shifted, m_bits = _rounded_magnitudes(r)
+    return shifted.sub_(m_bits.view(torch.float32)).copysign_(_sign_source(r))
 
 
 def _scales_and_ratios(
     x2: torch.Tensor, g: torch.Tensor, *, name: str | None, check_finite: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x2 [R, K] in its own dtype -> (E4M3 scales [R, K/16], r = x / d float32 [R, K], d float32 [R, K]).
+    """x2 [R, K] in its own dtype -> (E4M3 scales [R, K/16], r = x / d float32 [R, K], d float32 [R, K/16, 1]).
 
-    The block max is a max-pool (NaN-propagating, and faster than amax over a 16-wide last dimension); d is
-    materialized to full width because a broadcast division vectorizes badly.
+    The block max is a max-pool (NaN-propagating, and faster than amax over a 16-wide last dimension).
     """
     rows, k = x2.shape
-    xf = x2.to(torch.float32)
+    xf = x2.to(torch.float32, copy=True)  # divided in place below: never the caller's float32 tensor
     block_amax = F.max_pool1d(xf.abs().unsqueeze(1), BLOCK_SIZE).squeeze(1) if rows else xf.new_empty(0, k // 16)
     if check_finite and not bool(torch.isfinite(block_amax).all()):
         raise nonfinite_error(name)
     scales = block_scales_e4m3(block_amax, g)
-    d = block_divisors(scales, g).unsqueeze(-1).expand(rows, k // BLOCK_SIZE, BLOCK_SIZE).reshape(rows, k)
-    return scales, xf / d, d
+    d = block_divisors(scales, g).unsqueeze(-1)
+    return scales, xf.view(rows, k // BLOCK_SIZE, BLOCK_SIZE).div_(d).view(rows, k), d
 
 
 def _row_chunks(rows: int, k: int) -> list[slice]:
@@ -168,7 +207,7 @@ def _encode(
     for rows_slice in _row_chunks(rows, k):
         scales[rows_slice], r, _ = _scales_and_ratios(x2[rows_slice], g, name=name, check_finite=True)
         chunk = _e2m1_codes(r)
-        codes[rows_slice] = pack_fp4(chunk) if pack else chunk
+        codes[rows_slice] = _pack_int32_codes(chunk) if pack else chunk
     lead = x.shape[:-1]
     return codes.reshape(*lead, width), scales.reshape(*lead, k // BLOCK_SIZE), g
 
@@ -244,7 +283,8 @@ def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = N
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     for rows_slice in _row_chunks(x2.shape[0], k):
         _, r, d = _scales_and_ratios(x2[rows_slice], g, name=None, check_finite=False)
-        out[rows_slice] = _e2m1_values(r).mul_(d)
+        rows = r.shape[0]
+        out[rows_slice] = _e2m1_values(r).view(rows, -1, BLOCK_SIZE).mul_(d).view(rows, k)
     return out.reshape(x.shape)
 
 

@@ -84,6 +84,22 @@ def test_sharded_write_reads_back_exactly(tmp_path_factory, shapes, max_bytes):
             assert torch.equal(_bytes(src.get(n)), _bytes(t))
 
 
+def test_reader_reads_files_of_the_safetensors_library_and_refuses_one_cut_short_later(tmp_path):
+    tensors = {n: _tensor(d, (3, 5), i) for i, (n, d) in enumerate([("b", torch.bfloat16), ("a", torch.float8_e4m3fn),
+                                                                  ("c", torch.int64), ("s", torch.float32)])}
+    tensors["s"] = tensors["s"][0, 0].clone()  # a 0-d tensor
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with SafetensorsSource(tmp_path) as src:
+        for n, t in tensors.items():
+            got = src.get(n)
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(_bytes(got), _bytes(t))
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:-8])  # truncated after it was opened
+        last = max(tensors, key=lambda n: src._offset[n])
+        with pytest.raises(CkaqadError, match=f"tensor {last} is cut short"):
+            src.get(last)
+
+
 def test_plan_shards_respects_the_limit():
     specs = [TensorSpec(f"t{i}", torch.float32, (n,)) for i, n in enumerate([10, 10, 30, 5, 5, 5])]
     shards = plan_shards(specs, 80)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import shlex
 import sys
@@ -115,7 +116,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     parser.add_argument("--hidden", type=int, default=128, help="hidden width (default 128)")
     parser.add_argument("--mlp", type=int, default=512, help="MLP width (default 512)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--init", type=Path, default=None,
+        help="continue from this teacher directory (its weights, up-cast to float32, with a fresh optimizer and "
+             "schedule) instead of a random initialization; --layers/--hidden/--mlp are then taken from it",
+    )
+    parser.add_argument(
+        "--families", default=None,
+        help="comma-separated training mix of task families drawn in turn; a repeated family is drawn more often "
+             "(default: every family once). Validation always uses the whole suite",
+    )
+    args = parser.parse_args(argv)
+    args.families = args.families.split(",") if args.families else None
+    if args.families:
+        generate("train", 1, 0, args.families)  # an unknown family fails here, not after the model is built
+    return args
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -124,7 +139,14 @@ def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(model_config(tokenizer, hidden=args.hidden, layers=args.layers, mlp=args.mlp))
+    if args.init is not None:
+        model = AutoModelForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+        init_log = json.loads((args.init / "training_log.json").read_text())
+        args.layers, args.hidden = model.config.num_hidden_layers, model.config.hidden_size
+        args.mlp = model.config.intermediate_size
+    else:
+        model = LlamaForCausalLM(model_config(tokenizer, hidden=args.hidden, layers=args.layers, mlp=args.mlp))
+        init_log = None
     matrices = [p for p in model.parameters() if p.ndim >= 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -141,6 +163,9 @@ def train(args: argparse.Namespace) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "history": [],
     }
+    if init_log is not None:  # the lineage: the run this one continued, with its own lineage
+        log["init"] = {key: init_log.get(key) for key in ("command", "seed", "config", "history", "steps_done",
+                                                        "train_seconds", "final_accuracy", "init")}
     best_accuracy, best_step, step = -1.0, 0, 0
     console = Console(stderr=True)
     progress = Progress(
@@ -155,7 +180,8 @@ def train(args: argparse.Namespace) -> dict:
             lr = learning_rate(step - 1, peak=args.lr, warmup=args.warmup, total=args.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = encode_batch(generate("train", args.batch_size, args.seed * 1_000_003 + step), tokenizer)
+            problems = generate("train", args.batch_size, args.seed * 1_000_003 + step, args.families)
+            batch = encode_batch(problems, tokenizer)
             loss = model(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ckaqad_kernels import nvfp4_ref as ref
-from ckaqad_kernels.nvfp4_spec import E2M1_VALUES
+from ckaqad_kernels.nvfp4_spec import E2M1_VALUES, ROUNDING_BOUNDS
 
 from .nvfp4_cases import (
     assert_same_bits,
@@ -42,6 +42,25 @@ def test_every_rounding_boundary_rounds_half_to_even():
     out = ref.fake_quantize(x)
     assert torch.equal(out[1, 1:8], expected)
     assert torch.equal(out[1, 8:15], -expected)
+
+
+def test_every_float32_near_each_midpoint_grid_point_and_binade_edge_gets_the_defined_code():
+    # The encoder rounds with one float add (a + 2**(22 + e)); check it, for every float32 within 4096 ulps of each
+    # place where the rule changes, against the rule as written: count the midpoints passed, half to even.
+    centers = [b for b, _ in ROUNDING_BOUNDS] + list(E2M1_VALUES[1:]) + [6.5, 8.0, 2.0**-126, 1e30]
+    offsets = torch.arange(-4096, 4097, dtype=torch.int32)
+    bits = torch.cat([torch.tensor([c], dtype=torch.float32).view(torch.int32) + offsets for c in centers])
+    r = bits[bits >= 0].view(torch.float32)
+    r = torch.cat([r, -r, torch.tensor([0.0, -0.0, float("inf"), -float("inf")])])
+    a = r.double().abs()
+    index = sum(((a >= b) if up else (a > b)).long() for b, up in ROUNDING_BOUNDS)
+    expected = index | ((r < 0).long() << 3)
+    assert torch.equal(ref._e2m1_codes(r).long(), expected)
+    magnitude = torch.tensor(E2M1_VALUES, dtype=torch.float64)[index]
+    values = ref._e2m1_values(r)
+    assert torch.equal(values.double().abs(), magnitude)
+    assert torch.equal(torch.signbit(values), r < 0)  # -0.0 exactly where a negative r rounds to 0
+    assert ref._e2m1_values(torch.tensor([float("nan")])).isnan().all()
 
 
 def test_random_bf16_agrees_with_float64_model_except_one_step_at_boundaries():
