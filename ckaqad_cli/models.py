@@ -77,6 +77,20 @@ def load_model(
     return model, tokenizer
 
 
+def dispatch(model: nn.Module) -> nn.Module:
+    """Spread a model loaded on the CPU over the visible GPUs and the CPU with accelerate, as
+    ``from_pretrained(device_map="auto")`` does: the memory each GPU has free now, decoder layers never split, modules
+    placed on the CPU offloaded there and run on the first GPU. Fake-quantized models are dispatched once wrapped
+    (accelerate hooks the offloaded Linears themselves; a wrapper put in later would run without its weights)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = sorted(model._no_split_modules or [])
+    memory = get_balanced_memory(model, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    return dispatch_model(model, device_map=device_map, skip_keys=getattr(model, "_skip_keys_device_placement", None))
+
+
 def _load_packed(path: Path, config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -130,15 +144,30 @@ def _load_packed_moe(path: Path) -> nn.Module:
     return _packed_through_unpacker(path, plan, "cpu")
 
 
-def ptq_student(teacher: nn.Module, scheme: str) -> nn.Module:
-    """A deep copy of ``teacher`` with NVFP4 fake quantization (``scheme`` "w4a4" or "w4a16") on its Linears."""
+def ptq_student(
+    teacher: nn.Module,
+    scheme: str,
+    *,
+    exclude: tuple[str, ...] = (),
+    dtype: torch.dtype | None = None,
+    with_recipe: bool = False,
+):
+    """A deep copy of ``teacher`` with NVFP4 fake quantization (``scheme`` "w4a4" or "w4a16") on its Linears, in eval
+    mode without gradients; the teacher is left untouched.
+
+    ``exclude`` globs stay in high precision on top of ``quant.DEFAULT_EXCLUDE``; ``dtype`` casts the copy before it
+    is wrapped (distill trains float32 master weights). Returns the student, or (student, its ``QuantRecipe``) with
+    ``with_recipe``: the recipe to save with it, so that pack and load_model apply the same exclusions.
+    """
     from ckaqad_cli.quant import apply_fake_quant
 
     student = copy.deepcopy(teacher)
-    apply_fake_quant(student, scheme=scheme)
+    if dtype is not None:
+        student.to(dtype)
+    recipe = apply_fake_quant(student, scheme=scheme, exclude=exclude)
     student.eval()
     student.requires_grad_(False)
-    return student
+    return (student, recipe) if with_recipe else student
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

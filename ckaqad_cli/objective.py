@@ -107,7 +107,7 @@ class LayerTap:
     def _hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output) -> None:
             if index not in self._active:
-                return  # also skips the re-run of a layer under gradient checkpointing
+                return  # also skips the re-run of a layer by gradient checkpointing, which comes after the capture
             h = output[0] if isinstance(output, (tuple, list)) else output
             if self._positions is not None:
                 rows, cols = self._positions
@@ -120,12 +120,25 @@ class LayerTap:
     def capture(
         self, indices: list[int], positions: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> Iterator[dict[int, torch.Tensor]]:
+        """Record the outputs of the layers ``indices`` of the forwards run in the block (at ``positions`` if given).
+
+        With autograd on, the positions are picked when the block ends, outside the forward: a hook may run inside an
+        activation checkpoint (older transformers releases checkpoint a layer's ``__call__``, hooks included), and an
+        op added there would be missing from the recompute, which runs after the capture (a CheckpointError). Holding
+        the whole output until then costs no memory: autograd keeps it for the next layer anyway. Without autograd
+        they are picked at once, so an evaluation never holds every layer's whole output.
+        """
         self.out = {}
-        self._active, self._positions = frozenset(indices), positions
+        defer = positions is not None and torch.is_grad_enabled()
+        self._active, self._positions = frozenset(indices), None if defer else positions
         try:
             yield self.out
         finally:
             self._active, self._positions = frozenset(), None
+        if defer:
+            rows, cols = positions
+            for i, h in self.out.items():
+                self.out[i] = h[rows.to(h.device), cols.to(h.device)]
 
     def remove(self) -> None:
         for handle in self._handles:

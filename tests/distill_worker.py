@@ -1,16 +1,19 @@
 """Test helper (not a test): a tiny distill run on a random-weight Llama, in one process or under torchrun.
 
     python tests/distill_worker.py OUT [--steps N] [--lambda-cka X] [--resume] [--kill-at STEP] [--kill-in-save STEP]
+                                       [--teacher-offload] [--grad-checkpointing]
 
 --kill-at sends SIGKILL to this process right after step STEP (and its checkpoint, if any) is done;
 --kill-in-save sends SIGKILL while checkpoint STEP is being written, before its COMPLETE marker;
 --sigint-at sends SIGINT (Ctrl-C) to this process at the end of step STEP; the run then exits with code 130.
+Rank 0 prints the summary as JSON, with the number of forward calls of the student's first attention module (a
+recomputed layer runs it again); under torchrun it adds, for student and teacher, whether each decoder layer's FSDP2
+unit offloads its parameters to the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import signal
@@ -22,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ckaqad_cli import checkpoints, distributed
 from ckaqad_cli.builtin.tokenizer import build_tokenizer
-from ckaqad_cli.quant import apply_fake_quant
+from ckaqad_cli.models import decoder_layers, ptq_student
 from ckaqad_cli.stages.distill import DistillConfig, Models, split_heldout, train
 
 SEQ_LEN = 24
@@ -37,8 +40,7 @@ def tiny_models(seed: int = 0, scheme: str = "w4a4") -> Models:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     teacher = LlamaForCausalLM(config).eval().requires_grad_(False)
-    student = copy.deepcopy(teacher).float()
-    recipe = apply_fake_quant(student, scheme=scheme)
+    student, recipe = ptq_student(teacher, scheme, dtype=torch.float32, with_recipe=True)
     student.requires_grad_(True).train()
     return Models(student=student, teacher=teacher, tokenizer=tokenizer, recipe=recipe)
 
@@ -48,6 +50,14 @@ def tiny_sequences(n: int = 40, seed: int = 0) -> torch.Tensor:
     ids = torch.randint(4, 100, (n, SEQ_LEN), generator=gen)
     ids[:, 0] = build_tokenizer().bos_token_id
     return ids
+
+
+def _cpu_offload(model: torch.nn.Module) -> list[bool]:
+    """Per FSDP2 unit inside ``model``: is its offload policy CPUOffloadPolicy (FSDP2 has no public getter for it)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    return [isinstance(m._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy)
+            for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,15 +72,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--kill-in-save", type=int, default=None)
     p.add_argument("--sigint-at", type=int, default=None)
+    p.add_argument("--teacher-offload", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true")
     args = p.parse_args(argv)
 
     ctx = distributed.setup("cpu")
     cfg = DistillConfig(
         teacher="tiny", scheme=args.scheme, steps=args.steps, batch_size=args.batch_size, seq_len=SEQ_LEN, lr=3e-3,
         lambda_cka=args.lambda_cka, cka_layers="all", cka_tokens=32, eval_every=3, eval_sequences=8,
-        save_every=args.save_every, keep=2, resume=args.resume, eval_tokens=64,
+        save_every=args.save_every, keep=2, resume=args.resume, eval_tokens=64, teacher_offload=args.teacher_offload,
+        grad_checkpointing=args.grad_checkpointing,
     ).resolved()
     models = tiny_models(scheme=args.scheme)
+    attention_calls = []
+    decoder_layers(models.student)[0].self_attn.register_forward_hook(lambda *a: attention_calls.append(1))
     train_ids, eval_ids = split_heldout(tiny_sequences(), cfg.eval_sequences, ctx.world_size)
 
     if args.kill_in_save is not None:
@@ -95,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     if ctx.is_main:
+        summary["attention_calls"] = len(attention_calls)
+        if ctx.distributed:
+            summary["cpu_offload"] = {"student": _cpu_offload(models.student), "teacher": _cpu_offload(models.teacher)}
         json.dump(summary, sys.stdout)
     distributed.teardown(ctx)
 

@@ -1,5 +1,6 @@
-"""FSDP2 under torchrun on the CPU (gloo): a 2-process run matches 1 process on the same global batch, and its
-DCP checkpoint resumes in one process (another world size)."""
+"""FSDP2 under torchrun on the CPU (gloo): a 2-process run matches 1 process on the same global batch, with the
+teacher sharded, or offloaded (--teacher-offload) with the student's layers checkpointed (--grad-checkpointing), and
+its DCP checkpoint resumes in one process (another world size)."""
 
 import json
 import os
@@ -31,6 +32,13 @@ def _run(cmd, timeout=240):
     return proc
 
 
+def _torchrun(out: Path, *args: str) -> dict:
+    """A 2-process run of the worker; rank 0's summary."""
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+                 str(out), *ARGS, *args])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
@@ -39,21 +47,40 @@ def _metrics(path: Path) -> list[dict]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     _run([sys.executable, str(WORKER), str(root / "one"), *ARGS])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
-          str(root / "two"), *ARGS])
+    summaries = {
+        "two": _torchrun(root / "two"),
+        "offload": _torchrun(root / "offload", "--teacher-offload", "--grad-checkpointing"),
+    }
+    (root / "summaries.json").write_text(json.dumps(summaries))
     return root
 
 
-def test_two_processes_match_one_process(runs):
-    one, two = _metrics(runs / "one"), _metrics(runs / "two")
+def _assert_same_run(one: list[dict], two: list[dict]) -> None:
     assert [(r["step"], r["type"]) for r in one] == [(r["step"], r["type"]) for r in two]
     for a, b in zip(one, two):
         for key in ("loss", "kl", "cka_term", "grad_norm", "eval_kl", "eval_cka_mean"):
             if a.get(key) is not None:
                 assert b[key] == pytest.approx(a[key], rel=2e-4, abs=1e-8), (a["step"], key)
+
+
+def test_two_processes_match_one_process(runs):
+    one = _metrics(runs / "one")
+    _assert_same_run(one, _metrics(runs / "two"))
     losses = [r["loss"] for r in one if r["type"] == "train"]
     assert len(set(losses)) == len(losses)  # the run really trains: every step's loss differs
     assert (runs / "two" / "checkpoints" / "step-6" / "dcp" / ".metadata").is_file()
+    offload = json.loads((runs / "summaries.json").read_text())["two"]["cpu_offload"]
+    assert offload == {"student": [False] * 4, "teacher": [False] * 4}
+
+
+def test_teacher_offload_and_grad_checkpointing_under_fsdp2_keep_the_same_losses(runs):
+    """--teacher-offload: every teacher unit gets FSDP2's CPUOffloadPolicy (on the CPU its copies are no-ops, so this
+    checks the wiring and that the losses do not change; the memory saving itself needs a GPU). The same run
+    recomputes the student's sharded layers in backward (--grad-checkpointing), which must not change them either."""
+    summaries = json.loads((runs / "summaries.json").read_text())
+    assert summaries["offload"]["cpu_offload"] == {"student": [False] * 4, "teacher": [True] * 4}
+    assert summaries["offload"]["attention_calls"] == summaries["two"]["attention_calls"] + 6  # 1 recompute a step
+    _assert_same_run(_metrics(runs / "one"), _metrics(runs / "offload"))
 
 
 def test_dcp_checkpoint_resumes_in_one_process(runs, tmp_path):

@@ -97,6 +97,20 @@ def test_ptq_student_is_a_fake_quantized_copy(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # teacher untouched
 
 
+def test_ptq_student_for_distill_casts_excludes_and_returns_the_recipe(tmp_path):
+    quant = pytest.importorskip("ckaqad_cli.quant")
+    teacher, _ = models.load_model(save_tiny_model(tmp_path / "m"), dtype=torch.bfloat16)
+    student, recipe = models.ptq_student(teacher, "w4a4", exclude=("*.layers.0.*",), dtype=torch.float32,
+                                         with_recipe=True)
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}  # the teacher is not cast with it
+    assert recipe.scheme == "w4a4" and "*.layers.0.*" in recipe.exclude
+    wrapped = {n for n, m in student.named_modules() if isinstance(m, quant.NVFP4Linear)}
+    assert sorted(wrapped) == sorted(recipe.quantized) and all(".layers.1." in n for n in wrapped)
+    assert recipe.skipped["model.layers.0.mlp.down_proj"].startswith("excluded by '*.layers.0.*'")
+    assert not student.training and not any(p.requires_grad for p in student.parameters())
+
+
 def test_distilled_student_dir_reapplies_recipe(tmp_path):
     quant = pytest.importorskip("ckaqad_cli.quant")
     d = save_tiny_model(tmp_path / "m")

@@ -33,10 +33,17 @@ def distill(
     warmup: float = typer.Option(0.05, help="Warmup: below 1 a fraction of --steps, else steps. Default: 0.05."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay. Default: 0."),
     max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = none). Default: 1.0."),
-    grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward to save memory."),
+    grad_checkpointing: bool = typer.Option(
+        False, help="Activation checkpointing of the student's decoder layers: their activations are recomputed in "
+        "the backward pass instead of kept (less memory, one more student forward per step, the same losses). "
+        "Default: off."
+    ),
     seed: int = typer.Option(0, help="Seed of data order and CKA token sampling. Default: 0."),
     temperature: float = typer.Option(1.0, help="KL temperature T (loss scaled by T^2). Default: 1."),
-    kl_topk: int = typer.Option(None, help="KL over the teacher's top-K tokens, renormalized. Default: full vocab."),
+    kl_topk: int = typer.Option(
+        None, help="KL over the teacher's K most likely tokens only, both distributions renormalized over them "
+        "(top-k logit distillation; also the held-out KL). K >= vocabulary = full KL. Default: full vocabulary."
+    ),
     kl_chunk_tokens: int = typer.Option(1024, help="Tokens per KL chunk (bounds logits memory). Default: 1024."),
     lambda_cka: float = typer.Option(
         None, help="Fixed CKA weight lambda; 0 = KL-only QAD (the baseline). Default: balanced (--cka-balance)."
@@ -47,21 +54,39 @@ def distill(
     cka_layers: str = typer.Option(
         None, help=f"Decoder layers of the CKA term: all, every:K, '0,3,5-7' or '2:10:2'. every:4 / built-in all. {_P}"
     ),
-    cka_tokens: int = typer.Option(512, help="Token positions sampled per step for CKA. Default: 512."),
-    cka_debiased: bool = typer.Option(False, help="Debiased CKA in the loss instead of linear CKA."),
-    cka_drop_massive: bool = typer.Option(False, help="Drop massive-activation tokens from the CKA term."),
-    cka_standardize: bool = typer.Option(False, help="Scale features by the teacher's per-feature std for CKA."),
+    cka_tokens: int = typer.Option(
+        512, help="Token positions per step for the CKA term, spread over the batch's sequences, the same for student "
+        "and teacher (never BOS / position 0 or padding). Default: 512."
+    ),
+    cka_debiased: bool = typer.Option(
+        False, help="Debiased CKA (unbiased HSIC) in the loss instead of linear CKA; the held-out metric stays "
+        "linear CKA. Default: off."
+    ),
+    cka_drop_massive: bool = typer.Option(
+        False, help="Leave out of the CKA term (and the held-out CKA) every token whose largest teacher activation "
+        "exceeds 100 x that layer's median |activation| in a layer used (massive activations). Default: off."
+    ),
+    cka_standardize: bool = typer.Option(
+        False, help="Divide student and teacher features by the teacher's per-feature std (fitted once on held-out "
+        "rows) before CKA in the loss, so a few huge teacher dimensions do not dominate it. Default: off."
+    ),
     max_tokens: int = typer.Option(None, help="Cap on the packed training + held-out tokens. Default: all data."),
     eval_every: int = typer.Option(None, help=f"Held-out KL / layer CKA every N steps. 100 / built-in 50. {_P}"),
     eval_sequences: int = typer.Option(None, help=f"Held-out sequences. 32 / built-in 64. {_P}"),
-    eval_tokens: int = typer.Option(2048, help="Held-out tokens used for layer CKA. Default: 2048."),
+    eval_tokens: int = typer.Option(2048, help="Held-out token positions for the per-layer CKA metric. Default: 2048."),
     save_every: int = typer.Option(None, help=f"Checkpoint every N steps. 200 / built-in 100. {_P}"),
     keep: int = typer.Option(2, help="Checkpoints kept (the latest ones). Default: 2."),
     resume: bool = typer.Option(False, help="Continue from the latest complete checkpoint of this run."),
     force: bool = typer.Option(False, help="Run again even if distill finished, discarding old checkpoints."),
     device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N."),
-    teacher_offload: bool = typer.Option(False, help="Keep the teacher on the CPU, streamed per layer (torchrun)."),
-    trust_remote_code: bool = typer.Option(False, help="Allow model code from the teacher's repository."),
+    teacher_offload: bool = typer.Option(
+        False, help="Under torchrun: keep the teacher's FSDP2 shards in CPU memory and copy each layer to the GPU "
+        "for its forward (FSDP2 CPUOffloadPolicy), for a teacher that does not fit beside the student. Needs torchrun "
+        "(--nproc-per-node 1 for one GPU); a plain single process refuses it. Default: off."
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, help="Run model code from the teacher's repository (off: only transformers' own architectures)."
+    ),
 ) -> None:
     """Distill the teacher into an NVFP4 fake-quantized student with KL + lambda * (1 - layer CKA).
 

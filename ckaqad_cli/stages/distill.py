@@ -1,6 +1,6 @@
 """The distill stage: CKA-regularized quantization-aware distillation of an NVFP4 fake-quantized student.
 
-Student = a copy of the teacher with NVFP4 fake quantization (``quant.apply_fake_quant``), trained in float32 master
+Student = a copy of the teacher with NVFP4 fake quantization (``models.ptq_student``), trained in float32 master
 weights against the frozen teacher with ``KL + lambda * mean(1 - CKA)`` (see :mod:`ckaqad_cli.objective`).
 Writes ``distill/metrics.jsonl``, ``distill/checkpoints/step-N/`` and the final ``distill/student/`` HF directory.
 Runs in one process or under torchrun (FSDP2); see docs/distill.md and docs/distributed.md.
@@ -8,7 +8,6 @@ Runs in one process or under torchrun (FSDP2); see docs/distill.md and docs/dist
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -131,6 +130,11 @@ class DistillConfig:
             raise CkaqadError(f"--scheme must be w4a4 or w4a16, got {self.scheme!r}")
         if self.max_grad_norm < 0:
             raise CkaqadError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        if self.teacher_offload and not D.launched_by_torchrun():
+            raise CkaqadError(
+                "--teacher-offload streams the teacher with FSDP2, which needs torchrun: launch with "
+                "`torchrun --nproc-per-node N -m ckaqad_cli.app distill ...` (N = 1 is fine)"
+            )
 
 
 def train_rows(step: int, micro: int, *, n_train: int, batch: int, grad_accum: int, seed: int) -> torch.Tensor:
@@ -213,15 +217,13 @@ class Models:
 
 def build_models(cfg: DistillConfig, ctx: D.DistContext) -> Models:
     """Load the teacher (bf16 on GPU, float32 on the CPU) and make the fake-quantized float32 student from it."""
-    from ckaqad_cli.models import load_model
-    from ckaqad_cli.quant import apply_fake_quant
+    from ckaqad_cli.models import load_model, ptq_student
 
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     load_device = "cpu" if ctx.distributed else ctx.device  # FSDP moves each shard to its device
     teacher, tokenizer = load_model(cfg.teacher, device=load_device, dtype=dtype,
                                     trust_remote_code=cfg.trust_remote_code)
-    student = copy.deepcopy(teacher).float()
-    recipe = apply_fake_quant(student, scheme=cfg.scheme, exclude=cfg.exclude)
+    student, recipe = ptq_student(teacher, cfg.scheme, exclude=cfg.exclude, dtype=torch.float32, with_recipe=True)
     student.requires_grad_(True)
     student.train()
     return Models(student=student, teacher=teacher, tokenizer=tokenizer, recipe=recipe)
@@ -259,8 +261,9 @@ def train(
     student_model, teacher_model = models.student, models.teacher
     teacher_model.eval()
     teacher_model.requires_grad_(False)
-    if cfg.grad_checkpointing:
-        student_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing:  # activation_checkpointing_enable where transformers has it (the old name warns there)
+        enable = getattr(student_model, "activation_checkpointing_enable", None)
+        (enable or student_model.gradient_checkpointing_enable)({"use_reentrant": False})
     student_layers, teacher_layers = decoder_layers(student_model), decoder_layers(teacher_model)
     student, teacher = CausalLMBody(student_model), CausalLMBody(teacher_model)
     settings = _objective_settings(cfg, len(teacher_layers))
@@ -269,11 +272,8 @@ def train(
         bos_token_id=getattr(models.tokenizer, "bos_token_id", None),
         standardizer=Standardizer() if cfg.cka_standardize else None,
     )
-    if ctx.distributed:
-        D.shard(student, student_layers, ctx)
-        D.shard(teacher, teacher_layers, ctx, offload=cfg.teacher_offload)
-    elif cfg.teacher_offload:
-        raise CkaqadError("--teacher-offload streams the teacher with FSDP2: launch with torchrun (1 process is fine)")
+    D.shard(student, student_layers, ctx)  # no-ops in one process
+    D.shard(teacher, teacher_layers, ctx, offload=cfg.teacher_offload)
 
     global_batch = cfg.batch_size
     if global_batch % ctx.world_size:
@@ -405,6 +405,7 @@ def train(
         "steps": cfg.steps,
         "mode": "kl-only" if not settings.uses_cka else "cka-qad",
         "cka_layers": list(settings.cka_layers),
+        "cka_filters": settings.token_filter.describe(),
         "final_kl": last.get("kl"),
         "eval_kl": final_eval["eval_kl"],
         "mean_cka": final_eval["eval_cka_mean"],

@@ -2,6 +2,7 @@
 behaviour (real SIGKILL in a subprocess), the CLI on the built-in teacher, and the CKA-QAD gain."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,9 +19,10 @@ from typer.testing import CliRunner
 from ckaqad_cli import checkpoints
 from ckaqad_cli import distributed as D
 from ckaqad_cli.app import app
-from ckaqad_cli.cka import TokenFilter, cka_loss
+from ckaqad_cli.cka import Standardizer, TokenFilter, cka_loss
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.objective import CausalLMBody, Objective, ObjectiveSettings, parse_layers, sample_positions
+from ckaqad_cli.models import decoder_layers
+from ckaqad_cli.objective import CausalLMBody, LayerTap, Objective, ObjectiveSettings, parse_layers, sample_positions
 from ckaqad_cli.stages.distill import BUILTIN_PRESET, REAL_MODEL_PRESET, DistillConfig, split_heldout, train, train_rows
 from ckaqad_cli.training import NonFiniteLossError
 from tests.distill_worker import tiny_models, tiny_sequences
@@ -50,6 +52,8 @@ def test_presets_fill_unset_options_and_validate():
         DistillConfig(scheme="w8a8").resolved()
     with pytest.raises(CkaqadError, match="--batch-size"):
         DistillConfig(batch_size=0).resolved()
+    with pytest.raises(CkaqadError, match="--teacher-offload .*torchrun"):  # not under torchrun: refused up front
+        DistillConfig(teacher_offload=True).resolved()
 
 
 # -- token sampling and data order -----------------------------------------------------------------------------
@@ -84,12 +88,11 @@ def test_heldout_is_disjoint_tail():
 
 
 # -- the objective ---------------------------------------------------------------------------------------------
-def _objective(models, **kw):
-    from ckaqad_cli.models import decoder_layers
-
-    s = ObjectiveSettings(cka_layers=(0, 1, 2), cka_tokens=24, **kw)
+def _objective(models, standardizer=None, **kw):
+    s = ObjectiveSettings(**{"cka_layers": (0, 1, 2), "cka_tokens": 24, **kw})
     return Objective(CausalLMBody(models.student), CausalLMBody(models.teacher), decoder_layers(models.student),
-                     decoder_layers(models.teacher), s, D.DistContext(), bos_token_id=models.tokenizer.bos_token_id)
+                     decoder_layers(models.teacher), s, D.DistContext(), bos_token_id=models.tokenizer.bos_token_id,
+                     standardizer=standardizer)
 
 
 def test_objective_terms_match_direct_computation():
@@ -125,6 +128,176 @@ def test_lambda_zero_is_kl_only_and_fixed_lambda_is_used():
     fixed = _objective(models, lambda_cka=2.0)(ids, slice(0, 4), scores)
     assert fixed.lambda_cka == 2.0
     assert float(fixed.loss.detach()) == pytest.approx(fixed.kl + 2.0 * fixed.cka_term, rel=1e-6)
+
+
+def _layer_outputs(model, ids):
+    """Decoder layers 0, 1, 2's outputs without hooks (hidden_states[i + 1]; the last entry is after the final norm)."""
+    with torch.no_grad():
+        return model(ids, output_hidden_states=True).hidden_states[1:4]
+
+
+def _all_positions(models, ids, **filter_kw):
+    """The (rows, cols) of every token a TokenFilter keeps, judged on layers 0-2 of the teacher."""
+    hidden = _layer_outputs(models.teacher, ids)
+    return TokenFilter(**filter_kw).mask(ids, None, hidden, models.tokenizer.bos_token_id).nonzero(as_tuple=True)
+
+
+def _direct_cka_term(models, ids, rows, cols, scale=None):
+    """mean over layers 0-2 of 1 - linear CKA at (rows, cols), computed without hooks; features times ``scale[i]``."""
+    s_h, t_h = _layer_outputs(models.student, ids), _layer_outputs(models.teacher, ids)
+    scale = scale or [1.0] * len(t_h)
+    return float(cka_loss([h[rows, cols] * k for h, k in zip(s_h, scale)],
+                          [h[rows, cols] * k for h, k in zip(t_h, scale)]))
+
+
+def test_cka_drop_massive_leaves_a_planted_massive_token_out_of_the_cka_term():
+    models = tiny_models()
+    planted = 7
+    ids = tiny_sequences(4)
+    ids[ids == planted] = planted + 1
+    ids[:, 5] = planted
+    ids[2, 11] = planted
+    with torch.no_grad():  # a huge embedding row: the token's residual stream is massive in every layer
+        for model in (models.teacher, models.student):
+            model.model.embed_tokens.weight[planted] *= 1e4
+    everything = ids.numel()  # cka_tokens this large takes every kept position, whatever the scores
+    scores = torch.rand(ids.shape)
+    settings = {"cka_tokens": everything, "lambda_cka": 1.0}  # layers 0, 1, 2
+    plain = _objective(models, **settings)(ids, slice(0, 4), scores)
+    dropped = _objective(models, token_filter=TokenFilter(drop_massive=True), **settings)(ids, slice(0, 4), scores)
+    rows, cols = _all_positions(models, ids, drop_massive=True)
+    assert len(rows) == 4 * 23 - 5 and not (ids[rows, cols] == planted).any()  # exactly the planted tokens go
+    assert dropped.cka_term == pytest.approx(_direct_cka_term(models, ids, rows, cols), rel=1e-5)
+    assert plain.cka_term == pytest.approx(_direct_cka_term(models, ids, *_all_positions(models, ids)), rel=1e-5)
+    assert plain.cka_term < 0.5 * dropped.cka_term  # the massive token made the layers look alike
+
+
+def test_cka_standardize_scales_both_sides_by_the_teachers_feature_std():
+    models = tiny_models()
+    ids, held_out = tiny_sequences(4), tiny_sequences(4, seed=1)
+    scores = torch.rand(ids.shape)
+    settings = {"cka_tokens": ids.numel(), "lambda_cka": 1.0}  # layers 0, 1, 2
+    plain = _objective(models, **settings)(ids, slice(0, 4), scores)
+    objective = _objective(models, standardizer=Standardizer(), token_filter=TokenFilter(standardize=True),
+                           **settings)
+    objective.fit_standardizer(held_out)
+    # the scales are 1 / std of the teacher's features on the held-out kept tokens (not the student's, not the batch's)
+    r, c = _all_positions(models, held_out)
+    inv_std = [1.0 / h[r, c].std(dim=0) for h in _layer_outputs(models.teacher, held_out)]
+    for i in range(3):
+        torch.testing.assert_close(objective.standardizer.inv_std[i], inv_std[i], rtol=1e-5, atol=0)
+    standardized = objective(ids, slice(0, 4), scores)
+    expected = _direct_cka_term(models, ids, *_all_positions(models, ids), scale=inv_std)
+    assert standardized.cka_term == pytest.approx(expected, rel=1e-5)
+    assert standardized.cka_term != pytest.approx(plain.cka_term, rel=1e-2)
+
+
+class _CallCheckpointedLinear(torch.nn.Linear):
+    """A layer checkpointed as older transformers releases do it: its whole __call__, forward hooks included, so the
+    hooks run again in the backward pass (without early stop, the recompute runs to the end)."""
+
+    checkpointed = False
+
+    def __call__(self, x):
+        if self.checkpointed and torch.is_grad_enabled():
+            with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+                return torch.utils.checkpoint.checkpoint(super().__call__, x, use_reentrant=False)
+        return super().__call__(x)
+
+
+def test_layer_tap_positions_survive_a_checkpoint_that_reruns_the_hooks():
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([_CallCheckpointedLinear(8, 8) for _ in range(2)])
+    tap = LayerTap(layers)
+    x = torch.randn(3, 5, 8)
+    positions = (torch.tensor([0, 1, 2, 2]), torch.tensor([1, 0, 4, 3]))
+    results = []
+    for checkpointed in (False, True):
+        fired = []
+        handles = [layer.register_forward_hook(lambda *a: fired.append(1)) for layer in layers]
+        layers.zero_grad()
+        with tap.capture([0, 1], positions) as out:
+            h, outputs = x, []
+            for layer in layers:
+                layer.checkpointed = checkpointed
+                h = layer(h)
+                outputs.append(h)
+        assert sorted(out) == [0, 1]
+        for i in (0, 1):
+            assert torch.equal(out[i], outputs[i][positions])
+        (h.square().sum() + sum(out[i].sum() * (i + 1) for i in out)).backward()
+        assert len(fired) == (4 if checkpointed else 2)  # the hooks did run again, after the capture
+        results.append([p.grad.clone() for p in layers.parameters()])
+        for handle in handles:
+            handle.remove()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# -- options in a full (tiny) run ------------------------------------------------------------------------------
+TINY_RUN = dict(teacher="tiny", steps=2, batch_size=4, seq_len=24, lr=1e-3, eval_every=100, save_every=100,
+                eval_sequences=8, eval_tokens=32, cka_layers="all", cka_tokens=16)
+TIMING = ("tokens_per_s", "step_time_s", "peak_mem_mb")
+
+
+def _train(out: Path, models=None, **overrides) -> tuple[dict, list[dict]]:
+    """A tiny in-process run; (summary, metrics.jsonl records without the timing fields)."""
+    cfg = DistillConfig(**{**TINY_RUN, **overrides}).resolved()
+    train_ids, eval_ids = split_heldout(tiny_sequences(), cfg.eval_sequences, 1)
+    summary = train(cfg, models or tiny_models(), train_ids, eval_ids, out, D.DistContext(), show_progress=False)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def test_grad_checkpointing_recomputes_the_layers_and_changes_nothing_else(tmp_path):
+    runs = {}
+    for checkpointing in (False, True):
+        models = tiny_models()
+        calls = []  # a module inside a decoder layer: it runs again when the backward pass recomputes the layer
+        decoder_layers(models.student)[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+        _, records = _train(tmp_path / str(checkpointing), models, grad_checkpointing=checkpointing, grad_accum=2)
+        runs[checkpointing] = records, models.student.state_dict(), len(calls)
+    (plain, plain_weights, plain_calls), (ckpt, ckpt_weights, ckpt_calls) = runs[False], runs[True]
+    assert ckpt_calls == plain_calls + 2 * 2  # one recompute per micro-batch: 2 steps x 2 micro-batches
+    assert ckpt == plain  # every logged loss, KL, CKA term, lambda and eval metric: bit-identical on the CPU
+    assert all(torch.equal(plain_weights[k], ckpt_weights[k]) for k in plain_weights)
+    assert [r["step"] for r in plain if r["type"] == "train"] == [1, 2] and plain[1]["cka_term"] > 0
+
+
+def _direct_topk_kl(student_logits, teacher_logits, k):
+    """Mean over tokens of KL(p_T || p_S), both renormalized over the teacher's k most likely tokens."""
+    top_t, index = teacher_logits.topk(k, dim=-1)
+    log_p = top_t.log_softmax(-1)
+    log_q = student_logits.gather(-1, index).log_softmax(-1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+def test_kl_topk_run_logs_the_top_k_kl_and_k_at_vocab_size_is_the_full_kl(tmp_path):
+    vocab = tiny_models().student.config.vocab_size
+    _, full = _train(tmp_path / "full", lambda_cka=0.0)
+    _, top = _train(tmp_path / "top", lambda_cka=0.0, kl_topk=5)
+    _, whole = _train(tmp_path / "whole", lambda_cka=0.0, kl_topk=vocab)
+    assert whole == full  # K >= vocabulary is the full KL, bit for bit
+    kls = [r["kl"] for r in top if r["type"] == "train"] + [r["eval_kl"] for r in top if r["type"] == "eval"]
+    assert len(kls) == 4 and all(math.isfinite(v) and v >= 0 for v in kls)
+    # step 1's KL, computed directly on the same rows with the untrained student
+    models = tiny_models()
+    train_ids, _ = split_heldout(tiny_sequences(), TINY_RUN["eval_sequences"], 1)
+    ids = train_ids[train_rows(0, 0, n_train=train_ids.shape[0], batch=4, grad_accum=1, seed=0)]
+    with torch.no_grad():
+        s_logits, t_logits = models.student(ids).logits, models.teacher(ids).logits
+    first = next(r for r in top if r["type"] == "train")
+    assert first["kl"] == pytest.approx(_direct_topk_kl(s_logits, t_logits, 5), rel=1e-5)
+    assert first["kl"] != pytest.approx(next(r for r in full if r["type"] == "train")["kl"], rel=1e-3)
+
+
+def test_cka_filters_are_used_in_a_run_and_recorded(tmp_path):
+    summary, records = _train(tmp_path / "filtered", cka_drop_massive=True, cka_standardize=True)
+    _, plain = _train(tmp_path / "plain")
+    assert "massive activations (> 100 x median)" in summary["cka_filters"]
+    assert "standardized by teacher per-feature std" in summary["cka_filters"]
+    first, first_plain = (next(r for r in rs if r["type"] == "train") for rs in (records, plain))
+    assert first["kl"] == first_plain["kl"] and first["cka_term"] != pytest.approx(first_plain["cka_term"], rel=1e-3)
 
 
 # -- reliability: NaN guard (in process) -----------------------------------------------------------------------
@@ -208,11 +381,13 @@ def test_cli_distill_builtin_writes_student_that_loads(tmp_path):
     run = tmp_path / "run"
     args = ["distill", "--run", str(run), "--steps", "2", "--batch-size", "4", "--seq-len", "32",
             "--eval-sequences", "4", "--eval-tokens", "64", "--max-tokens", "4096", "--scheme", "w4a16",
-            "--exclude", "*.layers.0.*"]
+            "--exclude", "*.layers.0.*", "--cka-standardize"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     entry = RunDir(run).stage_entry("distill")
     assert entry["status"] == "done" and entry["outputs"]["student"] == "distill/student"
+    assert entry["config"]["cka_standardize"] is True and entry["config"]["cka_drop_massive"] is False
+    assert "standardized by teacher per-feature std" in entry["metrics"]["cka_filters"]
     assert 0 < entry["metrics"]["mean_cka"] <= 1 and entry["metrics"]["eval_kl"] >= 0
     recipe = json.loads((run / "distill" / "student" / "quant_recipe.json").read_text())
     assert recipe["scheme"] == "w4a16" and "*.layers.0.*" in recipe["exclude"]
