@@ -94,6 +94,37 @@ def _columns(report: Mapping) -> list[str]:
     return list(SUMMARY_COLUMNS) + (["task_acc"] if report.get("task_accuracy") else [])
 
 
+def lm_eval_rows(report: Mapping) -> tuple[list[str], list[tuple[str, str, list[str]]]]:
+    """(model labels, rows (task, metric, one "value ± stderr" cell per model)) of the lm-evaluation-harness results;
+    a model without the metric gets '-'."""
+    results = report.get("lm_eval") or {}
+    labels = list(results)
+    keys: dict[tuple[str, str], None] = {}  # (task, metric) in first-seen order
+    for tasks in results.values():
+        keys.update({(task, metric): None for task, metrics in tasks.items() for metric in metrics})
+
+    def cell(label: str, task: str, metric: str) -> str:
+        m = results[label].get(task, {}).get(metric)
+        if m is None:
+            return "-"
+        return fmt(m["value"]) + ("" if m["stderr"] is None else f" ± {fmt(m['stderr'])}")
+
+    return labels, [(task, metric, [cell(lb, task, metric) for lb in labels]) for task, metric in keys]
+
+
+def lm_eval_table(report: Mapping) -> Table:
+    """Tasks and metrics as rows, models as columns: value ± standard error."""
+    labels, rows = lm_eval_rows(report)
+    table = Table(title="lm-evaluation-harness: value ± stderr")
+    for name in ("task", "metric"):
+        table.add_column(name)
+    for lb in labels:
+        table.add_column(lb, justify="right")
+    for task, metric, cells in rows:
+        table.add_row(task, metric, *cells)
+    return table
+
+
 def to_markdown(report: Mapping) -> str:
     labels, rows = _layer_rows(report)
     parts = [
@@ -111,7 +142,13 @@ def to_markdown(report: Mapping) -> str:
     for name, row in zip(report["layers"], rows, strict=True):
         parts.append(f"| {name} | " + " | ".join(f"**{t}** {WORST_MARK}" if w else t for t, w in row) + " |")
     if report.get("lm_eval"):
-        parts += ["\n## lm-evaluation-harness\n", "```", str(report["lm_eval"]), "```"]
+        labels, lm_rows = lm_eval_rows(report)
+        parts += [
+            "\n## lm-evaluation-harness (value ± standard error)\n",
+            "| task | metric | " + " | ".join(labels) + " |",
+            "|---" * (len(labels) + 2) + "|",
+        ]
+        parts += [f"| {task} | {metric} | " + " | ".join(cells) + " |" for task, metric, cells in lm_rows]
     return "\n".join(parts) + "\n"
 
 
@@ -150,4 +187,6 @@ def write_report(report: Mapping, directory: Path, *, console: Console | None = 
     if console is not None:
         console.print(layer_table(report))
         console.print(summary_table(student_rows(report), _columns(report), title="summary"))
+        if report.get("lm_eval"):
+            console.print(lm_eval_table(report))
     return paths

@@ -69,6 +69,10 @@ def diagnose(
     sequential: bool = typer.Option(
         False, "--sequential", help="Keep models on the CPU and move them to the device in turn (small GPUs)."
     ),
+    device_map: str | None = typer.Option(
+        None, "--device-map",
+        help="'auto': spread each model over the visible GPUs and the CPU with accelerate (not with --sequential).",
+    ),
     chunk_batches: int = typer.Option(16, "--chunk-batches", help="Batches per turn with --sequential."),
     drop_first: bool = typer.Option(
         True, "--drop-first/--keep-first",
@@ -92,7 +96,8 @@ def diagnose(
     ),
     lm_eval_tasks: list[str] = typer.Option(
         [], "--lm-eval-tasks",
-        help="lm-evaluation-harness task names or local task YAML paths; needs lm-eval installed.",
+        help="lm-evaluation-harness task names, local task .yaml files or multiple-choice .jsonl files "
+        "(query/choices/gold); repeatable or comma-separated; needs lm-eval.",
     ),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code",
@@ -115,12 +120,15 @@ def diagnose(
       ckaqad diagnose --ptq w4a4 --ptq w4a16 --run runs/demo
 
       ckaqad diagnose --teacher Qwen/Qwen3-0.6B --student nvfp4=out/qwen3-nvfp4 --data val.jsonl --max-tokens 65536
+
+      ckaqad diagnose --teacher Qwen/Qwen3-32B --ptq w4a4 --device-map auto --lm-eval-tasks my_tasks/qa.yaml
     """
     cfg = DiagnoseConfig(
         teacher=teacher, students=[parse_student(s) for s in student], ptq=list(ptq), use_run_student=run_student,
         data=data, split=split, text_field=text_field, seq_len=seq_len, max_tokens=max_tokens,
-        batch_size=batch_size, device=device, dtype=dtype, sequential=sequential, chunk_batches=chunk_batches,
-        drop_first=drop_first, drop_massive=drop_massive, massive_ratio=massive_ratio, standardize=standardize,
+        batch_size=batch_size, device=device, dtype=dtype, sequential=sequential, device_map=device_map,
+        chunk_batches=chunk_batches, drop_first=drop_first, drop_massive=drop_massive, massive_ratio=massive_ratio,
+        standardize=standardize,
         task_problems=task_problems, lm_eval_tasks=[t for item in lm_eval_tasks for t in item.split(",") if t],
         trust_remote_code=trust_remote_code, seed=seed, force=force,
     )

@@ -3,7 +3,12 @@
 Hooks capture the residual stream after the embeddings and after every decoder layer; each batch's features go
 straight into :class:`~ckaqad_cli.cka.StreamingCKA` accumulators, so memory does not grow with the number of tokens.
 With ``sequential`` the models stay on the CPU and take turns on the device, a chunk of batches at a time; the
-teacher's CKA features and final hidden states of the chunk wait on the CPU for the students.
+teacher's CKA features and final hidden states of the chunk wait on the CPU for the students. With ``device_map``
+("auto") accelerate spreads each model over the visible GPUs and the CPU: inputs go to a model's embeddings, and the
+hooks bring every captured hidden state to the one device that holds the CKA statistics.
+
+lm-evaluation-harness (optional, imported only when ``lm_eval_tasks`` is set) scores the loaded models themselves on
+registered harness tasks, local task YAMLs, or local multiple-choice JSONL files.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import json
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
@@ -30,6 +38,7 @@ from ckaqad_cli.report import write_report
 from ckaqad_cli.rundir import RunDir, describe_input
 
 PTQ_SCHEMES = ("w4a4", "w4a16")
+DEVICE_MAPS = ("auto",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DISTILLED_LABEL = "distilled"
 
@@ -49,6 +58,8 @@ class DiagnoseConfig:
     device: str = "auto"
     dtype: str = "auto"
     sequential: bool = False
+    device_map: str | None = None
+    """None (each model whole on ``device``) or "auto": accelerate spreads each model over the GPUs and the CPU."""
     chunk_batches: int = 16
     drop_first: bool = True
     drop_massive: bool = False
@@ -128,20 +139,30 @@ def _split_students(cfg: DiagnoseConfig, run: RunDir | None) -> list[tuple[str, 
 
 
 def load_models(cfg: DiagnoseConfig, run: RunDir | None, device: torch.device, dtype: torch.dtype):
-    """(teacher, [students]) loaded, checked against the teacher; on the CPU when running sequentially."""
-    home = torch.device("cpu") if cfg.sequential else device
+    """(teacher, [students]) loaded, checked against the teacher; on the CPU when running sequentially.
+
+    With a device map every model is loaded on the CPU, then dispatched over the GPUs and the CPU with a map of its
+    own (models.dispatch), in turn: each PTQ student, made while the teacher is still on the CPU, then the teacher,
+    then the other students. The host needs memory for the largest model plus, with --ptq, the teacher's copy.
+    """
+    home = torch.device("cpu") if cfg.sequential or cfg.device_map else device
     kw = {"device": home, "dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+
+    def placed(model: nn.Module) -> nn.Module:
+        return models.dispatch(model) if cfg.device_map else model
+
     specs = _split_students(cfg, run)
     teacher = _Model("teacher", cfg.teacher, *models.load_model(cfg.teacher, **kw))
+    ptq = [_Model(f"ptq-{scheme}", f"{cfg.teacher} (PTQ {scheme})",
+                  placed(models.ptq_student(teacher.model, scheme)), teacher.tokenizer) for scheme in cfg.ptq]
+    placed(teacher.model)
     students = []
     for label, spec in specs:
         student = _Model(label, spec, *models.load_model(spec, **kw))
         check_compatible(teacher, student)
+        placed(student.model)
         students.append(student)
-    for scheme in cfg.ptq:
-        students.append(_Model(f"ptq-{scheme}", f"{cfg.teacher} (PTQ {scheme})",
-                               models.ptq_student(teacher.model, scheme), teacher.tokenizer))
-    return teacher, students
+    return teacher, students + ptq
 
 
 def load_sequences(cfg: DiagnoseConfig, teacher: _Model) -> torch.Tensor:
@@ -154,18 +175,22 @@ def load_sequences(cfg: DiagnoseConfig, teacher: _Model) -> torch.Tensor:
 
 # -- capture ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def capture_residuals(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+def capture_residuals(model: nn.Module, device: torch.device | None = None) -> Iterator[list[torch.Tensor]]:
     """Yield a list that each forward fills with [embeddings, layer 1 output, ..., layer L output, final hidden].
 
-    The last entry is the input of the output head (after the final norm), used to make logits later.
+    The last entry is the input of the output head (after the final norm), used to make logits later. With
+    ``device`` every entry is moved there (a model spread over several devices by a device map).
     """
     out: list[torch.Tensor] = []
 
+    def store(hidden: torch.Tensor) -> None:
+        out.append(hidden if device is None else hidden.to(device))
+
     def keep(_module, _inputs, output):
-        out.append(output[0] if isinstance(output, (tuple, list)) else output)
+        store(output[0] if isinstance(output, (tuple, list)) else output)
 
     def keep_head_input(_module, inputs):
-        out.append(inputs[0])
+        store(inputs[0])
 
     modules = [model.get_input_embeddings(), *models.decoder_layers(model)]
     handles = [m.register_forward_hook(keep) for m in modules]
@@ -207,13 +232,19 @@ def _features(hidden: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tens
     return [h[keep] for h in hidden]
 
 
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``ids``, on the device of ``ids``; the inputs go to the model's embeddings (its first
+    device under a device map)."""
+    return model(input_ids=ids.to(model.get_input_embeddings().weight.device)).logits.to(ids.device)
+
+
 @torch.no_grad()
 def _teacher_pass(teacher: _Model, ids: torch.Tensor, filt: TokenFilter, std: Standardizer, acc: list[StreamingCKA],
                   stats: _OutputStats, store: torch.device) -> _TeacherBatch:
-    with capture_residuals(teacher.model) as hidden:
-        logits = teacher.model(input_ids=ids).logits
+    with capture_residuals(teacher.model, ids.device) as hidden:
+        logits = _logits(teacher.model, ids)
     layers, final = hidden[:-1], hidden[-1]
-    head_logits = teacher.model.get_output_embeddings()(final[:, -1:])
+    head_logits = teacher.model.get_output_embeddings()(final[:, -1:]).to(ids.device)
     if not torch.allclose(head_logits.float(), logits[:, -1:].float(), rtol=1e-3, atol=1e-3):
         raise CkaqadError(f"{teacher.spec}: the logits are not the output head of the final hidden states (logit "
                           "soft-capping or scaling); diagnose does not support such models yet")
@@ -231,14 +262,14 @@ def _teacher_pass(teacher: _Model, ids: torch.Tensor, filt: TokenFilter, std: St
 def _student_pass(student: _Model, tb: _TeacherBatch, teacher_head: nn.Module, std: Standardizer,
                   filt: TokenFilter, acc: list[StreamingCKA], stats: _OutputStats, device: torch.device) -> None:
     ids, keep = tb.ids.to(device), tb.keep.to(device)
-    with capture_residuals(student.model) as hidden:
-        logits = student.model(input_ids=ids).logits
+    with capture_residuals(student.model, device) as hidden:
+        logits = _logits(student.model, ids)
     feats = _features(hidden[:-1], keep)
     for i, (a, f) in enumerate(zip(acc, feats, strict=True)):
         if filt.standardize:
             f = std(i, f, f)
         a.update_student(student.label, f, tb.feats[i].to(device))
-    teacher_logits = teacher_head(tb.final_hidden.to(device))
+    teacher_logits = teacher_head(tb.final_hidden.to(device)).to(device)
     stats.kl += float(token_kl(logits, teacher_logits).sum())
     stats.top1 += float((logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
     stats.tokens += ids.numel()
@@ -328,30 +359,166 @@ def task_accuracy(teacher: _Model, students: list[_Model], cfg: DiagnoseConfig, 
     return out
 
 
-def _require_lm_eval() -> None:
-    if importlib.util.find_spec("lm_eval") is None:
-        raise CkaqadError("--lm-eval-tasks needs lm-evaluation-harness: pip install lm-eval")
+def _require(module: str, package: str, option: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise CkaqadError(f"{option} needs {package}: pip install {package} (or pip install 'ckaqad[eval]')")
 
 
-def lm_eval_scores(teacher: _Model, students: list[_Model], cfg: DiagnoseConfig, device: torch.device) -> dict:
-    """lm-evaluation-harness results per model (loaded objects passed in; task YAMLs may live in local dirs)."""
-    if not cfg.lm_eval_tasks:
-        return {}
-    _require_lm_eval()
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+def check_device_map(cfg: DiagnoseConfig) -> None:
+    """One clear error for a device map that cannot work with the other options."""
+    if cfg.device_map is None:
+        return
+    if cfg.device_map not in DEVICE_MAPS:
+        raise CkaqadError(f"--device-map must be {' or '.join(DEVICE_MAPS)}; got {cfg.device_map!r}")
+    if cfg.sequential:
+        raise CkaqadError("--device-map and --sequential exclude each other: --sequential moves each whole model to "
+                          "one device in turn, --device-map spreads each model over the GPUs and the CPU")
+    if cfg.device != "auto":
+        raise CkaqadError(f"--device-map places the models itself: leave --device at auto (got {cfg.device!r})")
+    _require("accelerate", "accelerate", "--device-map")
+
+
+CHOICE_FIELDS = ("query", "choices", "gold")
+"""A multiple-choice JSONL task file: one {"query": prompt, "choices": [continuations], "gold": index} per line."""
+
+
+class _HarnessYaml(yaml.SafeLoader):
+    """A safe loader for harness task YAMLs: their ``!function`` tags (Python hooks) read as None."""
+
+
+_HarnessYaml.add_multi_constructor("!", lambda _loader, _suffix, _node: None)
+
+
+@dataclass
+class LmEvalPlan:
+    """What lm-evaluation-harness runs on every model: task names and configs, and the index that knows them."""
+
+    tasks: list[str | dict]
+    manager: object  # lm_eval.tasks.TaskManager
+    files: list[str]  # the local task files, recorded as stage inputs
+
+
+def _yaml_task_name(path: Path) -> str:
+    try:
+        config = yaml.load(path.read_text(), Loader=_HarnessYaml)  # a SafeLoader subclass
+    except (OSError, yaml.YAMLError) as e:
+        raise CkaqadError(f"cannot read lm-eval task {path}: {str(e).splitlines()[0]}") from None
+    config = config if isinstance(config, dict) else {}
+    name = config.get("task")
+    if not isinstance(name, str):  # a group YAML lists its tasks under `task:`
+        name = config.get("group")
+    if not isinstance(name, str):
+        raise CkaqadError(f"lm-eval task {path} has no `task:` (or `group:`) name")
+    return name
+
+
+def _is_choice_item(item: object) -> bool:
+    if not isinstance(item, dict):
+        return False
+    choices, gold = item.get("choices"), item.get("gold")
+    return (isinstance(item.get("query"), str) and isinstance(choices, list) and bool(choices)
+            and all(isinstance(c, str) for c in choices) and type(gold) is int and 0 <= gold < len(choices))
+
+
+def _choice_task(path: Path) -> dict:
+    """A harness multiple-choice task config for a JSONL file of CHOICE_FIELDS items: the prompt is the query, each
+    choice is scored as its exact continuation (no separator added), metrics acc and acc_norm."""
+    items = 0
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CkaqadError(f"{path} line {number} is not JSON: {e.msg}") from None
+        if not _is_choice_item(item):
+            raise CkaqadError(f'{path} line {number}: each line must be {{"query": text, "choices": [texts], '
+                              '"gold": index of the right choice}')
+        items += 1
+    if not items:
+        raise CkaqadError(f"lm-eval task file {path} holds no items")
+    query, choices, gold = CHOICE_FIELDS
+    return {
+        "task": path.stem,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path.resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": query,
+        "doc_to_choice": choices,
+        "doc_to_target": gold,
+        "target_delimiter": "",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+        "metadata": {"version": 1.0},
+    }
+
+
+def plan_lm_eval(specs: list[str]) -> LmEvalPlan | None:
+    """Check ``--lm-eval-tasks`` before any model loads (lm_eval must be installed): harness task names, local task
+    YAMLs (their folder joins the harness's index, whose built-in tasks are left out when every task is local) and
+    multiple-choice JSONL files. A spec is a file when it ends in .yaml, .yml or .jsonl or holds a "/"."""
+    if not specs:
+        return None
     from lm_eval.tasks import TaskManager
 
-    names = [t for t in cfg.lm_eval_tasks if not Path(t).exists()]
-    include = [t for t in cfg.lm_eval_tasks if Path(t).exists()]
-    manager = TaskManager(include_path=include or None)
-    names += [Path(p).stem for p in include if Path(p).is_file()]
+    tasks: list[str | dict] = []
+    names, include, files = [], [], []
+    for spec in specs:
+        path = Path(spec)
+        if path.suffix not in (".yaml", ".yml", ".jsonl") and "/" not in spec:
+            names.append(spec)
+            tasks.append(spec)
+            continue
+        if not path.is_file():
+            raise CkaqadError(f"lm-eval task file {spec} does not exist")
+        if path.suffix == ".jsonl":
+            tasks.append(_choice_task(path))
+        elif path.suffix in (".yaml", ".yml"):
+            include.append(str(path.resolve().parent))
+            names.append(_yaml_task_name(path))
+            tasks.append(names[-1])
+        else:
+            raise CkaqadError(f"--lm-eval-tasks takes task names, task .yaml files and .jsonl files; got {spec}")
+        files.append(spec)
+    manager = TaskManager(include_path=sorted(set(include)) or None, include_defaults=len(names) > len(include))
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise CkaqadError(f"lm-evaluation-harness knows no task {', '.join(unknown)}")
+    return LmEvalPlan(tasks, manager, files)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, numbers.Real) else None  # numpy scalars too; "N/A" -> None
+
+
+def harness_metrics(values: dict) -> dict:
+    """{metric: {"value", "stderr"}} from one task's harness results ("acc,none", "acc_stderr,none", ...). A filter
+    other than "none" stays in brackets ("exact_match (strict-match)"); a stderr the harness has not ("N/A") is None."""
+    out = {}
+    for key, value in values.items():
+        metric, sep, filt = key.partition(",")
+        if not sep or metric.endswith("_stderr"):
+            continue
+        name = metric if filt == "none" else f"{metric} ({filt})"
+        out[name] = {"value": _number(value), "stderr": _number(values.get(f"{metric}_stderr,{filt}"))}
+    return out
+
+
+def lm_eval_scores(teacher: _Model, students: list[_Model], plan: LmEvalPlan | None, cfg: DiagnoseConfig,
+                   device: torch.device) -> dict:
+    """{label: {task: {metric: {"value", "stderr"}}}}: lm-evaluation-harness on the loaded models and tokenizers."""
+    if plan is None:
+        return {}
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
     out = {}
     for m in [teacher, *students]:
         with _on_device(m.model, device, cfg.sequential):
             lm = HFLM(pretrained=m.model, tokenizer=m.tokenizer, batch_size=cfg.batch_size)
-            res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager)
-        out[m.label] = res.get("results", {})
+            tasks = copy.deepcopy(plan.tasks)  # older harnesses pop keys from the configs they are given
+            res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=plan.manager, log_samples=False)
+        out[m.label] = {task: harness_metrics(values) for task, values in res["results"].items()}
     return out
 
 
@@ -360,17 +527,20 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
     console = console or Console(stderr=True)
     if cfg.seq_len < 2 or cfg.batch_size < 1 or cfg.max_tokens < 1 or cfg.chunk_batches < 1:
         raise CkaqadError("--seq-len must be >= 2 and --batch-size, --max-tokens, --chunk-batches >= 1")
+    check_device_map(cfg)
     if cfg.lm_eval_tasks:
-        _require_lm_eval()
+        _require("lm_eval", "lm-eval", "--lm-eval-tasks")
     done = run.stage_entry(cfg.stage)
     if done and done.get("status") == "done" and not cfg.force:  # fail before loading any model
         raise StageDoneError(f"stage {cfg.stage} already finished in {run.path}; pass --force to run it again")
+    lm_eval_plan = plan_lm_eval(cfg.lm_eval_tasks)
     device = _device(cfg.device)
     dtype = _dtype(cfg.dtype, device)
     teacher, students = load_models(cfg, run, device, dtype)
     sequences = load_sequences(cfg, teacher)
     inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
     inputs.update({f"student:{s.label}": describe_input(s.spec) for s in students if not s.label.startswith("ptq-")})
+    inputs.update({f"lm_eval:{f}": describe_input(f) for f in (lm_eval_plan.files if lm_eval_plan else [])})
     config = {**asdict(cfg), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     with run.stage(cfg.stage, config=config, inputs=inputs, force=cfg.force) as rec:
         report = measure(teacher, students, sequences, cfg, device, console)
@@ -379,7 +549,7 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
             filters=cfg.token_filter().describe(),
             layers=["embeddings"] + [f"layer {i}" for i in range(1, len(models.decoder_layers(teacher.model)) + 1)],
             task_accuracy=task_accuracy(teacher, students, cfg, device),
-            lm_eval=lm_eval_scores(teacher, students, cfg, device),
+            lm_eval=lm_eval_scores(teacher, students, lm_eval_plan, cfg, device),
             seq_len=cfg.seq_len,
         )
         paths = write_report(report, run.stage_dir(cfg.stage), console=console)
@@ -389,12 +559,14 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
 
 
 def summary_metrics(report: dict) -> dict:
-    """{label: mean_cka, min_cka, kl, top1 (, task_acc)} for run.json."""
+    """{label: mean_cka, min_cka, kl, top1 (, task_acc) (, "TASK/METRIC" of lm-eval)} for run.json."""
     out = {}
     for label, s in report["students"].items():
         m = {k: s[k] for k in ("mean_cka", "min_cka", "kl", "top1")}
         acc = report.get("task_accuracy", {}).get(label)
         if acc is not None:
             m["task_acc"] = acc["overall"]
+        for task, metrics in report.get("lm_eval", {}).get(label, {}).items():
+            m.update({f"{task}/{metric}": v["value"] for metric, v in metrics.items()})
         out[label] = m
     return out

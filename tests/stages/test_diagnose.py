@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from ckaqad_cli import models
 from ckaqad_cli.app import app
 from ckaqad_cli.builtin.tokenizer import build_tokenizer
 from ckaqad_cli.cka import linear_cka
@@ -30,8 +32,6 @@ def tiny(tmp_path_factory):
         "other": save_tiny_model(root / "other", layers=3, seed=1),
     }
     # a student close to the teacher: the teacher's weights with small noise
-    from transformers import AutoModelForCausalLM
-
     m = AutoModelForCausalLM.from_pretrained(out["teacher"])
     torch.manual_seed(2)
     with torch.no_grad():
@@ -130,14 +130,61 @@ def test_bad_data_and_seq_len_are_errors(tiny, tmp_path):
     assert not (tmp_path / "run" / "run.json").exists()
 
 
-def test_lm_eval_without_the_harness_is_a_clear_error(tiny, tmp_path):
-    if importlib.util.find_spec("lm_eval") is not None:
-        pytest.skip("lm-evaluation-harness is installed")
-    cfg = DiagnoseConfig(teacher=str(tiny["teacher"]), students=[("o", str(tiny["other"]))],
-                         lm_eval_tasks=["hellaswag"], **SMALL)
-    with pytest.raises(CkaqadError, match="pip install lm-eval"):
+@pytest.mark.parametrize(
+    "module, option",
+    [("lm_eval", {"lm_eval_tasks": ["hellaswag"]}), ("accelerate", {"device_map": "auto"})],
+)
+def test_missing_optional_package_is_a_clear_error(tiny, tmp_path, monkeypatch, module, option):
+    monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package shows
+    cfg = DiagnoseConfig(teacher=str(tiny["teacher"]), students=[("o", str(tiny["other"]))], **SMALL, **option)
+    with pytest.raises(CkaqadError, match=rf"needs {module.replace('_', '-')}: pip install {module.replace('_', '-')}"):
         run_diagnose(cfg, RunDir(tmp_path / "run"))
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_device_map_auto_gives_the_same_numbers(tiny, tmp_path, monkeypatch):
+    """On a machine without GPUs "auto" places everything on the CPU: the same numbers through the device-map
+    loading paths (from_pretrained, a distilled student's recipe, a packed student dispatched after decoding, PTQ)."""
+    from ckaqad_cli.quant import apply_fake_quant
+    from ckaqad_cli.stages.pack import PackConfig, pack_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    apply_fake_quant(model, "w4a16").save(tmp_path / "distilled")
+    model.save_pretrained(tmp_path / "distilled")
+    build_tokenizer().save_pretrained(tmp_path / "distilled")
+    pack_model(PackConfig(model=str(tmp_path / "distilled"), out=str(tmp_path / "packed"), verify=False))
+    common = dict(teacher=str(tiny["teacher"]), ptq=["w4a4"], **SMALL,
+                  students=[("noisy", str(tiny["noisy"])), ("distilled", str(tmp_path / "distilled")),
+                            ("packed", str(tmp_path / "packed"))])
+    plain = run_diagnose(DiagnoseConfig(**common), RunDir(tmp_path / "a"))
+    dispatched = []
+    monkeypatch.setattr(models, "dispatch", lambda m, real=models.dispatch: dispatched.append(m) or real(m))
+    mapped = run_diagnose(DiagnoseConfig(**common, device_map="auto"), RunDir(tmp_path / "b"))
+    assert len({id(m) for m in dispatched}) == len(dispatched) == 5  # the teacher and each student, once
+    assert all(m.hf_device_map == {"": "cpu"} for m in dispatched)  # no GPU here: all of each model on the CPU
+    assert set(mapped["students"]) == {"noisy", "distilled", "packed", "ptq-w4a4"}
+    for label, want in plain["students"].items():
+        for key in ("linear_cka", "debiased_cka", "kl", "top1", "perplexity"):
+            assert mapped["students"][label][key] == pytest.approx(want[key], abs=1e-9), (label, key)
+    assert plain["students"]["distilled"]["kl"] > 0  # the recipe was applied: the student is not the teacher
+    assert RunDir(tmp_path / "b").stage_entry("diagnose")["config"]["device_map"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--sequential"], "--device-map and --sequential exclude each other"),
+        (["--device", "cpu"], "leave --device at auto"),
+        ([], "--device-map must be auto"),
+    ],
+)
+def test_device_map_usage_errors(tiny, tmp_path, extra, message):
+    value = "balanced" if not extra else "auto"
+    result = runner.invoke(app, ["diagnose", "--teacher", str(tiny["teacher"]), "--ptq", "w4a16", "--run",
+                                 str(tmp_path / "run"), "--device-map", value, *extra])
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert RunDir(tmp_path / "run").stage_entry("diagnose") is None
 
 
 def test_cli_picks_up_the_runs_distilled_student(tiny, tmp_path):
