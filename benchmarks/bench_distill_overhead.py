@@ -72,7 +72,8 @@ def one_run(args: argparse.Namespace) -> None:
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in lines if r["type"] == "train"]
     print(json.dumps({"step_time_s": [r["step_time_s"] for r in steps], "peak_mem_mb": steps[-1]["peak_mem_mb"],
-                      "cka_layers": S.parse_layers(cfg.cka_layers, args.layers), "cka_tokens": cfg.cka_tokens}))
+                      "cka_layers": S.parse_layers(cfg.cka_layers, args.layers), "cka_tokens": cfg.cka_tokens,
+                      "cka_layers_spec": cfg.cka_layers}))
 
 
 def cka_work_seconds(layers: int, tokens: int, width: int, repeats: int) -> float:
@@ -106,6 +107,11 @@ def main() -> None:
     p.add_argument("--modes", default="kl,cka",
                    help="whole-step runs to time: kl,cka (the A/B) or kl alone (then only the CKA term's share of a "
                         "KL-only step is reported; for models whose steps take minutes on the CPU)")
+    p.add_argument("--bound-layers", type=int, default=None,
+                   help="also time the CKA term for the default layer selection of a model with this many layers (28 "
+                        "for Qwen3-0.6B) and give its share of this model's KL-only step: an upper bound on the share "
+                        "at that depth, since a deeper model's step is longer (for depths whose training does not fit "
+                        "in memory)")
     p.add_argument("--mode", choices=["kl", "cka"], default=None, help=argparse.SUPPRESS)  # child process
     args = p.parse_args()
     if args.mode is not None:
@@ -129,13 +135,21 @@ def main() -> None:
         step["cka"], mem["cka"] = float("nan"), float("nan")
     info = results["kl"][0]
     cka_alone = cka_work_seconds(len(info["cka_layers"]), info["cka_tokens"], 1024, repeats=5)
+    bound = None
+    if args.bound_layers:
+        from ckaqad_cli.objective import parse_layers
+
+        deep_layers = parse_layers(info["cka_layers_spec"], args.bound_layers)
+        deep_alone = cka_work_seconds(len(deep_layers), info["cka_tokens"], 1024, repeats=5)
+        bound = {"layers": args.bound_layers, "cka_layers": deep_layers, "cka_term_alone_s": deep_alone,
+                 "upper_bound_pct_of_step": 100 * deep_alone / step["kl"]}
     table = {
         "step_s_kl_only": step["kl"], "step_s_cka": step["cka"],
         "step_overhead_pct": 100 * (step["cka"] / step["kl"] - 1),
         "cka_term_alone_s": cka_alone, "cka_term_alone_pct_of_step": 100 * cka_alone / step["kl"],
         "peak_rss_mb_kl_only": mem["kl"], "peak_rss_mb_cka": mem["cka"],
         "peak_mem_overhead_pct": 100 * (mem["cka"] / mem["kl"] - 1),
-        "cka_layers": info["cka_layers"], "cka_tokens": info["cka_tokens"],
+        "cka_layers": info["cka_layers"], "cka_tokens": info["cka_tokens"], "bound": bound,
     }
     print(json.dumps(table, indent=2))
     if args.markdown:
@@ -161,6 +175,12 @@ def main() -> None:
             if "cka" in results else f"| peak RSS (MB) | {mem['kl']:.0f} | not run | |",
             "",
         ]
+        if bound:
+            lines[-1:-1] = [
+                f"| CKA term of the {bound['layers']}-layer default selection (layers {bound['cka_layers']}), share "
+                f"of this model's KL-only step: **upper bound** at {bound['layers']} layers | | "
+                f"{bound['cka_term_alone_s']:.4f} | {bound['upper_bound_pct_of_step']:.2f}% |",
+            ]
         args.markdown.write_text("\n".join(lines))
 
 
