@@ -27,7 +27,7 @@ from ckaqad_cli.builtin.tasks import (
 from ckaqad_cli.builtin.tokenizer import CHARACTERS, SPECIAL_TOKENS, VOCAB_SIZE, build_tokenizer
 from ckaqad_cli.builtin.train_teacher import encode_batch, learning_rate
 
-TEACHER_FLOOR = 0.6  # the shipped teacher scores 0.794 on 1000 held-out problems; random weights score 0
+TEACHER_FLOOR = 0.65  # the shipped teacher scores 0.836 on 1000 held-out problems; random weights score 0
 
 
 @pytest.fixture(scope="module")
