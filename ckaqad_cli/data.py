@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,19 +38,24 @@ def load_texts(source: str | Path, *, split: str = "train", seed: int = 0, text_
     return texts
 
 
-def _jsonl(path: Path, field: str) -> list[str]:
-    texts = []
+def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file; a line that is not JSON is an error."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise CkaqadError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                raise CkaqadError(f"{path}:{lineno} has no string field {field!r} (choose one with --text-field)")
-            texts.append(row[field])
+
+
+def _jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    for lineno, row in jsonl_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get(field), str):
+            raise CkaqadError(f"{path}:{lineno} has no string field {field!r} (choose one with --text-field)")
+        texts.append(row[field])
     return texts
 
 

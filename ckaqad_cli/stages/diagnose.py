@@ -31,7 +31,7 @@ from torch import nn
 
 from ckaqad_cli import models
 from ckaqad_cli.cka import Standardizer, StreamingCKA, TokenFilter
-from ckaqad_cli.data import load_texts, pack_sequences
+from ckaqad_cli.data import jsonl_rows, load_texts, pack_sequences
 from ckaqad_cli.errors import CkaqadError, StageDoneError
 from ckaqad_cli.kl import token_kl
 from ckaqad_cli.report import write_report
@@ -424,13 +424,7 @@ def _choice_task(path: Path) -> dict:
     """A harness multiple-choice task config for a JSONL file of CHOICE_FIELDS items: the prompt is the query, each
     choice is scored as its exact continuation (no separator added), metrics acc and acc_norm."""
     items = 0
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CkaqadError(f"{path} line {number} is not JSON: {e.msg}") from None
+    for number, item in jsonl_rows(path):
         if not _is_choice_item(item):
             raise CkaqadError(f'{path} line {number}: each line must be {{"query": text, "choices": [texts], '
                               '"gold": index of the right choice}')

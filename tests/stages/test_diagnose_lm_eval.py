@@ -68,17 +68,17 @@ def task_files(tmp_path, monkeypatch):
 
 @torch.no_grad()
 def _reference_accuracy(model, tokenizer, items) -> float:
-    """Accuracy by summed log-likelihood of each choice after its query, computed here without the harness."""
-    pairs = [(item["query"], choice) for item in items for choice in item["choices"]]
-    encoded = [tokenizer.encode(query + choice) for query, choice in pairs]
-    ids = torch.full((len(encoded), max(map(len, encoded))), tokenizer.pad_token_id)  # right padding: causal
-    for row, seq in enumerate(encoded):
-        ids[row, : len(seq)] = torch.tensor(seq)
-    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+    """Accuracy by summed log-likelihood of each choice after its query, computed here without the harness.
+
+    One sequence per forward, as the harness runs them with batch size 1: the W4A4 student's dynamic per-tensor
+    input scale is an amax over the whole batch, so its scores depend on which sequences share a batch.
+    """
     scores = []
-    for row, ((query, _), seq) in enumerate(zip(pairs, encoded, strict=True)):
+    for query, choice in [(item["query"], choice) for item in items for choice in item["choices"]]:
+        ids = torch.tensor([tokenizer.encode(query + choice)])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
         context = len(tokenizer.encode(query))
-        scores.append(float(logp[row, context - 1 : len(seq) - 1].gather(-1, ids[row, context : len(seq), None]).sum()))
+        scores.append(float(logp[context - 1 :].gather(-1, ids[0, context:, None]).sum()))
     hits, start = 0, 0
     for item in items:
         mine = scores[start : start + len(item["choices"])]
@@ -92,7 +92,7 @@ def test_local_tasks_score_the_loaded_teacher_and_ptq_student(task_files, tmp_pa
         pytest.skip("the built-in teacher is not shipped yet")
     items, jsonl, yaml_file = task_files
     run = RunDir(tmp_path / "run")
-    cfg = DiagnoseConfig(ptq=["w4a4"], seq_len=32, max_tokens=128, task_problems=0, dtype="float32",
+    cfg = DiagnoseConfig(ptq=["w4a4"], seq_len=32, max_tokens=128, task_problems=0, dtype="float32", batch_size=1,
                          lm_eval_tasks=[str(yaml_file), str(jsonl)])
     report = run_diagnose(cfg, run)
     scores = report["lm_eval"]
@@ -122,7 +122,7 @@ def test_local_tasks_score_the_loaded_teacher_and_ptq_student(task_files, tmp_pa
     "content, message",
     [
         ('{"query": "1+1=", "choices": ["2", "3"], "gold": 2}\n', "line 1: each line must be"),
-        ('{"query": "1+1=", "choices": ["2", "3"], "gold": 0}\nnot json\n', "line 2 is not JSON"),
+        ('{"query": "1+1=", "choices": ["2", "3"], "gold": 0}\nnot json\n', ":2 is not valid JSON"),
         ('{"query": "1+1=", "choices": [], "gold": 0}\n', "line 1: each line must be"),
         ("\n", "holds no items"),
         (None, "does not exist"),
