@@ -378,15 +378,17 @@ def _torch_threads(n: int) -> Iterator[None]:
 def write_tensors(plan: PackPlan, src: SafetensorsSource, writer: ShardedWriter, backend: str, device: str) -> None:
     """Stream every step of the plan into ``writer``, in plan order.
 
-    On the CPU, steps (read, check, quantize) run on a pool of as many threads as torch had, each running torch
-    single-threaded (at most MAX_CPU_WORKERS), while this thread writes the finished ones in order: reading,
-    quantizing and writing overlap, and a loaded CPU cannot stall the work on intra-op thread barriers (measured: 4x
-    slower with 2 intra-op threads when other processes take a core). At most workers + 1 steps (one fused group or
-    one tensor each) are in memory.
+    On the CPU, steps (read, check, quantize) run on a pool of worker threads (as many as torch had, at most
+    MAX_CPU_WORKERS), which share torch's threads between them (single-threaded on a small machine), while this
+    thread writes the finished ones in order: reading, quantizing and writing overlap, and a loaded CPU cannot stall
+    the work on intra-op thread barriers (measured: 4x slower with 2 intra-op threads when other processes take a
+    core). At most workers + 1 steps (one fused group or one tensor each) are in memory.
     """
-    workers = min(max(1, torch.get_num_threads()), MAX_CPU_WORKERS) if device == "cpu" else 1
+    threads = max(1, torch.get_num_threads())
+    workers = min(threads, MAX_CPU_WORKERS) if device == "cpu" else 1
     pending: collections.deque[Future] = collections.deque()
-    with _progress() as progress, (_torch_threads(1) if device == "cpu" else contextlib.nullcontext()):
+    shared = _torch_threads(threads // workers) if device == "cpu" else contextlib.nullcontext()
+    with _progress() as progress, shared:
         task = progress.add_task(plan.source.name, total=src.total_bytes)
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckaqad-pack")
 
