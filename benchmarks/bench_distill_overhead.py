@@ -55,7 +55,7 @@ def one_run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(qwen3_06b_config(args.layers), dtype=torch.float32).eval()
     teacher.requires_grad_(False)
-    student, recipe = ptq_student(teacher, "w4a4", with_recipe=True)
+    student, recipe = ptq_student(teacher, "w4a4")
     student.requires_grad_(True).train()
     models = S.Models(student=student, teacher=teacher, tokenizer=_Tokenizer(), recipe=recipe)
     ids = torch.randint(0, 151000, (args.batch_size * args.steps + 1, args.seq_len),

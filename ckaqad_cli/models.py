@@ -6,11 +6,15 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ckaqad_cli.errors import CkaqadError
+
+if TYPE_CHECKING:
+    from ckaqad_cli.quant import QuantRecipe
 
 BUILTIN = "builtin"
 RECIPE_FILE = "quant_recipe.json"  # the same name as quant.RECIPE_FILE; checked before quant is imported
@@ -150,14 +154,13 @@ def ptq_student(
     *,
     exclude: tuple[str, ...] = (),
     dtype: torch.dtype | None = None,
-    with_recipe: bool = False,
-):
+) -> tuple[nn.Module, QuantRecipe]:
     """A deep copy of ``teacher`` with NVFP4 fake quantization (``scheme`` "w4a4" or "w4a16") on its Linears, in eval
     mode without gradients; the teacher is left untouched.
 
     ``exclude`` globs stay in high precision on top of ``quant.DEFAULT_EXCLUDE``; ``dtype`` casts the copy before it
-    is wrapped (distill trains float32 master weights). Returns the student, or (student, its ``QuantRecipe``) with
-    ``with_recipe``: the recipe to save with it, so that pack and load_model apply the same exclusions.
+    is wrapped (distill trains float32 master weights). Returns (student, its ``QuantRecipe``): the recipe to save
+    with it, so that pack and load_model apply the same exclusions.
     """
     from ckaqad_cli.quant import apply_fake_quant
 
@@ -167,7 +170,7 @@ def ptq_student(
     recipe = apply_fake_quant(student, scheme=scheme, exclude=exclude)
     student.eval()
     student.requires_grad_(False)
-    return (student, recipe) if with_recipe else student
+    return student, recipe
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

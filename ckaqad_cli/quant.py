@@ -118,10 +118,14 @@ def fused_groups(module_names: Iterable[str]) -> list[list[str]]:
 
 def group_weight_global_scale(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """The float32 0-d global scale shared by a fused group: from the largest amax among its weights."""
-    if not weights:
+    return group_global_scale_from_amaxes([tensor_amax(w) for w in weights])
+
+
+def group_global_scale_from_amaxes(amaxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """group_weight_global_scale from the weights' amaxes (``tensor_amax``), for a caller that already has them."""
+    if not amaxes:
         raise ValueError("a fused group needs at least one weight")
-    amax = torch.stack([tensor_amax(w) for w in weights]).amax()
-    return global_scale_from_amax(amax)
+    return global_scale_from_amax(torch.stack(list(amaxes)).amax())
 
 
 class _FusedGroup:

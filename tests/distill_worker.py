@@ -40,7 +40,7 @@ def tiny_models(seed: int = 0, scheme: str = "w4a4") -> Models:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     teacher = LlamaForCausalLM(config).eval().requires_grad_(False)
-    student, recipe = ptq_student(teacher, scheme, dtype=torch.float32, with_recipe=True)
+    student, recipe = ptq_student(teacher, scheme, dtype=torch.float32)
     student.requires_grad_(True).train()
     return Models(student=student, teacher=teacher, tokenizer=tokenizer, recipe=recipe)
 

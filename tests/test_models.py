@@ -91,7 +91,7 @@ def test_ptq_student_is_a_fake_quantized_copy(tmp_path):
     pytest.importorskip("ckaqad_cli.quant")
     teacher, tok = models.load_model(save_tiny_model(tmp_path / "m"), dtype=torch.float32)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = models.ptq_student(teacher, "w4a16")
+    student, _ = models.ptq_student(teacher, "w4a16")
     ids = tok("12+34=46", return_tensors="pt")["input_ids"]
     assert not torch.equal(student(ids).logits, teacher(ids).logits)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # teacher untouched
@@ -100,8 +100,7 @@ def test_ptq_student_is_a_fake_quantized_copy(tmp_path):
 def test_ptq_student_for_distill_casts_excludes_and_returns_the_recipe(tmp_path):
     quant = pytest.importorskip("ckaqad_cli.quant")
     teacher, _ = models.load_model(save_tiny_model(tmp_path / "m"), dtype=torch.bfloat16)
-    student, recipe = models.ptq_student(teacher, "w4a4", exclude=("*.layers.0.*",), dtype=torch.float32,
-                                         with_recipe=True)
+    student, recipe = models.ptq_student(teacher, "w4a4", exclude=("*.layers.0.*",), dtype=torch.float32)
     assert {p.dtype for p in student.parameters()} == {torch.float32}
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}  # the teacher is not cast with it
     assert recipe.scheme == "w4a4" and "*.layers.0.*" in recipe.exclude

@@ -30,7 +30,7 @@ def measure(model_spec: str, schemes: list[str], n: int, seed: int, batch_size: 
     problems = generate("test", n, seed)
     results = {}
     for scheme in schemes:
-        model = teacher if scheme == "bf16" else ptq_student(teacher, scheme)
+        model = teacher if scheme == "bf16" else ptq_student(teacher, scheme)[0]
         started = time.monotonic()
         results[scheme] = {**evaluate(model, tokenizer, problems, batch_size), "seconds": time.monotonic() - started}
     return {"model": model_spec, "split": "test", "seed": seed, "results": results}

@@ -154,7 +154,7 @@ def load_models(cfg: DiagnoseConfig, run: RunDir | None, device: torch.device, d
     specs = _split_students(cfg, run)
     teacher = _Model("teacher", cfg.teacher, *models.load_model(cfg.teacher, **kw))
     ptq = [_Model(f"ptq-{scheme}", f"{cfg.teacher} (PTQ {scheme})",
-                  placed(models.ptq_student(teacher.model, scheme)), teacher.tokenizer) for scheme in cfg.ptq]
+                  placed(models.ptq_student(teacher.model, scheme)[0]), teacher.tokenizer) for scheme in cfg.ptq]
     placed(teacher.model)
     students = []
     for label, spec in specs:

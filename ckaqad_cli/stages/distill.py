@@ -223,7 +223,7 @@ def build_models(cfg: DistillConfig, ctx: D.DistContext) -> Models:
     load_device = "cpu" if ctx.distributed else ctx.device  # FSDP moves each shard to its device
     teacher, tokenizer = load_model(cfg.teacher, device=load_device, dtype=dtype,
                                     trust_remote_code=cfg.trust_remote_code)
-    student, recipe = ptq_student(teacher, cfg.scheme, exclude=cfg.exclude, dtype=torch.float32, with_recipe=True)
+    student, recipe = ptq_student(teacher, cfg.scheme, exclude=cfg.exclude, dtype=torch.float32)
     student.requires_grad_(True)
     student.train()
     return Models(student=student, teacher=teacher, tokenizer=tokenizer, recipe=recipe)

@@ -33,7 +33,14 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from ckaqad_cli import formats
 from ckaqad_cli.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.quant import DEFAULT_EXCLUDE, SCHEMES, QuantRecipe, fused_groups, group_weight_global_scale
+from ckaqad_cli.quant import (
+    DEFAULT_EXCLUDE,
+    SCHEMES,
+    QuantRecipe,
+    fused_groups,
+    group_global_scale_from_amaxes,
+    group_weight_global_scale,
+)
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_io import (
     SafetensorsSource,
@@ -331,10 +338,12 @@ def _progress() -> Progress:
     )
 
 
-def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    """Refuse NaN/Inf: max |x| is NaN or Inf exactly when one is there (one fast aminmax pass)."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(nvfp4_ref.tensor_amax(tensor))):
+def _checked_amax(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """max |x| (one aminmax pass), refusing NaN/Inf: the amax is NaN or Inf exactly when one is there."""
+    amax = nvfp4_ref.tensor_amax(tensor)
+    if not bool(torch.isfinite(amax)):
         raise CkaqadError(f"tensor {name} contains NaN or Inf; fix the checkpoint before packing")
+    return amax
 
 
 def input_global_scale(amax: float) -> torch.Tensor:
@@ -347,12 +356,11 @@ def _prepare_step(
     """One step of the plan made ready to write: ([(name, tensor), ...] in plan order, source bytes it covers)."""
     if kind == "copy":
         tensor = src.get(item)
-        _check_finite(item, tensor)
+        if tensor.is_floating_point():
+            _checked_amax(item, tensor)
         return [(item, tensor)], src.spec(item).nbytes
     weights = {m: src.get(f"{m}.weight") for m in item}
-    for m, w in weights.items():
-        _check_finite(f"{m}.weight", w)
-    g = group_weight_global_scale(list(weights.values()))
+    g = group_global_scale_from_amaxes([_checked_amax(f"{m}.weight", w) for m, w in weights.items()])
     out: list[tuple[str, torch.Tensor]] = []
     for m, w in weights.items():
         packed, scales, gs = dispatch.quantize_and_pack(w.to(device), g.to(device), backend=backend, name=f"{m}.weight")
