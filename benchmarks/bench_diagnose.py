@@ -4,11 +4,13 @@
    model; each size runs in a fresh subprocess so that its peak memory is its own. Memory should stay flat.
 2. ``overhead``: cost of the streaming CKA statistics (teacher + one student, every layer and the embeddings)
    against the two forward passes, for a Qwen3-0.6B-shaped model with random weights (hidden 1024, MLP 3072,
-   16 heads, 8 KV heads, vocabulary 151936). Layers are fewer than 28 for time; per-layer costs are measured at two
-   depths and extrapolated to 28 layers.
+   16 heads, 8 KV heads, vocabulary 151936), in the model's dtype (``--dtype``) at ``--seq-len`` tokens per
+   sequence. Per-layer costs are measured at two depths and extrapolated to 28 layers (give 28 as the second depth
+   to measure the real one). The statistics are timed in the steady state of a long run: every accumulator has
+   already seen one batch (its first batch allocates and zeroes the float64 sums, a cost paid once per run).
 
     python benchmarks/bench_diagnose.py scaling --base-tokens 2048
-    python benchmarks/bench_diagnose.py overhead --layers 2 4 --tokens 1024
+    python benchmarks/bench_diagnose.py overhead --layers 4 28 --tokens 1024 --seq-len 256 --dtype float32
 """
 
 from __future__ import annotations
@@ -67,13 +69,13 @@ def scaling(args) -> None:
         print(f"| {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |", flush=True)
 
 
-def _qwen3_shaped(layers: int):
+def _qwen3_shaped(layers: int, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     cfg = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
                       tie_word_embeddings=True)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
 def _best(fn, repeats: int) -> float:
@@ -91,11 +93,12 @@ def overhead(args) -> None:
     from ckaqad_cli.stages.diagnose import capture_residuals
 
     torch.manual_seed(0)
-    seq = 256
-    ids = torch.randint(0, 151936, (args.tokens // seq, seq))
+    dtype = getattr(torch, args.dtype)
+    seq = args.seq_len
+    ids = torch.randint(0, 151936, (max(1, args.tokens // seq), seq))
     rows = {}
     for layers in args.layers:
-        teacher, student = _qwen3_shaped(layers), _qwen3_shaped(layers)
+        teacher, student = _qwen3_shaped(layers, dtype), _qwen3_shaped(layers, dtype)
         with capture_residuals(teacher) as ht, capture_residuals(student) as hs:
             def forwards():
                 ht.clear(), hs.clear()
@@ -105,10 +108,13 @@ def overhead(args) -> None:
             feats_t = [h[:, 1:].reshape(-1, h.shape[-1]) for h in ht[:-1]]
             feats_s = [h[:, 1:].reshape(-1, h.shape[-1]) for h in hs[:-1]]
 
+        accumulators = [StreamingCKA() for _ in feats_t]
+
         def stats():
-            for y, x in zip(feats_t, feats_s, strict=True):
-                acc = StreamingCKA()
+            for acc, y, x in zip(accumulators, feats_t, feats_s, strict=True):
                 acc.update(x, y)
+
+        stats()  # the first batch of each accumulator allocates its sums: not the steady state
 
         t_cka = _best(stats, args.repeats)
         rows[layers] = (t_fwd, t_cka)
@@ -135,6 +141,8 @@ def main() -> None:
     o.add_argument("--layers", type=int, nargs=2, default=[2, 4])
     o.add_argument("--tokens", type=int, default=1024)
     o.add_argument("--repeats", type=int, default=2)
+    o.add_argument("--seq-len", type=int, default=256)
+    o.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
     {"scaling": scaling, "overhead": overhead}[args.cmd](args)
 

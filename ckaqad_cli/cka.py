@@ -162,6 +162,35 @@ def cka_loss(
 
 
 # -- streaming (exact over any number of tokens) ---------------------------------------------------------------
+_MIN_BLOCK = 64  # columns per block of a symmetric product; narrower blocks lose more GEMM speed than they save
+_MAX_BLOCKS = 8  # 8 blocks compute 36 of 64 blocks (56%) of a Gram matrix
+
+
+def _block_bounds(d: int) -> list[int]:
+    blocks = max(1, min(_MAX_BLOCKS, d // _MIN_BLOCK))
+    return [round(i * d / blocks) for i in range(blocks + 1)]
+
+
+def _add_upper_gram(acc: Tensor | None, z: Tensor) -> Tensor:
+    """``acc`` (float64, created when None) plus the upper block triangle of ``z^T z``.
+
+    A Gram matrix is symmetric, so only the column blocks on and right of the diagonal are multiplied (about 56% of
+    the arithmetic at 8 blocks); the blocks left of the diagonal stay zero until :func:`_full_gram`.
+    """
+    d = z.shape[1]
+    if acc is None:
+        acc = torch.zeros(d, d, dtype=torch.float64, device=z.device)
+    bounds = _block_bounds(d)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        acc[lo:hi, lo:] += (z[:, lo:hi].T @ z[:, lo:]).to(torch.float64)
+    return acc
+
+
+def _full_gram(upper: Tensor) -> Tensor:
+    """The symmetric matrix from its upper triangle (see :func:`_add_upper_gram`)."""
+    return torch.triu(upper) + torch.triu(upper, 1).T
+
+
 class _Moments:
     """Streaming moments of one side: count, shifted sum and Gram, and row-norm statistics for the debiased term.
 
@@ -173,7 +202,7 @@ class _Moments:
         self.n = 0
         self.shift: Tensor | None = None
         self.sum: Tensor | None = None  # sum of shifted rows z'
-        self.gram: Tensor | None = None  # Z'^T Z'
+        self.upper_gram: Tensor | None = None  # upper block triangle of Z'^T Z'
         self.sum_a = 0.0  # sum of a_i = ||z'_i||^2
         self.sum_aa = 0.0  # sum of a_i^2
         self.sum_az: Tensor | None = None  # sum of a_i z'_i
@@ -189,11 +218,11 @@ class _Moments:
 
     def update(self, zs: Tensor, a: Tensor) -> None:
         f64 = torch.float64
-        gram, s, az = (zs.T @ zs).to(f64), zs.sum(dim=0).to(f64), (a @ zs).to(f64)
-        if self.gram is None:
-            self.gram, self.sum, self.sum_az = gram, s, az
+        self.upper_gram = _add_upper_gram(self.upper_gram, zs)
+        s, az = zs.sum(dim=0).to(f64), (a @ zs).to(f64)
+        if self.sum is None:
+            self.sum, self.sum_az = s, az
         else:
-            self.gram += gram
             self.sum += s
             self.sum_az += az
         self.n += zs.shape[0]
@@ -293,13 +322,14 @@ class StreamingCKA:
         if n < 2:
             raise ValueError(f"CKA needs at least 2 tokens, got {n}")
         mx, my = sx.sum / n, ty.sum / n
-        cxx = sx.gram - n * torch.outer(mx, mx)
-        cyy = ty.gram - n * torch.outer(my, my)
+        gx, gy = _full_gram(sx.upper_gram), _full_gram(ty.upper_gram)
+        cxx = gx - n * torch.outer(mx, mx)
+        cyy = gy - n * torch.outer(my, my)
         cxy = cr.cross - n * torch.outer(mx, my)
         tx, ty_ = float(torch.trace(cxx)), float(torch.trace(cyy))
         rxry = _centered_row_norm_dot(n, mx, my, cr.cross, cr.sum_ab, cr.sum_ay, cr.sum_bx, sx.sum_a, ty.sum_a)
-        rxrx = _centered_row_norm_dot(n, mx, mx, sx.gram, sx.sum_aa, sx.sum_az, sx.sum_az, sx.sum_a, sx.sum_a)
-        ryry = _centered_row_norm_dot(n, my, my, ty.gram, ty.sum_aa, ty.sum_az, ty.sum_az, ty.sum_a, ty.sum_a)
+        rxrx = _centered_row_norm_dot(n, mx, mx, gx, sx.sum_aa, sx.sum_az, sx.sum_az, sx.sum_a, sx.sum_a)
+        ryry = _centered_row_norm_dot(n, my, my, gy, ty.sum_aa, ty.sum_az, ty.sum_az, ty.sum_a, ty.sum_a)
         return _hsic_pair(n, cxy, rxry, tx, ty_), _hsic_pair(n, cxx, rxrx, tx, tx), _hsic_pair(n, cyy, ryry, ty_, ty_)
 
     def linear(self, name: str = "student") -> float:

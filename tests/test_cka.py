@@ -19,6 +19,9 @@ from ckaqad_cli.cka import (
     linear_cka,
     massive_token_mask,
     rbf_cka,
+    _add_upper_gram,
+    _block_bounds,
+    _full_gram,
 )
 
 
@@ -277,3 +280,25 @@ def test_standardizer_uses_teacher_scale():
     assert torch.allclose(out.std(dim=0), torch.ones(4), atol=1e-5)
     other = torch.ones(3, 4)
     assert torch.allclose(std(0, t * 5, other), other / t.std(dim=0))  # fitted once per layer
+
+
+@pytest.mark.parametrize("d", [24, 64, 200, 1030])  # 1, 1, 3 uneven and 8 column blocks
+def test_block_triangle_gram_is_the_full_symmetric_product(d):
+    z = torch.randn(37, d, dtype=torch.float64, generator=torch.Generator().manual_seed(d))
+    upper = _add_upper_gram(None, z)
+    bounds = _block_bounds(d)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # what the blocks skip is never computed: still exactly zero
+        assert not upper[hi:, lo:hi].any()
+    upper = _add_upper_gram(upper, 2 * z)  # accumulates: z^T z + 4 z^T z
+    full = _full_gram(upper)
+    assert torch.equal(full, full.T)
+    torch.testing.assert_close(full, 5 * z.T @ z, rtol=1e-12, atol=1e-12)
+
+
+def test_streaming_wide_features_over_several_column_blocks():
+    x, y = features(300, 200, 136, seed=9)  # 3 and 2 column blocks; n > d
+    acc = StreamingCKA()
+    for i in range(0, 300, 100):
+        acc.update(x[i : i + 100], y[i : i + 100])
+    assert acc.linear() == pytest.approx(ref_linear(x, y), abs=1e-10)
+    assert acc.debiased() == pytest.approx(ref_linear(x, y, ref_hsic1), abs=1e-10)
