@@ -164,6 +164,7 @@ def cka_loss(
 # -- streaming (exact over any number of tokens) ---------------------------------------------------------------
 _MIN_BLOCK = 64  # columns per block of a symmetric product; narrower blocks lose more GEMM speed than they save
 _MAX_BLOCKS = 8  # 8 blocks compute 36 of 64 blocks (56%) of a Gram matrix
+FLUSH_TOKENS = 8192  # on the CPU, tokens summed in the compute dtype before they go into the float64 totals
 
 
 def _block_bounds(d: int) -> list[int]:
@@ -172,17 +173,18 @@ def _block_bounds(d: int) -> list[int]:
 
 
 def _add_upper_gram(acc: Tensor | None, z: Tensor) -> Tensor:
-    """``acc`` (float64, created when None) plus the upper block triangle of ``z^T z``.
+    """``acc`` (created as zeros of ``z``'s dtype when None) plus the upper block triangle of ``z^T z``, in place.
 
     A Gram matrix is symmetric, so only the column blocks on and right of the diagonal are multiplied (about 56% of
-    the arithmetic at 8 blocks); the blocks left of the diagonal stay zero until :func:`_full_gram`.
+    the arithmetic at 8 blocks); the blocks left of the diagonal stay zero until :func:`_full_gram`. The products
+    accumulate inside the GEMM (``addmm_``), with no temporary d x d result.
     """
     d = z.shape[1]
     if acc is None:
-        acc = torch.zeros(d, d, dtype=torch.float64, device=z.device)
+        acc = torch.zeros(d, d, dtype=z.dtype, device=z.device)
     bounds = _block_bounds(d)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        acc[lo:hi, lo:] += (z[:, lo:hi].T @ z[:, lo:]).to(torch.float64)
+        acc[lo:hi, lo:].addmm_(z[:, lo:hi].T, z[:, lo:])
     return acc
 
 
@@ -191,43 +193,84 @@ def _full_gram(upper: Tensor) -> Tensor:
     return torch.triu(upper) + torch.triu(upper, 1).T
 
 
+class _Sum:
+    """A sum of per-batch terms kept in float64, fed through a partial sum in the compute dtype.
+
+    Each batch is added to the partial (for a product, inside the GEMM, see :meth:`partial`). On the CPU the partial
+    goes into the float64 total every :data:`FLUSH_TOKENS` tokens: a float32 partial then sums no more tokens than
+    one large batch, and the conversion of the d x d products to float64, about 5% of the statistics' time, is paid
+    once per flush. On a GPU that conversion costs little against the products, while a partial per layer kept
+    between batches would add half again to the statistics' memory (gigabytes at 8B scale), so it flushes every
+    batch.
+    """
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self._partial: Tensor | None = None
+        self._tokens = 0
+
+    def partial(self, like: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """The partial sum to add this batch's term to (zeros of ``like``'s dtype and device after a flush)."""
+        if self._partial is None:
+            self._partial = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self._partial
+
+    def add(self, term: Tensor) -> None:
+        self.partial(term, tuple(term.shape)).add_(term)
+
+    def counted(self, tokens: int) -> None:
+        """Record that this batch's ``tokens`` were added; flush when the partial has summed enough of them."""
+        self._tokens += tokens
+        if self._tokens >= FLUSH_TOKENS or self._partial.device.type != "cpu":
+            self.value()
+
+    def value(self) -> Tensor:
+        """The float64 total so far (the partial flushed into it)."""
+        if self._partial is not None:
+            partial = self._partial.to(torch.float64)
+            self.total = partial if self.total is None else self.total.add_(partial)
+            self._partial, self._tokens = None, 0
+        if self.total is None:
+            raise ValueError("no batch was added")
+        return self.total
+
+
 class _Moments:
     """Streaming moments of one side: count, shifted sum and Gram, and row-norm statistics for the debiased term.
 
     Rows are shifted by the first batch's mean before the products (covariance does not change under a shift), so
-    per-batch products in float32 stay accurate when the mean is large; the sums are kept in float64.
+    per-batch products in float32 stay accurate when the mean is large; the sums are kept in float64. Scalars stay
+    tensors on the features' device, so a GPU never waits for them.
     """
 
     def __init__(self) -> None:
         self.n = 0
         self.shift: Tensor | None = None
-        self.sum: Tensor | None = None  # sum of shifted rows z'
-        self.upper_gram: Tensor | None = None  # upper block triangle of Z'^T Z'
-        self.sum_a = 0.0  # sum of a_i = ||z'_i||^2
-        self.sum_aa = 0.0  # sum of a_i^2
-        self.sum_az: Tensor | None = None  # sum of a_i z'_i
+        self.sum = _Sum()  # sum of shifted rows z'
+        self.upper_gram = _Sum()  # upper block triangle of Z'^T Z'
+        self.sum_a = _Sum()  # sum of a_i = ||z'_i||^2
+        self.sum_aa = _Sum()  # sum of a_i^2
+        self.sum_az = _Sum()  # sum of a_i z'_i
 
     def shifted(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """The rows shifted by this side's reference (set on first use) and their squared norms."""
         z = _flatten(z.detach())
-        z = z.to(_compute_dtype(z))
+        dtype = _compute_dtype(z)
         if self.shift is None:
-            self.shift = z.mean(dim=0)
-        zs = z - self.shift.to(z.device)
-        return zs, zs.square().sum(dim=1)
+            self.shift = z.to(dtype).mean(dim=0)
+        zs = torch.sub(z, self.shift.to(z.device)).to(dtype)  # one pass: the subtraction promotes bf16 rows to float32
+        return zs, torch.linalg.vector_norm(zs, dim=1).square()
 
     def update(self, zs: Tensor, a: Tensor) -> None:
-        f64 = torch.float64
-        self.upper_gram = _add_upper_gram(self.upper_gram, zs)
-        s, az = zs.sum(dim=0).to(f64), (a @ zs).to(f64)
-        if self.sum is None:
-            self.sum, self.sum_az = s, az
-        else:
-            self.sum += s
-            self.sum_az += az
+        d = zs.shape[1]
+        _add_upper_gram(self.upper_gram.partial(zs, (d, d)), zs)
+        self.sum.add(zs.sum(dim=0))
+        self.sum_az.add(a @ zs)
+        self.sum_a.add(a.sum())
+        self.sum_aa.add(a.square().sum())
+        for part in (self.upper_gram, self.sum, self.sum_az, self.sum_a, self.sum_aa):
+            part.counted(zs.shape[0])
         self.n += zs.shape[0]
-        self.sum_a += float(a.to(f64).sum())
-        self.sum_aa += float(a.to(f64).square().sum())
 
 
 class _Cross:
@@ -235,22 +278,19 @@ class _Cross:
 
     def __init__(self) -> None:
         self.n = 0
-        self.cross: Tensor | None = None  # X'^T Y'
-        self.sum_ab = 0.0
-        self.sum_ay: Tensor | None = None  # sum of a_i y'_i
-        self.sum_bx: Tensor | None = None  # sum of b_i x'_i
+        self.cross = _Sum()  # X'^T Y'
+        self.sum_ab = _Sum()
+        self.sum_ay = _Sum()  # sum of a_i y'_i
+        self.sum_bx = _Sum()  # sum of b_i x'_i
 
     def update(self, xs: Tensor, a: Tensor, ys: Tensor, b: Tensor) -> None:
-        f64 = torch.float64
-        cross, ay, bx = (xs.T @ ys).to(f64), (a @ ys).to(f64), (b @ xs).to(f64)
-        if self.cross is None:
-            self.cross, self.sum_ay, self.sum_bx = cross, ay, bx
-        else:
-            self.cross += cross
-            self.sum_ay += ay
-            self.sum_bx += bx
+        self.cross.partial(xs, (xs.shape[1], ys.shape[1])).addmm_(xs.T, ys)
+        self.sum_ay.add(a @ ys)
+        self.sum_bx.add(b @ xs)
+        self.sum_ab.add(a @ b)
+        for part in (self.cross, self.sum_ab, self.sum_ay, self.sum_bx):
+            part.counted(xs.shape[0])
         self.n += xs.shape[0]
-        self.sum_ab += float((a.to(f64) * b.to(f64)).sum())
 
 
 def _centered_row_norm_dot(
@@ -297,19 +337,22 @@ class StreamingCKA:
         self.teacher.update(*self.teacher.shifted(y))
 
     def update_student(self, name: str, x: Tensor, y: Tensor) -> None:
-        moments, cross = self._students.setdefault(name, (_Moments(), _Cross()))
         if self.teacher.shift is None:
             raise ValueError("update_teacher must see a batch before update_student")
-        xs, a = moments.shifted(x)
+        self._update_student(name, x, *self.teacher.shifted(y))
+
+    def update(self, x: Tensor, y: Tensor, name: str = "student") -> None:
         ys, b = self.teacher.shifted(y)
+        self.teacher.update(ys, b)
+        self._update_student(name, x, ys, b)
+
+    def _update_student(self, name: str, x: Tensor, ys: Tensor, b: Tensor) -> None:
+        moments, cross = self._students.setdefault(name, (_Moments(), _Cross()))
+        xs, a = moments.shifted(x)
         if xs.shape[0] != ys.shape[0]:
             raise ValueError(f"student and teacher batches differ in tokens: {xs.shape[0]} vs {ys.shape[0]}")
         moments.update(xs, a)
         cross.update(xs, a, ys.to(xs.dtype), b.to(xs.dtype))
-
-    def update(self, x: Tensor, y: Tensor, name: str = "student") -> None:
-        self.update_teacher(y)
-        self.update_student(name, x, y)
 
     def _terms(self, name: str) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
         if name not in self._students:
@@ -321,15 +364,20 @@ class StreamingCKA:
             raise ValueError(f"student {name!r} saw {n} tokens but the teacher saw {ty.n}")
         if n < 2:
             raise ValueError(f"CKA needs at least 2 tokens, got {n}")
-        mx, my = sx.sum / n, ty.sum / n
-        gx, gy = _full_gram(sx.upper_gram), _full_gram(ty.upper_gram)
+        mx, my = sx.sum.value() / n, ty.sum.value() / n
+        gx, gy = _full_gram(sx.upper_gram.value()), _full_gram(ty.upper_gram.value())
+        cross = cr.cross.value()
         cxx = gx - n * torch.outer(mx, mx)
         cyy = gy - n * torch.outer(my, my)
-        cxy = cr.cross - n * torch.outer(mx, my)
+        cxy = cross - n * torch.outer(mx, my)
         tx, ty_ = float(torch.trace(cxx)), float(torch.trace(cyy))
-        rxry = _centered_row_norm_dot(n, mx, my, cr.cross, cr.sum_ab, cr.sum_ay, cr.sum_bx, sx.sum_a, ty.sum_a)
-        rxrx = _centered_row_norm_dot(n, mx, mx, gx, sx.sum_aa, sx.sum_az, sx.sum_az, sx.sum_a, sx.sum_a)
-        ryry = _centered_row_norm_dot(n, my, my, gy, ty.sum_aa, ty.sum_az, ty.sum_az, ty.sum_a, ty.sum_a)
+        sum_a_x, sum_a_y = float(sx.sum_a.value()), float(ty.sum_a.value())
+        rxry = _centered_row_norm_dot(n, mx, my, cross, float(cr.sum_ab.value()), cr.sum_ay.value(),
+                                      cr.sum_bx.value(), sum_a_x, sum_a_y)
+        rxrx = _centered_row_norm_dot(n, mx, mx, gx, float(sx.sum_aa.value()), sx.sum_az.value(), sx.sum_az.value(),
+                                      sum_a_x, sum_a_x)
+        ryry = _centered_row_norm_dot(n, my, my, gy, float(ty.sum_aa.value()), ty.sum_az.value(), ty.sum_az.value(),
+                                      sum_a_y, sum_a_y)
         return _hsic_pair(n, cxy, rxry, tx, ty_), _hsic_pair(n, cxx, rxrx, tx, tx), _hsic_pair(n, cyy, ryry, ty_, ty_)
 
     def linear(self, name: str = "student") -> float:

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ckaqad_cli import cka
 from ckaqad_cli.cka import (
     MinibatchCKA,
     Standardizer,
@@ -302,3 +303,22 @@ def test_streaming_wide_features_over_several_column_blocks():
         acc.update(x[i : i + 100], y[i : i + 100])
     assert acc.linear() == pytest.approx(ref_linear(x, y), abs=1e-10)
     assert acc.debiased() == pytest.approx(ref_linear(x, y, ref_hsic1), abs=1e-10)
+
+
+@pytest.mark.parametrize("flush_tokens", [1, 350, 10**9])  # every batch, every few batches, only when read
+def test_streaming_float32_partials_flush_into_float64(monkeypatch, flush_tokens):
+    """Many float32 batches with a large mean: the float32 partial sums and their flushes keep CKA exact."""
+    monkeypatch.setattr(cka, "FLUSH_TOKENS", flush_tokens)
+    x, y = features(1200, 48, 80, seed=3)
+    x, y = (x + 300.0).float(), (y - 50.0).float()
+    acc = StreamingCKA()
+    for i in range(0, 1200, 100):
+        acc.update_teacher(y[i : i + 100])
+        acc.update_student("s", x[i : i + 100], y[i : i + 100])
+    assert acc.linear("s") == pytest.approx(ref_linear(x, y), abs=2e-6)
+    assert acc.debiased("s") == pytest.approx(ref_linear(x, y, ref_hsic1), abs=2e-6)
+    # reading flushed the partials into the totals: batches after it add to the same totals
+    acc.update_teacher(y[:250])
+    acc.update_student("s", x[:250], y[:250])
+    x2, y2 = torch.cat([x, x[:250]]), torch.cat([y, y[:250]])
+    assert acc.linear("s") == pytest.approx(ref_linear(x2, y2), abs=2e-6)
