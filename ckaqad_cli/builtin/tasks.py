@@ -16,7 +16,7 @@ import torch
 
 SPLITS = ("train", "test")
 TEST_BUCKETS = 8  # one prompt hash bucket in TEST_BUCKETS is held out
-MAX_ANSWER_CHARS = 16  # no answer is longer; greedy decoding stops after this many tokens
+MAX_ANSWER_CHARS = 40  # no answer is longer (the longest: a program trace); greedy decoding stops after this many tokens
 _LETTERS = "abcdefgh"  # a small alphabet, so that count() has answers other than 0 and 1
 _VARIABLES = "xyz"
 _BRACKETS = {"(": ")", "[": "]"}
@@ -63,10 +63,15 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
 
 
 def _program_trace(rng: random.Random) -> tuple[str, str]:
-    """The value of a variable after three assignments: ``x=4;y=x+3;x=y-5;print(x)=``."""
+    """Trace three assignments, then print one variable: ``x=4;y=x+3;x=y-5;print(x)=`` -> ``x=4|x=4,y=7|x=2,y=7|2``.
+
+    The answer is worked: after each assignment, the state of every variable assigned so far (in the order x, y, z),
+    then the printed value. Each step reads only the state just before it, as a reasoning model writes its trace.
+    """
     first = rng.choice(_VARIABLES)
     values = {first: rng.randint(0, 9)}
     lines = [f"{first}={values[first]}"]
+    states = [_state(values)]
     for _ in range(2):
         source = rng.choice(sorted(values))
         target = rng.choice(_VARIABLES)
@@ -77,8 +82,14 @@ def _program_trace(rng: random.Random) -> tuple[str, str]:
         else:
             values[target] = values[source] - constant
             lines.append(f"{target}={source}-{constant}")
+        states.append(_state(values))
     shown = rng.choice(sorted(values))
-    return ";".join(lines) + f";print({shown})=", str(values[shown])
+    return ";".join(lines) + f";print({shown})=", "|".join(states + [str(values[shown])])
+
+
+def _state(values: dict[str, int]) -> str:
+    """``x=4,y=7``: every assigned variable and its value, in the order x, y, z."""
+    return ",".join(f"{name}={values[name]}" for name in sorted(values))
 
 
 def _list_operation(rng: random.Random) -> tuple[str, str]:
@@ -240,11 +251,13 @@ def evaluate(model, tokenizer, problems: Sequence[Problem], batch_size: int = 64
     model.eval()
     try:
         correct: dict[str, list[bool]] = {}
-        for start in range(0, len(problems), batch_size):
-            batch = problems[start : start + batch_size]
-            answers = greedy_answers(model, tokenizer, [p.prompt for p in batch])
-            for problem, answer in zip(batch, answers):
-                correct.setdefault(problem.family, []).append(answer == problem.answer)
+        # one family per batch: decoding runs until the longest answer of the batch ends, and the lengths differ
+        for family in dict.fromkeys(p.family for p in problems):
+            of_family = [p for p in problems if p.family == family]
+            for start in range(0, len(of_family), batch_size):
+                batch = of_family[start : start + batch_size]
+                answers = greedy_answers(model, tokenizer, [p.prompt for p in batch])
+                correct.setdefault(family, []).extend(a == p.answer for p, a in zip(batch, answers))
     finally:
         model.train(was_training)
     per_family = {family: sum(hits) / len(hits) for family, hits in correct.items()}
