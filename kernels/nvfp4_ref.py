@@ -161,7 +161,7 @@ def _scales_and_ratios(
     The block max is a max-pool (NaN-propagating, and faster than amax over a 16-wide last dimension).
     """
     rows, k = x2.shape
-    xf = x2.to(torch.float32, copy=True)  # divided in place below: never the caller's float32 tensor
+    xf = x2.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # divided in place below
     block_amax = F.max_pool1d(xf.abs().unsqueeze(1), BLOCK_SIZE).squeeze(1) if rows else xf.new_empty(0, k // 16)
     if check_finite and not bool(torch.isfinite(block_amax).all()):
         raise nonfinite_error(name)

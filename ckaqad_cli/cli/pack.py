@@ -67,7 +67,10 @@ def pack(
         False, "--force", help="Replace an existing output and re-run a finished stage. Default: off."
     ),
     backend: str = typer.Option(
-        "auto", "--backend", help="Quantization kernels: auto (Triton on GPU), triton or torch. Default: auto."
+        "auto",
+        "--backend",
+        help="Quantization kernels: auto (Triton on a GPU; on the CPU the C kernel where a C compiler is found, else "
+        "the PyTorch reference), triton, c or torch. All write the same bytes. Default: auto.",
     ),
     device: str = typer.Option(
         "cpu", "--device", help="Device for quantization, calibration and verify. Default: cpu."

@@ -18,6 +18,7 @@ import json
 import math
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,7 +52,7 @@ from ckaqad_cli.safetensors_io import (
     format_bytes,
     parse_size,
 )
-from ckaqad_kernels import dispatch, nvfp4_ref
+from ckaqad_kernels import dispatch, nvfp4_cpu, nvfp4_ref
 
 STAGE = "pack"
 OUTPUT_DIR = "model"
@@ -108,6 +109,12 @@ class PackConfig:
             raise CkaqadError(f"--scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
         if self.calib_tokens < 1 or self.calib_seq_len < 2:
             raise CkaqadError("--calib-tokens must be positive and --calib-seq-len at least 2")
+        if self.backend not in dispatch.BACKENDS:
+            raise CkaqadError(f"--backend must be one of {', '.join(dispatch.BACKENDS)}, not {self.backend!r}")
+        if self.backend == "c" and self.device != "cpu":
+            raise CkaqadError(f"--backend c runs on the CPU; it cannot quantize on --device {self.device}")
+        if self.backend == "c" and not nvfp4_cpu.available():
+            raise CkaqadError(f"--backend c: the C kernel is not available ({nvfp4_cpu.unavailable_reason()})")
         parse_size(self.max_shard_size)
 
 
@@ -155,14 +162,60 @@ def _meta_model(config: dict[str, Any]):
         return AutoModelForCausalLM.from_config(hf_config)
 
 
-def build_recipe(source: Path, config: dict[str, Any], scheme: str | None, exclude: list[str]) -> QuantRecipe:
-    """The student's recorded recipe, or quant's own selection (DEFAULT_EXCLUDE + ``exclude``) for plain PTQ."""
-    from ckaqad_cli.quant import RECIPE_FILE, apply_fake_quant
+DENSE_DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""model_types whose transformers model is embeddings, decoder layers of q/k/v/o and gate/up/down projections and
+norms, and the head: their Linear modules can be read off the checkpoint's tensor names (see dense_decoder_linears)."""
+_DENSE_DECODER_TENSOR = re.compile(
+    r"model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight"
+    r"|model\.layers\.\d+\.(?:input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)\.weight"
+    r"|model\.layers\.\d+\.self_attn\.[qkvo]_proj\.(?:weight|bias)"
+    r"|model\.layers\.\d+\.mlp\.(?:gate|up|down)_proj\.(?:weight|bias)"
+)
+_DENSE_DECODER_LINEAR = re.compile(r"model\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+_proj")
+
+
+def dense_decoder_linears(config: dict[str, Any], src: SafetensorsSource) -> list[tuple[str, int]] | None:
+    """The (name, in_features) of every Linear of a dense decoder checkpoint, in module order, without building the
+    model (importing transformers' modeling code costs seconds); None unless config's model_type is one of
+    DENSE_DECODER_TYPES, it names no remote code and every tensor has a name of that standard layout. The head is a
+    Linear even when tied to the embeddings (then it has no tensor of its own). tests/stages/test_pack_layout.py checks the
+    result against the meta model for each of these types, tied and untied."""
+    if config.get("model_type") not in DENSE_DECODER_TYPES or "auto_map" in config:
+        return None
+    specs = {s.name: s for s in src.specs()}
+    if not all(_DENSE_DECODER_TENSOR.fullmatch(name) for name in specs):
+        return None
+    linears = [(n[: -len(".weight")], s.shape[1]) for n, s in specs.items()
+               if n.endswith(".weight") and _DENSE_DECODER_LINEAR.fullmatch(n[: -len(".weight")]) and len(s.shape) == 2]
+    if not linears or "model.embed_tokens.weight" not in specs:
+        return None
+    linears.sort(key=lambda item: _module_order(item[0]))
+    return [*linears, ("lm_head", specs["model.embed_tokens.weight"].shape[1])]
+
+
+_MODULE_ORDER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")
+
+
+def _module_order(name: str) -> tuple[int, int]:
+    _, _, layer, rest = name.split(".", 3)
+    return int(layer), _MODULE_ORDER.index(rest)
+
+
+def build_recipe(
+    source: Path, config: dict[str, Any], scheme: str | None, exclude: list[str], src: SafetensorsSource
+) -> QuantRecipe:
+    """The student's recorded recipe, or quant's own selection (DEFAULT_EXCLUDE + ``exclude``) for plain PTQ: from
+    the checkpoint's names for the dense decoders of DENSE_DECODER_TYPES, else from the model built on the meta
+    device."""
+    from ckaqad_cli.quant import RECIPE_FILE, apply_fake_quant, recipe_for_linears
 
     if (source / RECIPE_FILE).is_file():
         recipe = QuantRecipe.load(source)
         if exclude:
             raise CkaqadError(f"{source} is a distilled student: its recipe fixes the modules; drop --exclude")
+    elif (linears := dense_decoder_linears(config, src)) is not None:
+        recipe = recipe_for_linears(linears, scheme=scheme or "w4a4", exclude=exclude)
     else:
         recipe = apply_fake_quant(_meta_model(config), scheme=scheme or "w4a4", exclude=exclude)
     if scheme is not None and scheme != recipe.scheme:
@@ -359,7 +412,7 @@ def _prepare_step(
         if tensor.is_floating_point():
             _checked_amax(item, tensor)
         return [(item, tensor)], src.spec(item).nbytes
-    weights = {m: src.get(f"{m}.weight") for m in item}
+    weights = _read_group(src, [f"{m}.weight" for m in item])
     g = group_global_scale_from_amaxes([_checked_amax(f"{m}.weight", w) for m, w in weights.items()])
     out: list[tuple[str, torch.Tensor]] = []
     for m, w in weights.items():
@@ -367,6 +420,27 @@ def _prepare_step(
         g_in = input_global_scale(plan.input_amax[m]) if plan.scheme == "w4a4" else None
         out += plan.fmt.encode(m, packed.cpu(), scales.cpu(), gs.cpu(), g_in).items()
     return out, sum(w.numel() * w.element_size() for w in weights.values())
+
+
+_SCRATCH = threading.local()
+_ALIGN = 64
+
+
+def _read_group(src: SafetensorsSource, names: list[str]) -> dict[str, torch.Tensor]:
+    """{module: weight} of one step to quantize, read into this thread's scratch buffer (grown when too small).
+
+    The weights only live until this step's outputs are made, so the next step of the same thread reuses the memory.
+    """
+    sizes = [-(-src.spec(n).nbytes // _ALIGN) * _ALIGN for n in names]
+    scratch = getattr(_SCRATCH, "buffer", None)
+    if scratch is None or scratch.numel() < sum(sizes):
+        _SCRATCH.buffer = scratch = None  # free the smaller one first
+        _SCRATCH.buffer = scratch = torch.empty(sum(sizes), dtype=torch.uint8)
+    out, offset = {}, 0
+    for name, size in zip(names, sizes):
+        out[name.removesuffix(".weight")] = src.get(name, scratch[offset : offset + size])
+        offset += size
+    return out
 
 
 MAX_CPU_WORKERS = 4
@@ -631,7 +705,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         raise CkaqadError(f"output {target} exists; pass --force to replace it")
     with SafetensorsSource(source) as src:
         config = formats.read_config(source)
-        recipe = build_recipe(source, config, cfg.scheme, list(cfg.exclude))
+        recipe = build_recipe(source, config, cfg.scheme, list(cfg.exclude), src)
         verify = cfg.verify if cfg.verify is not None else src.total_bytes <= AUTO_VERIFY_MAX_BYTES
         input_amax: dict[str, float] = {}
         fallbacks: dict[str, str] = {}
@@ -650,6 +724,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         planned = ShardedWriter(target, plan.specs, shard_bytes).file_bytes  # plans only, writes nothing
         extra = sum((source / n).stat().st_size for n in COPIED_FILES if (source / n).is_file())
         ensure_disk_space(target, planned + extra)
+        kernel = kernel_description(plan, src, cfg.backend, cfg.device)
         with _output_dir(target, cfg.force) as tmp:
             writer = ShardedWriter(tmp, plan.specs, shard_bytes)
             try:
@@ -681,11 +756,23 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         "bytes_after": writer.file_bytes,
         "compression_ratio": src.total_bytes / max(writer.file_bytes, 1),
         "shards": len(writer.shards),
+        "kernel": kernel,
         "copied": copied,
         "verify": verification or None,
         "seconds": time.perf_counter() - start,
     }
     return PackResult(out=target, format=fmt.NAME, scheme=plan.scheme, summary=summary)
+
+
+def kernel_description(plan: PackPlan, src: SafetensorsSource, backend: str, device: str) -> str:
+    """Which code quantizes the weights, in words (for the summary): Triton, C or the PyTorch reference, and why not C."""
+    if not plan.shapes:
+        return "none (nothing quantized)"
+    dtype = src.spec(f"{next(iter(plan.shapes))}.weight").dtype
+    used = dispatch.quantize_and_pack_backend(torch.empty(0, 16, dtype=dtype, device=device), backend)
+    if used == "torch" and backend == "auto" and device == "cpu" and not nvfp4_cpu.available():
+        return f"PyTorch reference (C kernel unavailable: {nvfp4_cpu.unavailable_reason()})"
+    return {"triton": "Triton", "c": "C (CPU)", "torch": "PyTorch reference"}[used]
 
 
 def _raise_if_failed(verification: dict[str, Any]) -> None:
@@ -720,6 +807,7 @@ SUMMARY_ROWS = (
     ("bytes after", "bytes_after"),
     ("compression ratio", "compression_ratio"),
     ("shards", "shards"),
+    ("quantized by", "kernel"),
     ("time (s)", "seconds"),
 )
 

@@ -321,9 +321,13 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     from ckaqad_cli.formats import read_config
+    from ckaqad_cli.safetensors_io import SafetensorsSource
     from ckaqad_cli.stages.pack import PackConfig, build_recipe, pack_model
+    from ckaqad_kernels import nvfp4_cpu
 
-    build_recipe(Path(sys.argv[1]), read_config(sys.argv[1]), "w4a16", [])  # fixed cost: imports the model code
+    with SafetensorsSource(Path(sys.argv[1])) as src:  # fixed costs: the recipe, loading the C kernel
+        build_recipe(Path(sys.argv[1]), read_config(sys.argv[1]), "w4a16", [], src)
+    nvfp4_cpu.available()
 
     def peak():  # VmHWM: this process image's peak RSS (ru_maxrss would carry pytest's over fork+exec)
         return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024
@@ -361,3 +365,29 @@ def test_peak_memory_bounded_by_largest_tensor(tmp_path):
     bound = in_flight * 3 * largest_quantized + 2 * largest + 96 * 2**20
     assert growth < bound, f"RSS grew {growth / 1e6:.0f} MB; bound {bound / 1e6:.0f} MB"
     assert growth < 0.8 * total, f"RSS grew {growth / 1e6:.0f} MB for a {total / 1e6:.0f} MB model"
+
+
+def test_backend_choice_is_checked_and_the_summary_names_the_kernel(tmp_path, monkeypatch):
+    from ckaqad_cli.errors import CkaqadError
+    from ckaqad_kernels import nvfp4_cpu
+
+    with pytest.raises(CkaqadError, match="--backend must be one of"):
+        PackConfig(model="m", backend="cuda")
+    with pytest.raises(CkaqadError, match="runs on the CPU"):
+        PackConfig(model="m", backend="c", device="cuda")
+    src = make_model(tmp_path / "src", student=None)
+    outs = {}
+    for backend in ("auto", "torch"):
+        result = pack_model(PackConfig(model=str(src), out=str(tmp_path / backend), scheme="w4a16", verify=False,
+                                       backend=backend))
+        outs[backend] = load_file(tmp_path / backend / "model.safetensors")
+        want = "C (CPU)" if nvfp4_cpu.available() and backend == "auto" else "PyTorch reference"
+        assert result.summary["kernel"].startswith(want)
+    assert outs["auto"].keys() == outs["torch"].keys()
+    for name, tensor in outs["auto"].items():  # whichever kernel ran, the same bytes
+        assert torch.equal(tensor.view(torch.uint8), outs["torch"][name].view(torch.uint8)), name
+    monkeypatch.setattr(nvfp4_cpu, "_library", lambda: (None, "no C compiler found (set CC)"))
+    result = pack_model(PackConfig(model=str(src), out=str(tmp_path / "fallback"), scheme="w4a16", verify=False))
+    assert result.summary["kernel"] == "PyTorch reference (C kernel unavailable: no C compiler found (set CC))"
+    with pytest.raises(CkaqadError, match="--backend c: the C kernel is not available"):
+        PackConfig(model="m", backend="c")
