@@ -1,4 +1,4 @@
-/* NVFP4 quantize-and-pack on the CPU: the steps of docs/nvfp4.md ("The computation"), one block of 16 at a time.
+/* NVFP4 quantize-and-pack on the CPU: the steps of docs/nvfp4.md ("The computation"), over pieces of a row.
  *
  * Compiled at first use by nvfp4_cpu.py with -O3 -ffp-contract=off and no fast-math flags: every float operation
  * is the IEEE float32 operation of the definition, so the bytes equal nvfp4_ref's (tests/kernels/test_nvfp4_cpu.py).

@@ -434,8 +434,8 @@ def _read_group(src: SafetensorsSource, names: list[str]) -> dict[str, torch.Ten
     sizes = [-(-src.spec(n).nbytes // _ALIGN) * _ALIGN for n in names]
     scratch = getattr(_SCRATCH, "buffer", None)
     if scratch is None or scratch.numel() < sum(sizes):
-        _SCRATCH.buffer = scratch = None  # free the smaller one first
-        _SCRATCH.buffer = scratch = torch.empty(sum(sizes), dtype=torch.uint8)
+        _SCRATCH.buffer = scratch = None  # the smaller buffer is freed before the larger one is allocated
+        scratch = _SCRATCH.buffer = torch.empty(sum(sizes), dtype=torch.uint8)
     out, offset = {}, 0
     for name, size in zip(names, sizes):
         out[name.removesuffix(".weight")] = src.get(name, scratch[offset : offset + size])

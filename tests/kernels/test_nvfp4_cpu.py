@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -28,6 +29,16 @@ def test_the_kernel_builds_where_a_compiler_is_found():
 needs_kernel = pytest.mark.skipif(not nvfp4_cpu.available(), reason=f"C kernel: {nvfp4_cpu.unavailable_reason()}")
 
 
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _check(x: torch.Tensor, g=None) -> None:
     cp, cs, cg = nvfp4_cpu.quantize_and_pack(x, g)
     rp, rs, rg = ref.quantize_and_pack(x, g)
@@ -48,18 +59,6 @@ def test_random_shapes_bit_exact(shape, dtype):
     with _threads(2):
         _check(x)
     _check(x, 0.37)
-
-
-class _threads:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.before)
 
 
 @needs_kernel
