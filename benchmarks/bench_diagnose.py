@@ -8,9 +8,11 @@
    sequence. Per-layer costs are measured at two depths and extrapolated to 28 layers (give 28 as the second depth
    to measure the real one). The statistics are timed in the steady state of a long run: every accumulator has
    already seen one batch (its first batch allocates and zeroes the float64 sums, a cost paid once per run).
+   ``--device cuda`` runs both on a GPU (timed after a synchronize; the forwards get one untimed warm-up).
 
     python benchmarks/bench_diagnose.py scaling --base-tokens 2048
     python benchmarks/bench_diagnose.py overhead --layers 4 28 --tokens 1024 --seq-len 256 --dtype float32
+    python benchmarks/bench_diagnose.py overhead --layers 4 28 --tokens 8192 --seq-len 2048 --dtype bfloat16 --device cuda
 """
 
 from __future__ import annotations
@@ -78,11 +80,18 @@ def _qwen3_shaped(layers: int, dtype: torch.dtype):
     return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
 
 
-def _best(fn, repeats: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best(fn, repeats: int, device: torch.device) -> float:
     times = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -93,18 +102,20 @@ def overhead(args) -> None:
     from ckaqad_cli.stages.diagnose import capture_residuals
 
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
     seq = args.seq_len
-    ids = torch.randint(0, 151936, (max(1, args.tokens // seq), seq))
+    ids = torch.randint(0, 151936, (max(1, args.tokens // seq), seq)).to(device)
     rows = {}
     for layers in args.layers:
-        teacher, student = _qwen3_shaped(layers, dtype), _qwen3_shaped(layers, dtype)
+        teacher, student = _qwen3_shaped(layers, dtype).to(device), _qwen3_shaped(layers, dtype).to(device)
         with capture_residuals(teacher) as ht, capture_residuals(student) as hs:
             def forwards():
                 ht.clear(), hs.clear()
                 teacher(input_ids=ids), student(input_ids=ids)
 
-            t_fwd = _best(forwards, args.repeats)
+            if device.type == "cuda":
+                forwards()  # kernel selection and allocator warm-up, once per process
+            t_fwd = _best(forwards, args.repeats, device)
             feats_t = [h[:, 1:].reshape(-1, h.shape[-1]) for h in ht[:-1]]
             feats_s = [h[:, 1:].reshape(-1, h.shape[-1]) for h in hs[:-1]]
 
@@ -116,7 +127,7 @@ def overhead(args) -> None:
 
         stats()  # the first batch of each accumulator allocates its sums: not the steady state
 
-        t_cka = _best(stats, args.repeats)
+        t_cka = _best(stats, args.repeats, device)
         rows[layers] = (t_fwd, t_cka)
         print(f"layers={layers}: two forwards {t_fwd:.3f} s, CKA statistics ({layers + 1} captures) {t_cka:.3f} s, "
               f"ratio {100 * t_cka / t_fwd:.1f}%", flush=True)
@@ -143,6 +154,7 @@ def main() -> None:
     o.add_argument("--repeats", type=int, default=2)
     o.add_argument("--seq-len", type=int, default=256)
     o.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    o.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args()
     {"scaling": scaling, "overhead": overhead}[args.cmd](args)
 
