@@ -1,6 +1,8 @@
 """Atomic file and directory writes: write under a temporary name next to the target, fsync, then rename.
 
 A reader (or a later stage) therefore sees either the old content or the complete new content, never a prefix.
+Files and directories get the permissions a plain ``open`` / ``mkdir`` would give under the process's umask (the
+temporary names are created private, 0600 and 0700): a packed model must be readable by the inference server's user.
 """
 
 from __future__ import annotations
@@ -13,6 +15,19 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _umask() -> int:
+    """The process's umask (read from /proc where it can be, since setting it to read it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:
@@ -35,6 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -68,6 +84,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         raise FileExistsError(str(target))
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

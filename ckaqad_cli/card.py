@@ -95,7 +95,22 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
-def _section_summary(title: str, base_model: str | None, fmt: str, scheme: str) -> str:
+def _method(distill: dict[str, Any]) -> str:
+    """"ptq" (the run has no distill stage), "qad" (distilled with lambda 0: KL only) or "cka-qad"."""
+    if not distill:
+        return "ptq"
+    return "qad" if (distill.get("config") or {}).get("lambda_cka") == 0 else "cka-qad"
+
+
+HOW_MADE = {
+    "ptq": "made by post-training quantization (PTQ) of the BF16 model, without distillation",
+    "qad": "made with quantization-aware distillation (QAD) from the BF16 teacher, on the KL divergence alone",
+    "cka-qad": "made with **CKA-QAD**: quantization-aware distillation from the BF16 teacher with a CKA term that "
+    "keeps the student's layer representations aligned with the teacher's",
+}
+
+
+def _section_summary(title: str, base_model: str | None, fmt: str, scheme: str, method: str) -> str:
     base = f"[{base_model}](https://huggingface.co/{base_model})" if is_hub_id(base_model) else f"`{base_model}`"
     acts = (
         "The inputs of those layers are quantized the same way on the fly (W4A4)."
@@ -106,8 +121,7 @@ def _section_summary(title: str, base_model: str | None, fmt: str, scheme: str) 
         f"# {title}",
         "",
         f"An NVFP4 ({scheme.upper()}) quantization of {base if base_model else 'a BF16 model'}, "
-        f"stored in the **{fmt}** format and made with **CKA-QAD**: quantization-aware distillation from the "
-        "BF16 teacher with a CKA term that keeps the student's layer representations aligned with the teacher's.",
+        f"stored in the **{fmt}** format and {HOW_MADE[method]}.",
         "",
         "**NVFP4** stores the weights of the linear layers as 4-bit floats (E2M1: values 0, 0.5, 1, 1.5, 2, 3, 4, 6 "
         "with a sign) in blocks of 16 elements; each block has an FP8 (E4M3) scale and each tensor a float32 global "
@@ -149,8 +163,10 @@ def _section_method(manifest: dict | None, scheme: str) -> str:
     lines += [f"| {k} | {_fmt(v, 'g')} |" for k, v in rows if v is not None]
     lines += [
         "",
-        "Loss: KL divergence from the BF16 teacher's next-token distribution plus lambda times the mean over layers "
-        "of (1 - linear CKA) between the student's and the teacher's hidden states; "
+        "Loss: KL divergence from the BF16 teacher's next-token distribution"
+        + (" (lambda 0: no CKA term); " if _method(distill) == "qad" else
+           " plus lambda times the mean over layers of (1 - linear CKA) between the student's and the teacher's "
+           "hidden states; ")
         + ("weights and activations are" if scheme == "w4a4" else "weights are")
         + " fake-quantized to NVFP4 in the forward pass, with a straight-through estimator for the gradients.",
     ]
@@ -230,14 +246,14 @@ def _section_usage(model_ref: str, fmt: str) -> str:
     return "\n".join(lines)
 
 
-def _metadata(folder: Path, base_model: str | None, fmt: str) -> dict[str, Any]:
+def _metadata(folder: Path, base_model: str | None, fmt: str, method: str) -> dict[str, Any]:
     data = ModelCardData(
         base_model=base_model if is_hub_id(base_model) else None,
         base_model_relation="quantized" if is_hub_id(base_model) else None,
         library_name=FORMAT_LIBRARY.get(fmt, "transformers"),
         pipeline_tag=_pipeline_tag(_read_config(folder)),
         license=base_model_license(base_model),
-        tags=["nvfp4", "cka-qad", fmt],
+        tags=["nvfp4", method, fmt],
     )
     return data.to_dict()
 
@@ -286,13 +302,15 @@ def render_model_card(
     existing: str | None = None,
     mode: CardMode = "replace",
     repo_id: str | None = None,
+    model_path: str | Path | None = None,
     with_plot: bool | None = None,
 ) -> str:
     """README.md text for the packed model in ``folder``.
 
     ``existing`` is the card already there: ``keep`` returns it unchanged, ``replace`` ignores it, ``merge`` keeps its
     prose and metadata and refreshes our marked sections and fields. ``repo_id`` names the model in the usage
-    snippets (the folder path when not given). The card shows ``cka_per_layer.png`` when ``with_plot`` is true
+    snippets; without it, ``model_path`` does (the folder's final path, when the card is written into a temporary
+    folder that is renamed afterwards), else ``folder``. The card shows ``cka_per_layer.png`` when ``with_plot`` is true
     (default: when ``folder`` holds that file; :func:`copy_plot` puts it there).
     """
     if mode not in CARD_MODES:
@@ -302,15 +320,16 @@ def render_model_card(
         return existing
     title_base = (base_model or "model").rstrip("/").split("/")[-1]
     title = repo_id.split("/")[-1] if repo_id else f"{title_base}-NVFP4"
+    method = _method(_stage(manifest, "distill"))
     sections = {
-        "summary": _section_summary(title, base_model, fmt, scheme),
+        "summary": _section_summary(title, base_model, fmt, scheme, method),
         "method": _section_method(manifest, scheme),
         "evaluation": _section_evaluation(
             manifest, (folder / PLOT_FILE).is_file() if with_plot is None else with_plot
         ),
-        "usage": _section_usage(repo_id or str(folder), fmt),
+        "usage": _section_usage(repo_id or str(model_path or folder), fmt),
     }
-    ours = _metadata(folder, base_model, fmt)
+    ours = _metadata(folder, base_model, fmt, method)
     if mode == "merge" and existing is not None:
         card = ModelCard(existing, ignore_metadata_errors=True)
         return _compose(_merge_metadata(card.data.to_dict(), ours), _merge_body(card.text, sections))

@@ -144,6 +144,7 @@ def _load_packed_moe(path: Path) -> nn.Module:
         input_fallbacks={},
         specs=[],
         steps=[],
+        dtype=formats.model_dtype(config),
     )
     return _packed_through_unpacker(path, plan, "cpu")
 

@@ -283,6 +283,25 @@ class NVFP4Experts(nn.Module):
         return ", ".join(parts)
 
 
+@torch.no_grad()
+def freeze_quantized_weights(model: nn.Module) -> None:
+    """Store each fake-quantized weight's quantized values in its Parameter and stop quantizing it again.
+
+    In the weights' dtype the model then computes exactly as before. Cast afterwards (``model.to(torch.bfloat16)``),
+    each quantized value is rounded once, as a packed checkpoint decodes into that dtype: the student of a float32
+    distillation, as pack deploys it in bf16.
+    """
+    linears = [m for m in model.modules() if isinstance(m, NVFP4Linear) and m.quantize_weight]
+    experts = [m for m in model.modules() if isinstance(m, NVFP4Experts) and m.quantize_weight]
+    # every value first: a fused group's global scale reads its members' weights
+    values = [(m.weight, fake_quantize_ste(m.weight, m.weight_global_scale())) for m in linears]
+    values += [(m._parameters[p], getattr(m, p)) for m in experts for p in ("gate_up_proj", "down_proj")]
+    for parameter, quantized in values:
+        parameter.copy_(quantized)
+    for module in [*linears, *experts]:
+        module.quantize_weight = False
+
+
 _EXPERTS_CLASSES: dict[type, type] = {}
 
 
@@ -346,6 +365,27 @@ def _select_linear(recipe: QuantRecipe, name: str, in_features: int) -> None:
         recipe.quantized.append(name)
 
 
+def _group_recipe(recipe: QuantRecipe) -> None:
+    """Set the recipe's fused groups, refusing a recipe that quantizes nothing or only part of a fused group.
+
+    Engines run q/k/v and gate/up as one GEMM over their concatenated weights: vLLM refuses a checkpoint whose fused
+    group is partly quantized, so an exclusion must take the whole group or none of it.
+    """
+    if not recipe.quantized:
+        raise CkaqadError(f"nothing to quantize: every Linear is excluded or too narrow ({len(recipe.skipped)} skipped)")
+    for group in fused_groups([*recipe.quantized, *recipe.skipped]):
+        kept = [n for n in group if n in recipe.skipped]
+        if kept and len(kept) < len(group):
+            quantized = [n for n in group if n not in recipe.skipped]
+            leaves = [_split_name(n)[1] for n in group]
+            raise CkaqadError(
+                f"{kept[0]} is {recipe.skipped[kept[0]]} but {', '.join(quantized)} of its fused group would be "
+                f"quantized: engines run {' / '.join(leaves)} as one GEMM and need them all quantized or all kept; "
+                f"exclude {' and '.join(repr('*.' + leaf) for leaf in leaves)} together, or none of them"
+            )
+    recipe.fused_groups = fused_groups(recipe.quantized)
+
+
 def recipe_for_linears(
     linears: Iterable[tuple[str, int]], scheme: str = "w4a4", exclude: Iterable[str] = ()
 ) -> QuantRecipe:
@@ -354,7 +394,7 @@ def recipe_for_linears(
     recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude])
     for name, in_features in linears:
         _select_linear(recipe, name, in_features)
-    recipe.fused_groups = fused_groups(recipe.quantized)
+    _group_recipe(recipe)
     return recipe
 
 
@@ -380,7 +420,7 @@ def apply_fake_quant(model: nn.Module, scheme: str = "w4a4", exclude: Iterable[s
                 recipe.skipped[name] = problem
             else:
                 recipe.quantized += expert_module_names(name, _num_experts(module))
-    recipe.fused_groups = fused_groups(recipe.quantized)
+    _group_recipe(recipe)
     _wrap(model, recipe.quantized, recipe.fused_groups, scheme)
     return recipe
 

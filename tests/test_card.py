@@ -160,3 +160,27 @@ def test_merge_is_idempotent_and_keeps_arbitrary_prose(tmp_path, prose):
     once = _render(folder, existing=existing, mode="merge")
     assert prose in once
     assert _render(folder, existing=once, mode="merge") == once
+
+
+def test_the_card_names_the_method_the_run_used(tmp_path):
+    """PTQ (no distill stage), KL-only QAD (lambda 0) and CKA-QAD each get their own words and tag."""
+    folder = _folder(tmp_path)
+    ptq = {"schema_version": 1, "stages": {}}
+    kl_only = {"schema_version": 1, "stages": {"distill": {**MANIFEST["stages"]["distill"],
+                                                           "config": {"lambda_cka": 0.0}}}}
+    cards = {name: _split(_render(folder, manifest=m)) for name, m in
+             [("ptq", ptq), ("qad", kl_only), ("cka-qad", MANIFEST)]}
+    for name, (meta, _) in cards.items():
+        assert name in meta["tags"] and not {"ptq", "qad", "cka-qad"} - {name} & set(meta["tags"])
+    assert "post-training quantization" in cards["ptq"][1] and "CKA-QAD" not in cards["ptq"][1]
+    assert "KL divergence alone" in cards["qad"][1] and "no CKA term" in cards["qad"][1]
+    assert "CKA-QAD" not in cards["qad"][1]
+    assert "**CKA-QAD**" in cards["cka-qad"][1] and "(1 - linear CKA)" in cards["cka-qad"][1]
+
+
+def test_usage_names_the_final_path_not_the_folder_it_was_written_in(tmp_path):
+    folder = _folder(tmp_path)
+    _, body = _split(_render(folder, model_path="/models/qwen3-nvfp4"))
+    assert "/models/qwen3-nvfp4" in body and str(tmp_path) not in body
+    _, body = _split(_render(folder, repo_id="me/m", model_path="/models/qwen3-nvfp4"))
+    assert "me/m" in body and "/models/qwen3-nvfp4" not in body

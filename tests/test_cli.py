@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,16 @@ def test_every_option_of_every_command_has_help(command):
     click_command = get_command(app).commands[command]
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
+    shown = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split())  # the panels' text, wrapping undone
     for param in click_command.params:
         if param.param_type_name != "option" or param.name == "help":
             continue
         assert getattr(param, "help", None), f"{command} --{param.name} has no help text"
         assert param.opts[0] in result.stdout, f"{param.opts[0]} missing from `{command} --help`"
+        # whole, so that no [bracketed] part of it was taken for rich markup and dropped
+        assert " ".join(param.help.split()) in shown, f"`{command} --help` mangles the help of {param.opts[0]}"
+    for line in click_command.help.split("\n\n")[1].split("\n"):  # the paragraph under the summary line
+        assert " ".join(line.split()) in shown, f"`{command} --help` mangles {line!r}"
     assert "Example" in result.stdout or "example" in result.stdout, f"`{command} --help` shows no example"
 
 

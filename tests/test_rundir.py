@@ -216,6 +216,21 @@ def test_atomic_directory_leaves_nothing_on_failure_and_renames_on_success(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_permissions_of_the_umask(tmp_path, umask):
+    """Temporary names are created private; the final file and directory must be what open/mkdir would give, so
+    that a packed model is readable by an inference server running as another user."""
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "f.json", b"{}")
+        with atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_manifest_of_another_schema_version_is_refused(tmp_path):
     run = RunDir(tmp_path)
     run.manifest_path.write_text(json.dumps({"schema_version": 99, "stages": {}}))

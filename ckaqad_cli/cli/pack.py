@@ -75,6 +75,13 @@ def pack(
     device: str = typer.Option(
         "cpu", "--device", help="Device for quantization, calibration and verify. Default: cpu."
     ),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="dtype of the tensors left unquantized (embeddings, norms, head) and of config.json: auto, bfloat16, "
+        "float16 or float32. auto keeps the source's, except bfloat16 for a distilled student (its float32 master "
+        "weights are for training). Default: auto.",
+    ),
     push_to_hub: str | None = typer.Option(
         None, "--push-to-hub", help="Then push the output to this ORG/NAME repo. Default: no push."
     ),
@@ -108,6 +115,7 @@ def pack(
         force=force,
         backend=backend,
         device=device,
+        dtype=dtype,
     )
     push_cfg = None
     if push_to_hub:  # check the Hub options now, not after a long pack

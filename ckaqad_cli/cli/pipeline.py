@@ -21,14 +21,14 @@ def pipeline(
     baseline: bool = typer.Option(
         False, "--baseline", help="Also run KL-only QAD (lambda 0) on the same budget, for the comparison."
     ),
-    steps: int = typer.Option(None, "--steps", help="Distill steps [default: the teacher's preset, 300 for builtin]."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Distill sequences per step [default: preset]."),
-    seq_len: int = typer.Option(None, "--seq-len", help="Distill tokens per sequence [default: preset]."),
-    lr: float = typer.Option(None, "--lr", help="Distill learning rate [default: preset, 3e-4 builtin, 1e-5 else]."),
+    steps: int = typer.Option(None, "--steps", help="Distill steps (default: the teacher's preset, 300 for builtin)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Distill sequences per step (default: preset)."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Distill tokens per sequence (default: preset)."),
+    lr: float = typer.Option(None, "--lr", help="Distill learning rate (default: preset, 3e-4 builtin, 1e-5 else)."),
     lambda_cka: float = typer.Option(
-        None, "--lambda-cka", help="Fixed CKA weight [default: balanced each step to the KL magnitude]."
+        None, "--lambda-cka", help="Fixed CKA weight (default: balanced each step to the KL magnitude)."
     ),
-    cka_layers: str = typer.Option(None, "--cka-layers", help="Layers in the CKA term [default: distill's]."),
+    cka_layers: str = typer.Option(None, "--cka-layers", help="Layers in the CKA term (default: distill's)."),
     seed: int = typer.Option(0, "--seed", help="Seed of data order, sampling and evaluation problems."),
     diagnose_tokens: int = typer.Option(16384, "--diagnose-tokens", help="Tokens streamed by each diagnose."),
     diagnose_seq_len: int = typer.Option(128, "--diagnose-seq-len", help="Sequence length of diagnose."),
@@ -44,9 +44,9 @@ def pipeline(
 ) -> None:
     """Run the whole chain on one run directory and print the comparison table.
 
-    Stages: diagnose of the NVFP4 PTQ student, distill (CKA-QAD), [distill-kl: KL-only baseline], diagnose of the
-    distilled students, pack (with verify), push as a dry run. Stages already done are skipped, so an interrupted
-    pipeline continues when run again. Writes RUN/pipeline/comparison.{json,md} and cka.png.
+    Stages: diagnose of the NVFP4 PTQ student, distill (CKA-QAD), distill-kl (the KL-only baseline, with
+    --baseline), diagnose of the distilled students, pack (with verify), push as a dry run. Stages already done are
+    skipped, so an interrupted pipeline continues when run again. Writes RUN/pipeline/comparison.{json,md} and cka.png.
 
     Examples:
 

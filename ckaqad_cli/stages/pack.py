@@ -68,14 +68,14 @@ COPIED_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 AUTO_VERIFY_MAX_BYTES = 2 * 10**9
 """--verify defaults to on for sources up to this size (it loads the student and the packed model in memory)."""
 VERIFY_TOP1_MIN = 0.8
 VERIFY_MAX_ABS_REL = 0.25
-"""W4A4 verify through transformers passes when the weights-only logits are exact and the W4A4 top-1 agreement is at
-least VERIFY_TOP1_MIN: compressed-tensors quantizes activations with its own rounding order, so a few activation
-codes differ from ours. When some global scales cannot be stored exactly, the logits must also stay within
-VERIFY_MAX_ABS_REL times the student's max |logit|. Everything else must match exactly (0 difference)."""
+"""Verify's logits must match the student's exactly, except when some global scales cannot be stored exactly: then
+top-1 agreement at least VERIFY_TOP1_MIN and max |diff| within VERIFY_MAX_ABS_REL times the student's max |logit|
+(see verify_logits)."""
 VERIFY_SEQUENCES = 4
 VERIFY_SEQ_LEN = 32
 
@@ -102,19 +102,34 @@ class PackConfig:
     force: bool = False
     backend: str = "auto"
     device: str = "cpu"
+    dtype: str = "auto"
+    """dtype of the tensors left unquantized (and config.json's): auto = the source's, but bfloat16 for a distilled
+    student (distill keeps float32 master weights)."""
 
     def __post_init__(self) -> None:
         formats.format_module(self.format)
+        if self.dtype not in DTYPES:
+            raise CkaqadError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.scheme is not None and self.scheme not in SCHEMES:
             raise CkaqadError(f"--scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
         if self.calib_tokens < 1 or self.calib_seq_len < 2:
             raise CkaqadError("--calib-tokens must be positive and --calib-seq-len at least 2")
         if self.backend not in dispatch.BACKENDS:
             raise CkaqadError(f"--backend must be one of {', '.join(dispatch.BACKENDS)}, not {self.backend!r}")
-        if self.backend == "c" and self.device != "cpu":
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise CkaqadError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise CkaqadError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
+        if self.backend == "triton" and device.type != "cuda" and not dispatch.triton_interpreted():
+            raise CkaqadError("--backend triton needs --device cuda (Triton kernels run on the GPU)")
+        if self.backend == "c" and device.type != "cpu":
             raise CkaqadError(f"--backend c runs on the CPU; it cannot quantize on --device {self.device}")
         if self.backend == "c" and not nvfp4_cpu.available():
             raise CkaqadError(f"--backend c: the C kernel is not available ({nvfp4_cpu.unavailable_reason()})")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CkaqadError(f"--device {self.device}: no CUDA device is available")
         parse_size(self.max_shard_size)
 
 
@@ -138,6 +153,8 @@ class PackPlan:
     specs: list[TensorSpec]
     steps: list[tuple[str, Any]]
     """("copy", tensor name) or ("quantize", group) in write order."""
+    dtype: torch.dtype
+    """dtype of the floating tensors copied unquantized, and of config.json."""
 
 
 # -- source and recipe -----------------------------------------------------------------------------------------
@@ -200,6 +217,17 @@ _MODULE_ORDER = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 def _module_order(name: str) -> tuple[int, int]:
     _, _, layer, rest = name.split(".", 3)
     return int(layer), _MODULE_ORDER.index(rest)
+
+
+def deploy_dtype(choice: str, source: Path, config: dict[str, Any]) -> torch.dtype:
+    """The dtype of the unquantized tensors (--dtype): as chosen, else the source's, but bfloat16 for a distilled
+    student, whose float32 master weights are a training device, not a deployment dtype."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    from ckaqad_cli.quant import RECIPE_FILE
+
+    stored = formats.model_dtype(config)
+    return torch.bfloat16 if stored == torch.float32 and (source / RECIPE_FILE).is_file() else stored
 
 
 def build_recipe(
@@ -311,6 +339,7 @@ def plan_pack(
     fmt: ModuleType,
     input_amax: dict[str, float],
     input_fallbacks: dict[str, str],
+    dtype: torch.dtype,
 ) -> PackPlan:
     quantized = list(recipe.quantized)
     kept = dict(recipe.skipped)
@@ -354,7 +383,8 @@ def plan_pack(
                 specs += fmt.module_specs(m, *shapes[m], scheme)
         else:
             steps.append(("copy", name))
-            specs.append(src.spec(name))
+            spec = src.spec(name)
+            specs.append(TensorSpec(name, dtype, spec.shape) if spec.dtype.is_floating_point else spec)
     return PackPlan(
         source=source,
         config=config,
@@ -368,6 +398,7 @@ def plan_pack(
         input_fallbacks=input_fallbacks,
         specs=specs,
         steps=steps,
+        dtype=dtype,
     )
 
 
@@ -410,7 +441,10 @@ def _prepare_step(
     if kind == "copy":
         tensor = src.get(item)
         if tensor.is_floating_point():
-            _checked_amax(item, tensor)
+            amax = _checked_amax(item, tensor)
+            if amax > torch.finfo(plan.dtype).max:
+                raise CkaqadError(f"tensor {item} holds {float(amax):.4g}, beyond the range of {plan.dtype}")
+            tensor = tensor.to(plan.dtype)
         return [(item, tensor)], src.spec(item).nbytes
     weights = _read_group(src, [f"{m}.weight" for m in item])
     g = group_global_scale_from_amaxes([_checked_amax(f"{m}.weight", w) for m, w in weights.items()])
@@ -495,6 +529,8 @@ def write_configs(plan: PackPlan, out: Path) -> None:
     ignore = ignore_list(plan)
     config = dict(plan.config)
     config.pop("compression_config", None)
+    dtype_keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]  # transformers 5 / 4 spelling
+    config.update(dict.fromkeys(dtype_keys, str(plan.dtype).removeprefix("torch.")))
     config["quantization_config"] = plan.fmt.quantization_config(plan.scheme, ignore)
     atomic_write_json(out / "config.json", config)
     if plan.fmt is formats.modelopt:
@@ -583,7 +619,7 @@ def _packed_through_unpacker(out: Path, plan: PackPlan, device: str):
         weights = {k: v.contiguous() for k, v in state.items()}
         save_file(weights, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
         del state
-        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=formats.model_dtype(plan.config)).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=plan.dtype).to(device).eval()
     recipe = QuantRecipe(**{**asdict(plan.recipe), "quantized": list(plan.shapes), "input_amax": plan.input_amax})
     recipe.fused_groups = [g for g in plan.groups if len(g) > 1]
     apply_recipe(model, recipe)
@@ -613,61 +649,82 @@ def _set_activation_quant(student, packed, on: bool, through_transformers: bool)
                 scheme.input_activations = module._ckaqad_inputs if on else None
 
 
+def _compare(student, packed, ids: torch.Tensor, scheme: str, through_transformers: bool) -> dict[str, float]:
+    """Weights-only max |diff| of the logits, then (W4A4 activations on, for that scheme) max |diff| and top-1."""
+    _set_activation_quant(student, packed, False, through_transformers)
+    weights_only = float((_logits(packed, ids) - _logits(student, ids)).abs().max())
+    if scheme == "w4a4":
+        _set_activation_quant(student, packed, True, through_transformers)
+    want, got = _logits(student, ids), _logits(packed, ids)
+    return {
+        "weights_only_max_abs_diff": weights_only,
+        "max_abs_diff": float((got - want).abs().max()),
+        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+        "student_max_abs_logit": float(want.abs().max()),
+    }
+
+
+def _transformers_reads(plan: PackPlan) -> bool:
+    """Whether transformers (with compressed-tensors) can load the packed model as the student ran: compressed-tensors
+    format, dense, bf16 (transformers loads compressed-tensors models in bf16 only), the library installed."""
+    if plan.fmt is not formats.compressed_tensors or _is_moe(plan.config) or plan.dtype != torch.bfloat16:
+        return False
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool = True) -> dict[str, Any]:
     """Compare the packed model's logits with the fake-quantized student's on a few sequences.
 
-    Weights only (activation quantization off in both): must match exactly, through transformers too. With W4A4
-    activations on: through transformers, compressed-tensors rounds activations in its own operation order, so the
-    check is top-1 agreement and a max |diff| bound; through our unpacker it must again be exact.
+    The gate is the packed model decoded by our own unpacker, W4A4 activations quantized from the stored input
+    scales: its logits must equal the student's exactly, weights only and with activations. Where transformers reads
+    the checkpoint (see _transformers_reads) it is loaded there too: its weights-only logits must also be exact,
+    which proves the real loader reads every tensor as written. Its W4A4 logits are reported, not gated:
+    compressed-tensors computes each activation block's scale in the activation dtype (bf16) where the NVFP4 spec
+    (docs/nvfp4.md) and the engines' kernels use float32, so some activation codes differ.
+    When some global scales cannot be stored exactly (``weights_exact`` false), exactness is replaced by top-1
+    agreement >= VERIFY_TOP1_MIN and max |diff| <= VERIFY_MAX_ABS_REL x the student's max |logit|.
     """
-    from ckaqad_cli.quant import set_input_amax
+    from ckaqad_cli.quant import freeze_quantized_weights, set_input_amax
 
     with SafetensorsSource(plan.source) as src:  # the dtype the weights were quantized from
         source_dtype = src.get(f"{next(iter(plan.shapes))}.weight").dtype
     student, tokenizer = load_student(plan.source, plan.recipe, device, source_dtype)
+    if plan.dtype != source_dtype:  # deployed in another dtype: the weights quantized as trained, then cast
+        freeze_quantized_weights(student)
+        student.to(plan.dtype)
     if plan.scheme == "w4a4":
         set_input_amax(student, plan.input_amax)
-    # transformers loads compressed-tensors models in bf16 only: a student with float32 master weights (what distill
-    # saves) cannot match exactly there, so it is compared through our own unpacker, in its own dtype.
-    bf16_source = source_dtype == torch.bfloat16
-    use_transformers = plan.fmt is formats.compressed_tensors and not _is_moe(plan.config) and bf16_source
-    if use_transformers:
-        try:
-            import compressed_tensors  # noqa: F401
-        except ImportError:
-            use_transformers = False
-    if use_transformers:
+    ids = _verify_ids(tokenizer, int(student.config.vocab_size)).to(device)
+    through_transformers = None
+    if _transformers_reads(plan):
         from transformers import AutoModelForCausalLM
 
         packed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device).eval()
-        path = "transformers + compressed-tensors"
-    else:
-        packed = _packed_through_unpacker(out, plan, device)
-        path = "ckaqad unpacker" + (" (MoE: transformers fuses experts)" if _is_moe(plan.config) else "")
-        path += "" if bf16_source else " (float32 student: transformers reads compressed-tensors in bf16 only)"
-    ids = _verify_ids(tokenizer, int(student.config.vocab_size)).to(device)
-    _set_activation_quant(student, packed, False, use_transformers)
-    weights_only = float((_logits(packed, ids) - _logits(student, ids)).abs().max())
-    result = {"path": path, "weights_only_max_abs_diff": weights_only}
-    if plan.scheme == "w4a4":
-        _set_activation_quant(student, packed, True, use_transformers)
-    want, got = _logits(student, ids), _logits(packed, ids)
-    diff = float((got - want).abs().max())
-    top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
-    bound = VERIFY_MAX_ABS_REL * (float(want.abs().max()) or 1.0)
+        through_transformers = _compare(student, packed, ids, plan.scheme, True)
+        del packed
+    packed = _packed_through_unpacker(out, plan, device)
+    ours = _compare(student, packed, ids, plan.scheme, False)
+    path = "ckaqad unpacker" + (" (MoE: transformers fuses experts)" if _is_moe(plan.config) else "")
+    if through_transformers is not None:
+        path += "; transformers + compressed-tensors (weights only)"
     if not weights_exact:  # some global scales could not be stored exactly (verify_weights): near, not equal
-        ok = top1 >= VERIFY_TOP1_MIN and diff <= bound
+        bound = VERIFY_MAX_ABS_REL * (ours["student_max_abs_logit"] or 1.0)
+        ok = ours["top1_agreement"] >= VERIFY_TOP1_MIN and ours["max_abs_diff"] <= bound
         tolerance = f"top-1 >= {VERIFY_TOP1_MIN}, max |diff| <= {bound:.3g} (reciprocal scales inexact)"
-    elif use_transformers and plan.scheme == "w4a4":
-        # compressed-tensors quantizes activations in its own rounding order: the weights-only logits must be
-        # exact, the W4A4 ones agree on top-1; their max |diff| is reported, not gated (one flipped activation code
-        # on an outlier token moves a logit far, in a model whose deployed weights are proven exact).
-        ok = weights_only == 0.0 and top1 >= VERIFY_TOP1_MIN
-        tolerance = f"weights-only exact; W4A4 top-1 >= {VERIFY_TOP1_MIN} (max |diff| reported)"
     else:
-        ok = weights_only == 0.0 and diff == 0.0
+        exact = [ours["weights_only_max_abs_diff"], ours["max_abs_diff"]]
+        exact += [through_transformers["weights_only_max_abs_diff"]] if through_transformers else []
+        ok = all(d == 0.0 for d in exact)
         tolerance = "exact (0 difference)"
-    return {**result, "max_abs_diff": diff, "top1_agreement": top1, "tolerance": tolerance, "passed": ok}
+    result = {"path": path, **{k: v for k, v in ours.items() if k != "student_max_abs_logit"},
+              "tolerance": tolerance, "passed": ok}
+    if through_transformers is not None:
+        result["transformers"] = {k: v for k, v in through_transformers.items() if k != "student_max_abs_logit"}
+    return result
 
 
 # -- the stage -------------------------------------------------------------------------------------------------
@@ -701,6 +758,8 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
     if target is None:
         raise CkaqadError("no output directory: pass --out DIR or --run DIR")
     fmt = formats.format_module(cfg.format)
+    if target.resolve() == source.resolve() or target.resolve() in source.resolve().parents:
+        raise CkaqadError(f"output {target} would replace the model it is packed from ({source}); choose another --out")
     if target.exists() and not cfg.force:
         raise CkaqadError(f"output {target} exists; pass --force to replace it")
     with SafetensorsSource(source) as src:
@@ -719,7 +778,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
                 )
                 del student
             input_amax, fallbacks = fill_input_amax(recipe.quantized, recorded)
-        plan = plan_pack(source, src, config, recipe, fmt, input_amax, fallbacks)
+        plan = plan_pack(source, src, config, recipe, fmt, input_amax, fallbacks, deploy_dtype(cfg.dtype, source, config))
         shard_bytes = parse_size(cfg.max_shard_size)
         planned = ShardedWriter(target, plan.specs, shard_bytes).file_bytes  # plans only, writes nothing
         extra = sum((source / n).stat().st_size for n in COPIED_FILES if (source / n).is_file())
@@ -741,7 +800,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
                 exact = not verification["weights"]["reciprocal_scale_inexact"]
                 verification["logits"] = verify_logits(plan, tmp, cfg.device, weights_exact=exact)
                 _raise_if_failed(verification)
-            _write_card(tmp, run, plan)
+            _write_card(tmp, target, run, plan)
     summary = {
         "source": str(source),
         "out": str(target),
@@ -750,6 +809,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         "modules_quantized": len(plan.shapes),
         "modules_kept": len(plan.kept),
         "kept": plan.kept,
+        "dtype": str(plan.dtype).removeprefix("torch."),
         "fused_groups": sum(1 for g in plan.groups if len(g) > 1),
         "input_scale_fallbacks": plan.input_fallbacks,
         "bytes_before": src.total_bytes,
@@ -789,18 +849,21 @@ def _raise_if_failed(verification: dict[str, Any]) -> None:
         )
 
 
-def _write_card(folder: Path, run: RunDir | None, plan: PackPlan) -> None:
+def _write_card(folder: Path, target: Path, run: RunDir | None, plan: PackPlan) -> None:
+    """The model card, written into the temporary ``folder`` and naming the model by its final path ``target``."""
     from ckaqad_cli.card import CARD_FILE, base_model_from_manifest, render_model_card
 
     manifest = run.read() if run is not None else None
     base = (base_model_from_manifest(manifest) if manifest else None) or str(plan.source)
-    text = render_model_card(folder, manifest=manifest, base_model=base, fmt=plan.fmt.NAME, scheme=plan.scheme)
+    text = render_model_card(folder, manifest=manifest, base_model=base, fmt=plan.fmt.NAME, scheme=plan.scheme,
+                             model_path=target.resolve())
     atomic_write_text(folder / CARD_FILE, text)
 
 
 SUMMARY_ROWS = (
     ("modules quantized", "modules_quantized"),
     ("modules kept", "modules_kept"),
+    ("unquantized tensors in", "dtype"),
     ("fused groups", "fused_groups"),
     ("input scale fallbacks", "input_scale_fallbacks"),
     ("bytes before", "bytes_before"),
@@ -829,9 +892,13 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         inexact = len(w["reciprocal_scale_inexact"])
         note = f" ({inexact} within 1 ulp: reciprocal scale)" if inexact else ""
         rows.append(("verify weights", f"{w['bit_exact']}/{w['modules']} bit-exact{note}"))
-        rows.append(
-            ("verify logits", f"{lg['path']}: max |diff| {lg['max_abs_diff']:.4g}, top-1 {lg['top1_agreement']:.3f}")
-        )
+        rows.append(("verify logits", f"ckaqad unpacker: max |diff| {lg['max_abs_diff']:.4g}, top-1 "
+                                      f"{lg['top1_agreement']:.3f} ({lg['tolerance']})"))
+        if "transformers" in lg:
+            t = lg["transformers"]
+            w4a4 = (f"; W4A4 top-1 {t['top1_agreement']:.3f}, not gated (compressed-tensors computes activation "
+                    "scales in bf16)") if summary["scheme"] == "w4a4" else ""
+            rows.append(("verify transformers", f"weights-only max |diff| {t['weights_only_max_abs_diff']:.4g}{w4a4}"))
     else:
         rows.append(("verify", "skipped"))
     return rows
@@ -869,6 +936,8 @@ def run_pack(cfg: PackConfig, run: RunDir) -> PackResult:
                 "weights_bit_exact": s["verify"]["weights"]["bit_exact"],
                 "weights_reciprocal_inexact": len(s["verify"]["weights"]["reciprocal_scale_inexact"]),
             }
+            if "transformers" in s["verify"]["logits"]:
+                rec.metrics["verify"]["transformers"] = s["verify"]["logits"]["transformers"]
         atomic_write_json(run.stage_dir(STAGE) / "summary.json", s)
         atomic_write_text(run.stage_dir(STAGE) / "summary.md", summary_markdown(s))
     return result
