@@ -153,7 +153,7 @@ def _section_method(manifest: dict | None, scheme: str) -> str:
         ("teacher", _first(config, "teacher", "model")),
         ("scheme", _first(config, "scheme")),
         ("data", _first(config, "data", "dataset")),
-        ("tokens seen", _first(metrics, "tokens_seen", "tokens") or _first(config, "max_tokens")),
+        ("tokens seen", _first(metrics, "tokens_seen")),
         ("steps", _first(metrics, "steps") or _first(config, "steps", "max_steps")),
         ("CKA weight (lambda)", _lambda_text(config, metrics)),
         ("learning rate", _first(config, "lr", "learning_rate")),

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ckaqad_cli.errors import CkaqadError
+
 _EPS = 1e-12
 FORMS = ("auto", "feature", "gram")
 
@@ -436,6 +438,10 @@ class TokenFilter:
     drop_massive: bool = False
     massive_ratio: float = 100.0
     standardize: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.massive_ratio > 1:
+            raise CkaqadError(f"--massive-ratio must be > 1 (times the median |activation|), got {self.massive_ratio}")
 
     def describe(self) -> list[str]:
         out = ["padding"]

@@ -46,7 +46,8 @@ def config_file_callback(ctx: typer.Context, param: typer.CallbackParam, value: 
         if name not in known:
             options = ", ".join(sorted(n.replace("_", "-") for n in known))
             raise typer.BadParameter(f"unknown key {key!r} in {value} (known: {options})")
-        defaults[name] = val
+        repeatable = getattr(known[name], "multiple", False)
+        defaults[name] = [val] if repeatable and isinstance(val, (str, int, float)) else val  # `exclude: "x"`
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 

@@ -46,7 +46,10 @@ def pick_device(device: str, local_rank: int = 0) -> torch.device:
     """``auto``: the local rank's GPU when there is one, else the CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given."""
     if device == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CkaqadError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise CkaqadError(f"--device {device}: no CUDA GPU is visible")

@@ -217,6 +217,22 @@ class RunDir:
         except (OSError, json.JSONDecodeError, AttributeError):
             return None
 
+    def lock_held(self) -> bool:
+        """Whether a live process holds the run's lock (a holder on another host counts as live: it cannot be
+        checked from here). A stage recorded 'running' while nothing holds the lock was interrupted."""
+        holder = self._read_lock()
+        return holder is not None and not self._is_stale(holder)
+
+    def shown_stages(self) -> dict[str, Any]:
+        """run.json's stages as they stand now: a 'running' stage whose process is gone shows as 'interrupted' (the
+        next stage command records it as failed)."""
+        stages = self.read()["stages"]
+        if any(entry.get("status") == "running" for entry in stages.values()) and not self.lock_held():
+            for entry in stages.values():
+                if entry.get("status") == "running":
+                    entry.update(status="interrupted", error="the process running it is gone")
+        return stages
+
     @staticmethod
     def _is_stale(holder: dict[str, Any]) -> bool:
         return holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"])

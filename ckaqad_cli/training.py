@@ -94,28 +94,36 @@ def check_finite(step: int, what: str, value: float, details: dict[str, float | 
 
 # -- Ctrl-C ----------------------------------------------------------------------------------------------------
 class StopRequest:
-    """Catches the first SIGINT so the loop can finish its step, save a checkpoint and stop cleanly.
+    """Catches the first SIGINT (Ctrl-C) or SIGTERM (what job schedulers and ``kill`` send before SIGKILL) so the loop
+    can finish its step, save a checkpoint and stop cleanly.
 
-    A second Ctrl-C interrupts at once (the default handler is back after the first).
+    A second signal of either kind acts at once (the previous handlers are back after the first).
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
         if threading.current_thread() is not threading.main_thread():
             yield self  # signals only reach the main thread; nothing to install
             return
-        previous = signal.signal(signal.SIGINT, self._handler)
+        self._previous = {signum: signal.signal(signum, self._handler) for signum in self.SIGNALS}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            self._restore()
 
 
 # -- metrics log -----------------------------------------------------------------------------------------------
@@ -127,7 +135,9 @@ class MetricsLog:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, *, drop_evals_at_step: bool = False) -> None:
+        """Keep the lines of steps up to ``step`` (and not the eval lines of ``step`` itself when asked: a run resumed
+        from its last step evaluates that step again)."""
         from ckaqad_cli.atomic import atomic_write_text
 
         if not self.path.exists():
@@ -138,7 +148,8 @@ class MetricsLog:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            if record.get("step", 0) <= step:
+            at = record.get("step", 0)
+            if at < step or (at == step and not (drop_evals_at_step and record.get("type") == "eval")):
                 kept.append(line)
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 

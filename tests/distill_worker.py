@@ -5,7 +5,8 @@
 
 --kill-at sends SIGKILL to this process right after step STEP (and its checkpoint, if any) is done;
 --kill-in-save sends SIGKILL while checkpoint STEP is being written, before its COMPLETE marker;
---sigint-at sends SIGINT (Ctrl-C) to this process at the end of step STEP; the run then exits with code 130.
+--sigint-at sends SIGINT (Ctrl-C) to this process at the end of step STEP; the run then exits with code 130;
+--sigterm-at sends SIGTERM (a job scheduler's stop) instead, with the same outcome.
 Rank 0 prints the summary as JSON, with the number of forward calls of the student's first attention module (a
 recomputed layer runs it again); under torchrun it adds, for student and teacher, whether each decoder layer's FSDP2
 unit offloads its parameters to the CPU.
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--kill-in-save", type=int, default=None)
     p.add_argument("--sigint-at", type=int, default=None)
+    p.add_argument("--sigterm-at", type=int, default=None)
     p.add_argument("--teacher-offload", action="store_true")
     p.add_argument("--grad-checkpointing", action="store_true")
     args = p.parse_args(argv)
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == args.sigint_at:
             os.kill(os.getpid(), signal.SIGINT)
+        if step == args.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     try:
         summary = train(cfg, models, train_ids, eval_ids, args.out, ctx, console=Console(stderr=True, quiet=True),

@@ -95,6 +95,16 @@ def test_config_keys_may_use_dashes_and_json(tmp_path):
     assert seen["steps"] == 3 and seen["lr"] == 0.5
 
 
+def test_config_value_of_a_repeatable_option_may_be_one_value_or_a_list(tmp_path):
+    for value, want in (('"*.q_proj"', ["*.q_proj"]), ('["a", "b"]', ["a", "b"])):
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(f"exclude: {value}\n")
+        seen: dict = {}
+        result = runner.invoke(_probe_app(seen), ["run", "--config", str(cfg)])
+        assert result.exit_code == 0, result.output
+        assert seen["exclude"] == want
+
+
 def test_unknown_config_key_is_an_error_naming_it(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("steps: 5\nlearning_rate: 0.1\n")
@@ -215,3 +225,27 @@ def test_status_json_is_machine_clean(tmp_path):
     data = json.loads(result.stdout)
     assert data["stages"]["distill"]["outputs"]["student"] == "distill/student"
     assert data["stages"]["pack"]["status"] == "failed"
+
+
+def test_status_shows_a_killed_stage_as_interrupted(tmp_path):
+    """A stage recorded 'running' is running while its process holds the run's lock; killed, it is interrupted."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from ckaqad_cli.rundir import RunDir\n"
+            "with RunDir(sys.argv[1]).stage('distill', config={}):\n"
+            "    print('started', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        shown = json.loads(runner.invoke(app, ["status", "--run", str(tmp_path), "--json"]).stdout)
+        assert shown["stages"]["distill"]["status"] == "running"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    result = runner.invoke(app, ["status", "--run", str(tmp_path)])
+    assert "interrupted" in result.stderr and "the process running it is gone" in result.stderr
+    shown = json.loads(runner.invoke(app, ["status", "--run", str(tmp_path), "--json"]).stdout)
+    assert shown["stages"]["distill"]["status"] == "interrupted"
+    assert RunDir(tmp_path).read()["stages"]["distill"]["status"] == "running", "status only reads run.json"

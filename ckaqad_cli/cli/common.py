@@ -63,8 +63,9 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+DEFAULT_RUN = Path("runs/default")
 RunOption = typer.Option(
-    Path("runs/default"),
+    DEFAULT_RUN,
     "--run",
     help="Run directory shared by all stages (holds run.json and one folder per stage).",
     file_okay=False,

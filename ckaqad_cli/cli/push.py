@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ckaqad_cli.cli.common import RunOption, console, handle_errors
+from ckaqad_cli.cli.common import DEFAULT_RUN, console, handle_errors
 from ckaqad_cli.config import ConfigOption
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
@@ -88,7 +88,13 @@ def _size(n: int) -> str:
 @handle_errors
 def push(
     repo_id: str = typer.Option(..., "--repo-id", help="Hub repository ORG/NAME to push to (created if missing)."),
-    run: Path = RunOption,
+    run: Path | None = typer.Option(
+        None,
+        "--run",
+        help="Run directory whose packed model, numbers and plot to push, where the push is recorded (default: "
+        "runs/default; with --folder, no run unless given).",
+        file_okay=False,
+    ),
     folder: Path | None = typer.Option(
         None,
         "--folder",
@@ -117,11 +123,14 @@ def push(
 
       ckaqad push --folder out/model --repo-id my-org/model-nvfp4 --revision nvfp4 --dry-run
     """
-    rundir = RunDir(run, on_message=lambda m: console.print(m))
-    if not rundir.manifest_path.exists():
-        if folder is None:
-            raise CkaqadError(f"{run} is not a run directory (no run.json): give --run of a packed run, or --folder")
-        rundir = None
+    rundir = None
+    if run is not None or folder is None:  # --folder alone pushes that folder without reading any run
+        run = run or DEFAULT_RUN
+        rundir = RunDir(run, on_message=lambda m: console.print(m))
+        if not rundir.manifest_path.exists():
+            if folder is None:
+                raise CkaqadError(f"{run} is not a run directory (no run.json): give --run of a packed run, or --folder")
+            rundir = None
     cfg = push_config(
         repo_id,
         private=private,

@@ -12,7 +12,7 @@ from ckaqad_cli.cli.common import RunOption, console, handle_errors
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
 
-_STYLE = {"done": "green", "running": "yellow", "failed": "red"}
+_STYLE = {"done": "green", "running": "yellow", "failed": "red", "interrupted": "red"}
 
 
 def _fmt(value: object) -> str:
@@ -30,6 +30,9 @@ def status(
 ) -> None:
     """Show each stage of a run: state, times, key metrics and outputs.
 
+    A stage recorded as running whose process is gone (killed) shows as interrupted; the next stage command that
+    runs in the run directory records it as failed.
+
     Examples:
 
       ckaqad status --run runs/qwen3-4b
@@ -39,7 +42,7 @@ def status(
     rundir = RunDir(run)
     if not rundir.manifest_path.exists():
         raise CkaqadError(f"{run} is not a run directory (no run.json); a stage command creates it")
-    data = rundir.read()
+    data = {**rundir.read(), "stages": rundir.shown_stages()}
     if json_output:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -49,7 +52,7 @@ def status(
     for name, entry in data["stages"].items():
         st = entry.get("status", "?")
         shown = f"[{_STYLE.get(st, 'white')}]{st}[/]"
-        if st == "failed" and entry.get("error"):
+        if st in ("failed", "interrupted") and entry.get("error"):
             shown += f"\n{entry['error']}"
         table.add_row(
             name,

@@ -32,6 +32,7 @@ from torch import nn
 from ckaqad_cli import models
 from ckaqad_cli.cka import Standardizer, StreamingCKA, TokenFilter
 from ckaqad_cli.data import jsonl_rows, load_texts, pack_sequences
+from ckaqad_cli.distributed import pick_device
 from ckaqad_cli.errors import CkaqadError, StageDoneError
 from ckaqad_cli.kl import token_kl
 from ckaqad_cli.report import write_report
@@ -41,6 +42,7 @@ PTQ_SCHEMES = ("w4a4", "w4a16")
 DEVICE_MAPS = ("auto",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DISTILLED_LABEL = "distilled"
+TEACHER_LABEL = "teacher"
 
 
 @dataclass
@@ -86,12 +88,6 @@ class _Model:
 
 
 # -- loading and checks ----------------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -132,6 +128,9 @@ def _split_students(cfg: DiagnoseConfig, run: RunDir | None) -> list[tuple[str, 
     labels = [label for label, _ in students] + [f"ptq-{s}" for s in cfg.ptq]
     if not labels:
         raise CkaqadError("no student to diagnose: pass --student PATH, --ptq w4a4, or a --run with a distilled one")
+    if TEACHER_LABEL in labels:
+        raise CkaqadError(f"the label {TEACHER_LABEL!r} names the teacher in the report; give the student another "
+                          "(--student LABEL=PATH)")
     duplicates = sorted({lb for lb in labels if labels.count(lb) > 1})
     if duplicates:
         raise CkaqadError(f"student labels must differ; repeated: {', '.join(duplicates)} (use --student LABEL=PATH)")
@@ -152,7 +151,7 @@ def load_models(cfg: DiagnoseConfig, run: RunDir | None, device: torch.device, d
         return models.dispatch(model) if cfg.device_map else model
 
     specs = _split_students(cfg, run)
-    teacher = _Model("teacher", cfg.teacher, *models.load_model(cfg.teacher, **kw))
+    teacher = _Model(TEACHER_LABEL, cfg.teacher, *models.load_model(cfg.teacher, **kw))
     ptq = [_Model(f"ptq-{scheme}", f"{cfg.teacher} (PTQ {scheme})",
                   placed(models.ptq_student(teacher.model, scheme)[0]), teacher.tokenizer) for scheme in cfg.ptq]
     placed(teacher.model)
@@ -522,13 +521,14 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
     if cfg.seq_len < 2 or cfg.batch_size < 1 or cfg.max_tokens < 1 or cfg.chunk_batches < 1:
         raise CkaqadError("--seq-len must be >= 2 and --batch-size, --max-tokens, --chunk-batches >= 1")
     check_device_map(cfg)
+    cfg.token_filter()  # checks --massive-ratio
     if cfg.lm_eval_tasks:
         _require("lm_eval", "lm-eval", "--lm-eval-tasks")
     done = run.stage_entry(cfg.stage)
     if done and done.get("status") == "done" and not cfg.force:  # fail before loading any model
         raise StageDoneError(f"stage {cfg.stage} already finished in {run.path}; pass --force to run it again")
     lm_eval_plan = plan_lm_eval(cfg.lm_eval_tasks)
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     dtype = _dtype(cfg.dtype, device)
     teacher, students = load_models(cfg, run, device, dtype)
     sequences = load_sequences(cfg, teacher)

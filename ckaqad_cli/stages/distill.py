@@ -53,7 +53,8 @@ BUILTIN_PRESET = {
 _RESUME_MUST_MATCH = (
     "teacher", "data", "text_field", "scheme", "exclude", "batch_size", "grad_accum", "seq_len", "lr", "seed",
     "warmup", "weight_decay", "temperature", "kl_topk", "lambda_cka", "cka_balance", "cka_layers", "cka_tokens",
-    "cka_debiased", "cka_drop_massive", "cka_standardize", "max_tokens", "eval_sequences",
+    "cka_debiased", "cka_drop_massive", "cka_standardize", "max_tokens", "eval_sequences", "max_grad_norm",
+    "eval_tokens", "kl_chunk_tokens",
 )
 
 
@@ -128,6 +129,12 @@ class DistillConfig:
             raise CkaqadError(f"--cka-balance must be > 0, got {self.cka_balance}")
         if self.scheme not in ("w4a4", "w4a16"):
             raise CkaqadError(f"--scheme must be w4a4 or w4a16, got {self.scheme!r}")
+        if self.warmup < 0:
+            raise CkaqadError(f"--warmup must be >= 0 (a fraction of the run below 1, steps from 1), got {self.warmup}")
+        if self.weight_decay < 0:
+            raise CkaqadError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise CkaqadError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if self.max_grad_norm < 0:
             raise CkaqadError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         if self.teacher_offload and not D.launched_by_torchrun():
@@ -229,6 +236,16 @@ def build_models(cfg: DistillConfig, ctx: D.DistContext) -> Models:
     return Models(student=student, teacher=teacher, tokenizer=tokenizer, recipe=recipe)
 
 
+def check_models(cfg: DistillConfig, models: Models) -> None:
+    """The options that depend on the teacher, checked before the stage is recorded as started."""
+    from ckaqad_cli.models import decoder_layers, max_positions
+
+    limit = max_positions(models.teacher)
+    if limit is not None and cfg.seq_len > limit:
+        raise CkaqadError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {limit} positions")
+    parse_layers(cfg.cka_layers, len(decoder_layers(models.teacher)))
+
+
 def load_sequences(cfg: DistillConfig, tokenizer) -> torch.Tensor:
     from ckaqad_cli.data import load_texts, pack_sequences
 
@@ -246,9 +263,13 @@ def train(
     *,
     console: Console | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_save: Callable[[Path], None] | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """The training loop; ``cfg`` must be resolved. Returns the summary metrics; writes under ``out_dir``."""
+    """The training loop; ``cfg`` must be resolved. Returns the summary metrics; writes under ``out_dir``.
+
+    ``on_step(step)`` runs after every step, ``on_save(checkpoint)`` after every checkpoint is complete.
+    """
     from ckaqad_cli.models import decoder_layers
 
     console = console or Console(stderr=True)
@@ -293,13 +314,17 @@ def train(
     if cfg.resume and latest is not None:
         meta = checkpoints.load(latest, model=student, optimizer=optimizer, scheduler=scheduler,
                                 generators=generators, ctx=ctx)
-        changed = {k: (meta["config"].get(k), v) for k, v in config_fingerprint.items() if meta["config"].get(k) != v}
+        saved = meta["config"]  # a key it lacks was added to the fingerprint after that checkpoint was written
+        changed = {k: (saved[k], v) for k, v in config_fingerprint.items() if k in saved and saved[k] != v}
         if changed:
             shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise CkaqadError(f"cannot resume {latest}: the run's settings changed ({shown})")
         start_step = meta["step"]
-        if ctx.is_main:
-            metrics.truncate_after(start_step)
+        if start_step > cfg.steps:
+            raise CkaqadError(f"cannot resume {latest} with --steps {cfg.steps}: it is already at step {start_step}; "
+                              f"pass --steps {start_step} or more")
+        if ctx.is_main:  # the final evaluation (after the last step) runs again: its line goes too
+            metrics.truncate_after(start_step, drop_evals_at_step=start_step == cfg.steps)
         say(f"resumed from {latest} (step {start_step} of {cfg.steps})")
     else:
         if latest is not None and not cfg.resume and not cfg.force:
@@ -335,6 +360,8 @@ def train(
         last_saved = checkpoints.save(ckpt_root, step, model=student, optimizer=optimizer, scheduler=scheduler,
                                       generators=generators, state=state, recipe=models.recipe, ctx=ctx,
                                       keep=cfg.keep)
+        if on_save is not None:
+            on_save(last_saved)
         return last_saved
 
     if start_step == 0:
@@ -403,6 +430,7 @@ def train(
     final_eval = evaluate(cfg.steps)
     summary = {
         "steps": cfg.steps,
+        "tokens_seen": cfg.steps * tokens_per_step,
         "mode": "kl-only" if not settings.uses_cka else "cka-qad",
         "cka_layers": list(settings.cka_layers),
         "cka_filters": settings.token_filter.describe(),
@@ -466,6 +494,7 @@ def run_distill(
             raise CkaqadError(f"stage {stage} already finished in {run.path}; pass --force to run it again")
         torch.manual_seed(cfg.seed)
         models = build_models(cfg, ctx)
+        check_models(cfg, models)
         sequences = load_sequences(cfg, models.tokenizer)
         train_ids, eval_ids = split_heldout(sequences, cfg.eval_sequences, ctx.world_size)
         record_config = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
@@ -476,9 +505,12 @@ def run_distill(
             train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
                   show_progress=False)
             return {}
+        def saved(checkpoint: Path) -> None:  # `ckaqad status` shows how far a running distill has come
+            run.record_progress(stage, outputs={"latest_checkpoint": run.relpath(checkpoint)})
+
         with run.stage(stage, config=record_config, inputs=inputs, force=True) as rec:
             summary = train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
-                            show_progress=show_progress)
+                            on_save=saved, show_progress=show_progress)
             summary.update(train_sequences=int(train_ids.shape[0]), eval_sequences=int(eval_ids.shape[0]))
             rec.outputs["student"] = run.relpath(out_dir / "student")
             rec.outputs["metrics"] = run.relpath(out_dir / "metrics.jsonl")

@@ -127,6 +127,15 @@ def test_bad_data_and_seq_len_are_errors(tiny, tmp_path):
         run_diagnose(DiagnoseConfig(**{**base, "seq_len": 65}), RunDir(tmp_path / "run"))
     with pytest.raises(CkaqadError, match="no student"):
         run_diagnose(DiagnoseConfig(teacher=str(tiny["teacher"])), RunDir(tmp_path / "run"))
+    with pytest.raises(CkaqadError, match="'teacher' names the teacher"):  # it would overwrite the teacher's row
+        run_diagnose(DiagnoseConfig(**{**base, "students": [("teacher", str(tiny["other"]))]}), RunDir(tmp_path / "run"))
+    with pytest.raises(CkaqadError, match="--massive-ratio must be > 1"):
+        run_diagnose(DiagnoseConfig(**base, drop_massive=True, massive_ratio=-1.0), RunDir(tmp_path / "run"))
+    with pytest.raises(CkaqadError, match="--device must be auto, cpu, cuda or cuda:N, not 'bogus'"):
+        run_diagnose(DiagnoseConfig(**base, device="bogus"), RunDir(tmp_path / "run"))
+    if not torch.cuda.is_available():
+        with pytest.raises(CkaqadError, match="no CUDA GPU is visible"):
+            run_diagnose(DiagnoseConfig(**base, device="cuda"), RunDir(tmp_path / "run"))
     assert not (tmp_path / "run" / "run.json").exists()
 
 

@@ -320,6 +320,31 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path):
         train(cfg, tiny_models(), train_ids, eval_ids, tmp_path, D.DistContext(), show_progress=False)
 
 
+def test_resume_checks_settings_and_steps_and_logs_the_last_evaluation_once(tmp_path):
+    """Resumed at its last step (a kill while the student was being written), a run evaluates that step again and
+    logs it once; a changed clipping norm, or fewer steps than the checkpoint has done, is refused."""
+    import dataclasses
+
+    cfg = DistillConfig(teacher="tiny", steps=4, batch_size=4, seq_len=24, lr=1e-3, eval_every=100, save_every=2,
+                        eval_sequences=8, eval_tokens=32, cka_layers="all", cka_tokens=16).resolved()
+    train_ids, eval_ids = split_heldout(tiny_sequences(), cfg.eval_sequences, 1)
+
+    def run(c: DistillConfig) -> dict:
+        return train(c, tiny_models(), train_ids, eval_ids, tmp_path, D.DistContext(), show_progress=False)
+
+    first = run(cfg)
+    resumed = dataclasses.replace(cfg, resume=True)
+    again = run(resumed)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [0, 4]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    assert again["eval_kl"] == first["eval_kl"] and again["tokens_seen"] == 4 * 4 * 24
+    with pytest.raises(CkaqadError, match=r"max_grad_norm: 1\.0 -> 0\.5"):
+        run(dataclasses.replace(resumed, max_grad_norm=0.5))
+    with pytest.raises(CkaqadError, match="already at step 4; pass --steps 4 or more"):
+        run(dataclasses.replace(resumed, steps=3))
+
+
 # -- reliability: SIGKILL, a kill during a checkpoint write, Ctrl-C (subprocesses) -----------------------------
 def _worker(out: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -372,6 +397,15 @@ def test_sigkill_kill_during_save_and_ctrl_c_then_resume_is_bit_identical(uninte
     _assert_identical(uninterrupted, out)
 
 
+def test_sigterm_stops_like_ctrl_c_and_resumes_bit_identical(uninterrupted, tmp_path):
+    """A job scheduler's SIGTERM: the step under way finishes, a checkpoint is saved, exit 130; --resume continues."""
+    out = tmp_path / "run"
+    _worker(out, "--sigterm-at", "2", expect=130)
+    assert checkpoints.complete_steps(out / "checkpoints") == [2, 3]
+    _worker(out, "--resume")
+    _assert_identical(uninterrupted, out)
+
+
 # -- the CLI on the built-in teacher ---------------------------------------------------------------------------
 def test_cli_distill_builtin_writes_student_that_loads(tmp_path):
     from ckaqad_cli.models import load_model
@@ -381,7 +415,7 @@ def test_cli_distill_builtin_writes_student_that_loads(tmp_path):
     run = tmp_path / "run"
     args = ["distill", "--run", str(run), "--steps", "2", "--batch-size", "4", "--seq-len", "32",
             "--eval-sequences", "4", "--eval-tokens", "64", "--max-tokens", "4096", "--scheme", "w4a16",
-            "--exclude", "*.layers.0.*", "--cka-standardize"]
+            "--exclude", "*.layers.0.*", "--cka-standardize", "--save-every", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     entry = RunDir(run).stage_entry("distill")
@@ -398,8 +432,18 @@ def test_cli_distill_builtin_writes_student_that_loads(tmp_path):
     first = json.loads(lines[1])
     for key in ("loss", "kl", "cka_term", "lambda", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"):
         assert key in first
+    assert entry["metrics"]["tokens_seen"] == 2 * 4 * 32
+    assert entry["outputs"]["latest_checkpoint"] == "distill/checkpoints/step-2"  # recorded as each one completes
     again = CliRunner().invoke(app, args)  # finished: a second run needs --force
     assert again.exit_code == 1 and "--force" in again.output
+    # a bad option with --force is refused before the stage starts: the finished stage stays finished
+    for bad, message in ((["--cka-layers", "9"], "9"), (["--seq-len", "1000"], "over the teacher's limit of 256"),
+                         (["--warmup", "-1"], "--warmup must be >= 0"),
+                         (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+                         (["--max-tokens", "-5"], "--max-tokens must be at least 1")):
+        refused = CliRunner().invoke(app, [*args, "--force", *bad])
+        assert refused.exit_code == 1 and message in refused.output, (bad, refused.output)
+        assert RunDir(run).stage_entry("distill")["status"] == "done", bad
 
 
 # -- the gain (the paper's claim, on the built-in teacher) -----------------------------------------------------

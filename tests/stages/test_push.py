@@ -313,3 +313,18 @@ def test_redact_hides_the_token_and_token_shaped_strings():
     out = redact(text, FAKE_TOKEN)
     assert FAKE_TOKEN not in out and "abc.def" not in out and "hf_abcdefghijklmnop" not in out
     assert out.startswith("failed for ***")
+
+
+def test_folder_alone_reads_no_run_not_even_the_default_one(packed_run, tmp_path, monkeypatch):
+    """`--folder` without `--run` pushes that folder with a card of its own: runs/default in the working directory
+    (another run) is neither read nor recorded in."""
+    cwd = tmp_path / "cwd"
+    shutil.copytree(packed_run.path, cwd / "runs" / "default")
+    folder = shutil.copytree(packed_run.path / "pack" / "model", tmp_path / "elsewhere")
+    monkeypatch.chdir(cwd)
+    result = runner.invoke(app, ["push", "--folder", str(folder), "--repo-id", "me/other", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "org/tiny-base" not in result.output and "0.991" not in result.output  # the default run's teacher, CKA
+    assert "No diagnose numbers were recorded" in result.output
+    result = runner.invoke(app, ["push", "--repo-id", "me/other", "--dry-run"])  # no --folder: runs/default
+    assert result.exit_code == 0 and "org/tiny-base" in result.output
