@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,17 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fsync_dir(path: Path) -> None:
@@ -82,7 +95,9 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
         raise FileExistsError(str(target))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    remove_stale_leftovers(target)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{owner}.", suffix=".partial", dir=target.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
@@ -91,9 +106,23 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
         raise
     old = None
     if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        old = target.parent / f".{target.name}.{owner}.old"
         os.replace(target, old)
     os.replace(tmp, target)
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_leftovers(target: Path) -> list[Path]:
+    """Delete what a killed :func:`atomic_directory` left beside ``target`` (its temporary directory, or the old
+    target moved aside), when the process that made it is gone from this host; a process on another host sharing
+    the file system, or still alive, keeps its own. Returns the paths removed."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?P<host>.+)-(?P<pid>\d+)\.(?:\w+\.partial|old)")
+    removed = []
+    for path in target.parent.glob(f".{target.name}.*"):
+        m = pattern.fullmatch(path.name)
+        if m and m["host"] == socket.gethostname() and not pid_alive(int(m["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ckaqad_cli import __version__
-from ckaqad_cli.atomic import atomic_write_json
+from ckaqad_cli.atomic import atomic_write_json, pid_alive
 from ckaqad_cli.errors import CkaqadError, RunLockedError, StageDoneError
 
 SCHEMA_VERSION = 1
@@ -91,16 +91,6 @@ def describe_input(value: str | os.PathLike | None) -> dict[str, Any] | None:
     if str(value) == "builtin":
         return {"builtin": "builtin"}
     return {"hub_id": str(value)}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -235,7 +225,7 @@ class RunDir:
 
     @staticmethod
     def _is_stale(holder: dict[str, Any]) -> bool:
-        return holder.get("host") == socket.gethostname() and not _pid_alive(holder["pid"])
+        return holder.get("host") == socket.gethostname() and not pid_alive(holder["pid"])
 
     def _mark_interrupted_stages(self) -> None:
         """Stages left 'running' by a process that died become 'failed' (we hold the lock, so none is running)."""

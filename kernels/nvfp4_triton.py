@@ -56,7 +56,13 @@ def _block_scales(xb, g):
 def _scaled_values(x_ptr, g_ptr, rows, cols, M, K, stride_m, TK: tl.constexpr, TM: tl.constexpr, BLOCK: tl.constexpr):
     """Load a tile, compute block scales and r = x / (s * g). Returns (r [TM, TK/16, 16], d, scale byte)."""
     mask = (rows < M)[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    offs = rows[:, None].to(tl.int64) * stride_m + cols[None, :]
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        # bf16 -> float32 is the 16 bits shifted up; the interpreter's own conversion loses bf16 subnormals.
+        bits = tl.load(x_ptr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0).to(tl.uint32)
+        x = (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr)
     xb = tl.reshape(x, (TM, TK // BLOCK, BLOCK))
     byte, s_value = _block_scales(xb, g)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -214,6 +215,24 @@ def test_atomic_directory_leaves_nothing_on_failure_and_renames_on_success(tmp_p
         (tmp / "new").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_directory_removes_what_a_killed_writer_left(tmp_path):
+    """A pack killed with SIGKILL leaves its full-size temporary directory; the next write to the same target
+    removes it when its process is gone, and leaves a live writer's alone."""
+    code = ("import os, sys; from ckaqad_cli.atomic import atomic_directory\n"
+            "with atomic_directory(sys.argv[1]) as tmp:\n"
+            "    (tmp / 'half.safetensors').write_bytes(b'x' * 1000); os.kill(os.getpid(), 9)\n")
+    target = tmp_path / "model"
+    subprocess.run([sys.executable, "-c", code, str(target)], check=False)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".model.") and left[0].endswith(".partial")
+    live = tmp_path / f".model.{socket.gethostname()}-{os.getpid()}.abcd1234.partial"  # a writer still running
+    live.mkdir()
+    with atomic_directory(target) as tmp:
+        assert tmp.exists() and not (tmp_path / left[0]).exists()
+        (tmp / "done").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "model"])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])

@@ -59,6 +59,22 @@ def test_static_global_scale_saturation_and_tiny_scales_bit_exact():
     _check(torch.zeros(2, 32, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_subnormal_inputs_bit_exact(dtype):
+    """Subnormal inputs of each dtype, negative ones included (their code is -0, 8, where the ratio stays below 0),
+    beside normal values and in blocks of subnormals alone. The Triton interpreter's own bf16 -> float32 conversion
+    loses bf16 subnormals; the kernel converts bf16 by shifting its bits."""
+    tiny = torch.finfo(dtype).tiny
+    torch.manual_seed(11)
+    x = torch.randn(4, 64).to(dtype)
+    x[:, 7] = -tiny / 3
+    x[:, 9] = -tiny / 50
+    x[:, 11] = tiny / 7
+    x[2, 16:32] = -tiny * torch.rand(16).to(dtype) / 2  # a block of subnormals only
+    assert (x.abs() < tiny).sum() >= 12 + 16 and (x[:, 9] != 0).all()
+    _check(x)
+
+
 def test_swizzled_scales_match_reference_swizzle():
     torch.manual_seed(6)
     x = torch.randn(130, 80, dtype=torch.bfloat16)  # two row tiles, a partial column tile
