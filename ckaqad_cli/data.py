@@ -22,6 +22,8 @@ def load_texts(source: str | Path, *, split: str = "train", seed: int = 0, text_
     if str(source) == BUILTIN:
         from ckaqad_cli.builtin import tasks
 
+        if split not in tasks.SPLITS:
+            raise CkaqadError(f"--split of the built-in data must be one of {', '.join(tasks.SPLITS)}, not {split!r}")
         return tasks.corpus_texts(split, BUILTIN_TEXTS, seed)
     path = Path(source)
     if path.is_dir():

@@ -131,6 +131,8 @@ class RunDir:
             data = json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as e:
             raise CkaqadError(f"{self.manifest_path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+        if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+            raise CkaqadError(f"{self.manifest_path} is not a ckaqad run manifest (an object with a 'stages' object)")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise CkaqadError(

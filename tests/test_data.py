@@ -43,6 +43,8 @@ def test_builtin_texts_follow_split_and_seed():
     train, test = load_texts("builtin", split="train", seed=0), load_texts("builtin", split="test", seed=0)
     assert train and test and not set(train[:200]) & set(test[:200])
     assert load_texts("builtin", seed=1)[:5] != train[:5]
+    with pytest.raises(CkaqadError, match="--split of the built-in data must be one of train, test, not 'validation'"):
+        load_texts("builtin", split="validation")
 
 
 def test_pack_sequences_layout_and_determinism(tok):

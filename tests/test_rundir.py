@@ -257,6 +257,10 @@ def test_manifest_of_another_schema_version_is_refused(tmp_path):
 
     with pytest.raises(CkaqadError, match="schema_version 99"):
         run.read()
+    for edited in ([], {"schema_version": 1}, {"schema_version": 1, "stages": []}):  # hand-edited into another shape
+        run.manifest_path.write_text(json.dumps(edited))
+        with pytest.raises(CkaqadError, match="is not a ckaqad run manifest"):
+            run.read()
 
 
 def test_interrupted_stage_is_marked_failed_only_by_the_next_lock_holder(tmp_path: Path):

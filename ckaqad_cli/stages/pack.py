@@ -74,8 +74,8 @@ AUTO_VERIFY_MAX_BYTES = 2 * 10**9
 VERIFY_TOP1_MIN = 0.8
 VERIFY_MAX_ABS_REL = 0.25
 """Verify's logits must match the student's exactly, except when some global scales cannot be stored exactly: then
-top-1 agreement at least VERIFY_TOP1_MIN and max |diff| within VERIFY_MAX_ABS_REL times the student's max |logit|
-(see verify_logits)."""
+top-1 agreement at least VERIFY_TOP1_MIN, and with activation quantization off, max |diff| within VERIFY_MAX_ABS_REL
+times the student's max |logit| (see verify_logits)."""
 VERIFY_SEQUENCES = 4
 VERIFY_SEQ_LEN = 32
 
@@ -686,7 +686,7 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
     compressed-tensors computes each activation block's scale in the activation dtype (bf16) where the NVFP4 spec
     (docs/nvfp4.md) and the engines' kernels use float32, so some activation codes differ.
     When some global scales cannot be stored exactly (``weights_exact`` false), exactness is replaced by top-1
-    agreement >= VERIFY_TOP1_MIN and max |diff| <= VERIFY_MAX_ABS_REL x the student's max |logit|.
+    agreement >= VERIFY_TOP1_MIN and, weights only, max |diff| <= VERIFY_MAX_ABS_REL x the student's max |logit|.
     """
     from ckaqad_cli.quant import freeze_quantized_weights, set_input_amax
 
@@ -712,9 +712,12 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
     if through_transformers is not None:
         path += "; transformers + compressed-tensors (weights only)"
     if not weights_exact:  # some global scales could not be stored exactly (verify_weights): near, not equal
+        # A weight one rounding step off can flip a W4A4 activation code, which moves a logit far: the max |diff|
+        # is bounded with activations off, the W4A4 logits must agree on top-1.
         bound = VERIFY_MAX_ABS_REL * (ours["student_max_abs_logit"] or 1.0)
-        ok = ours["top1_agreement"] >= VERIFY_TOP1_MIN and ours["max_abs_diff"] <= bound
-        tolerance = f"top-1 >= {VERIFY_TOP1_MIN}, max |diff| <= {bound:.3g} (reciprocal scales inexact)"
+        ok = ours["top1_agreement"] >= VERIFY_TOP1_MIN and ours["weights_only_max_abs_diff"] <= bound
+        tolerance = (f"weights-only max |diff| <= {bound:.3g}, top-1 >= {VERIFY_TOP1_MIN} (reciprocal scales "
+                     "inexact)")
     else:
         exact = [ours["weights_only_max_abs_diff"], ours["max_abs_diff"]]
         exact += [through_transformers["weights_only_max_abs_diff"]] if through_transformers else []
