@@ -246,6 +246,19 @@ def _batches(files: dict[str, int], pending: list[str], commit_bytes: int) -> li
     return batches
 
 
+def check_pack_is_current(manifest: dict[str, Any], run_path: Path) -> None:
+    """Refuse a run's pack output made from an earlier distill than the one the run now records (``distill
+    --force`` after pack): it would go out with a card describing the new student."""
+    stages = manifest.get("stages") or {}
+    pack, distill = stages.get("pack") or {}, stages.get("distill") or {}
+    from_student = (pack.get("config") or {}).get("model") is None
+    if from_student and distill.get("ended") and pack.get("started") and distill["ended"] > pack["started"]:
+        raise CkaqadError(
+            f"the packed model of run {run_path} (packed {pack['started']}) predates its distilled student (distill "
+            f"ended {distill['ended']}): run `ckaqad pack --run {run_path} --force` first"
+        )
+
+
 def plan_push(folder: Path | None, cfg: PushConfig, *, run: RunDir | None = None) -> PushPlan:
     """Check the folder and render the card; no network. ``folder`` None means the run's pack output."""
     check_repo_id(cfg.repo_id)
@@ -260,6 +273,8 @@ def plan_push(folder: Path | None, cfg: PushConfig, *, run: RunDir | None = None
         folder = packed
     from_run = isinstance(packed, Path) and packed.resolve() == Path(folder).resolve()
     check_pack_output(folder, _recorded_sizes(pack) if from_run else None)
+    if from_run:
+        check_pack_is_current(manifest, run.path)
 
     fmt, scheme = _quant_description(folder)
     if from_run:

@@ -328,3 +328,12 @@ def test_folder_alone_reads_no_run_not_even_the_default_one(packed_run, tmp_path
     assert "No diagnose numbers were recorded" in result.output
     result = runner.invoke(app, ["push", "--repo-id", "me/other", "--dry-run"])  # no --folder: runs/default
     assert result.exit_code == 0 and "org/tiny-base" in result.output
+
+
+def test_a_pack_older_than_the_runs_distill_is_refused(packed_run):
+    """`distill --force` after pack leaves the old packed weights: pushing them with the new run's card is refused."""
+    data = json.loads(packed_run.manifest_path.read_text())
+    data["stages"]["distill"]["ended"] = "2099-01-01T00:00:00+00:00"  # distilled again after the pack
+    packed_run.manifest_path.write_text(json.dumps(data))
+    result = runner.invoke(app, ["push", "--run", str(packed_run.path), "--repo-id", "me/x", "--dry-run"])
+    _assert_one_clean_line(result, "predates its distilled student", "ckaqad pack --run")
