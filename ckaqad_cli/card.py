@@ -266,8 +266,9 @@ def _merge_metadata(existing: dict[str, Any], ours: dict[str, Any]) -> dict[str,
     """Ours wins for the fields we own; the user's license / pipeline tag and any other key are kept."""
     merged = dict(existing)
     for key, value in ours.items():
-        if key == "tags":
-            merged["tags"] = list(dict.fromkeys([*(existing.get("tags") or []), *value]))
+        if key == "tags":  # the method tag is ours: an earlier card's (ptq / qad / cka-qad) gives way
+            kept = [t for t in existing.get("tags") or [] if t not in HOW_MADE or t in value]
+            merged["tags"] = list(dict.fromkeys([*kept, *value]))
         elif key in ("license", "pipeline_tag") and existing.get(key):
             continue
         else:

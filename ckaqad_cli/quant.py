@@ -287,9 +287,9 @@ class NVFP4Experts(nn.Module):
 def freeze_quantized_weights(model: nn.Module) -> None:
     """Store each fake-quantized weight's quantized values in its Parameter and stop quantizing it again.
 
-    In the weights' dtype the model then computes exactly as before. Cast afterwards (``model.to(torch.bfloat16)``),
-    each quantized value is rounded once, as a packed checkpoint decodes into that dtype: the student of a float32
-    distillation, as pack deploys it in bf16.
+    In the weights' dtype the model then computes exactly as before. In float32 the stored values are exactly what a
+    packed checkpoint decodes from; copied into a model of another dtype, each is rounded once, as the checkpoint
+    decodes into that dtype (pack's verify of a student deployed in another dtype).
     """
     linears = [m for m in model.modules() if isinstance(m, NVFP4Linear) and m.quantize_weight]
     experts = [m for m in model.modules() if isinstance(m, NVFP4Experts) and m.quantize_weight]
@@ -298,8 +298,15 @@ def freeze_quantized_weights(model: nn.Module) -> None:
     values += [(m._parameters[p], getattr(m, p)) for m in experts for p in ("gate_up_proj", "down_proj")]
     for parameter, quantized in values:
         parameter.copy_(quantized)
-    for module in [*linears, *experts]:
-        module.quantize_weight = False
+    stop_weight_quantization(model)
+
+
+def stop_weight_quantization(model: nn.Module) -> None:
+    """Leave the weights of every fake-quantized module as they are (they already hold quantized values); input
+    quantization is untouched."""
+    for module in model.modules():
+        if isinstance(module, (NVFP4Linear, NVFP4Experts)):
+            module.quantize_weight = False
 
 
 _EXPERTS_CLASSES: dict[type, type] = {}

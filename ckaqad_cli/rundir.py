@@ -220,6 +220,7 @@ class RunDir:
         next stage command records it as failed)."""
         stages = self.read()["stages"]
         if any(entry.get("status") == "running" for entry in stages.values()) and not self.lock_held():
+            stages = self.read()["stages"]  # a stage that just ended wrote run.json before it let the lock go
             for entry in stages.values():
                 if entry.get("status") == "running":
                     entry.update(status="interrupted", error="the process running it is gone")
@@ -314,7 +315,7 @@ class RunDir:
 
 def _one_line(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
-        return "interrupted (Ctrl-C)"
+        return "interrupted (Ctrl-C or SIGTERM)"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if isinstance(e, CkaqadError):
         return msg

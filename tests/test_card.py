@@ -176,6 +176,10 @@ def test_the_card_names_the_method_the_run_used(tmp_path):
     assert "KL divergence alone" in cards["qad"][1] and "no CKA term" in cards["qad"][1]
     assert "CKA-QAD" not in cards["qad"][1]
     assert "**CKA-QAD**" in cards["cka-qad"][1] and "(1 - linear CKA)" in cards["cka-qad"][1]
+    # merged over a card of another method (an earlier push), the old method tag gives way; the user's stay
+    existing = _render(folder).replace("- nvfp4", "- nvfp4\n- my-tag", 1)
+    meta, _ = _split(_render(folder, manifest=ptq, existing=existing, mode="merge"))
+    assert "ptq" in meta["tags"] and "cka-qad" not in meta["tags"] and "my-tag" in meta["tags"]
 
 
 def test_usage_names_the_final_path_not_the_folder_it_was_written_in(tmp_path):

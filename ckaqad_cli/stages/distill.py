@@ -54,7 +54,7 @@ _RESUME_MUST_MATCH = (
     "teacher", "data", "text_field", "scheme", "exclude", "batch_size", "grad_accum", "seq_len", "lr", "seed",
     "warmup", "weight_decay", "temperature", "kl_topk", "lambda_cka", "cka_balance", "cka_layers", "cka_tokens",
     "cka_debiased", "cka_drop_massive", "cka_standardize", "max_tokens", "eval_sequences", "max_grad_norm",
-    "eval_tokens", "kl_chunk_tokens",
+    "eval_tokens",
 )
 
 

@@ -554,6 +554,10 @@ def verify_weights(plan: PackPlan, src: SafetensorsSource, out: Path) -> dict[st
             weights = {m: src.get(f"{m}.weight") for m in group}
             g = group_weight_global_scale(list(weights.values()))
             for m, w in weights.items():
+                # In the source's dtype; in float32 when deployed in another (a widening cast would show there what
+                # the source's rounding hides: a global scale that the format cannot store exactly)
+                if plan.dtype != w.dtype:
+                    w = w.float()
                 names = [spec.name for spec in plan.fmt.module_specs(m, *plan.shapes[m], plan.scheme)]
                 got = plan.fmt.decode({n: packed.get(n) for n in names}, m, w.dtype)
                 want = nvfp4_ref.fake_quantize(w, g)
@@ -607,7 +611,7 @@ def _packed_through_unpacker(out: Path, plan: PackPlan, device: str):
     stored input scales (weights are not quantized again: they already are the quantized values)."""
     from transformers import AutoModelForCausalLM
 
-    from ckaqad_cli.quant import NVFP4Experts, NVFP4Linear, apply_recipe
+    from ckaqad_cli.quant import apply_recipe, stop_weight_quantization
 
     state = formats.load_dequantized_state_dict(out)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -623,9 +627,7 @@ def _packed_through_unpacker(out: Path, plan: PackPlan, device: str):
     recipe = QuantRecipe(**{**asdict(plan.recipe), "quantized": list(plan.shapes), "input_amax": plan.input_amax})
     recipe.fused_groups = [g for g in plan.groups if len(g) > 1]
     apply_recipe(model, recipe)
-    for module in model.modules():
-        if isinstance(module, (NVFP4Linear, NVFP4Experts)):
-            module.quantize_weight = False
+    stop_weight_quantization(model)
     return model
 
 
@@ -688,14 +690,19 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
     When some global scales cannot be stored exactly (``weights_exact`` false), exactness is replaced by top-1
     agreement >= VERIFY_TOP1_MIN and, weights only, max |diff| <= VERIFY_MAX_ABS_REL x the student's max |logit|.
     """
-    from ckaqad_cli.quant import freeze_quantized_weights, set_input_amax
+    from ckaqad_cli.quant import freeze_quantized_weights, set_input_amax, stop_weight_quantization
 
     with SafetensorsSource(plan.source) as src:  # the dtype the weights were quantized from
         source_dtype = src.get(f"{next(iter(plan.shapes))}.weight").dtype
-    student, tokenizer = load_student(plan.source, plan.recipe, device, source_dtype)
-    if plan.dtype != source_dtype:  # deployed in another dtype: the weights quantized as trained, then cast
-        freeze_quantized_weights(student)
-        student.to(plan.dtype)
+    student, tokenizer = load_student(plan.source, plan.recipe, device, plan.dtype)
+    if plan.dtype != source_dtype:
+        # Deployed in another dtype: the weights quantized in float32 (what the checkpoint decodes from), each
+        # rounded once into plan.dtype as the checkpoint decodes; the model itself loaded as the packed one is.
+        reference, _ = load_student(plan.source, plan.recipe, device, torch.float32)
+        freeze_quantized_weights(reference)
+        student.load_state_dict(reference.state_dict())
+        stop_weight_quantization(student)
+        del reference
     if plan.scheme == "w4a4":
         set_input_amax(student, plan.input_amax)
     ids = _verify_ids(tokenizer, int(student.config.vocab_size)).to(device)
@@ -857,6 +864,10 @@ def _write_card(folder: Path, target: Path, run: RunDir | None, plan: PackPlan) 
     from ckaqad_cli.card import CARD_FILE, base_model_from_manifest, render_model_card
 
     manifest = run.read() if run is not None else None
+    student = run.stage_output("distill", "student") if run is not None else None
+    if manifest and not (isinstance(student, Path) and student.resolve() == plan.source.resolve()):
+        # not the run's distilled student (pack --model PATH in a run): its distill record describes another model
+        manifest = {**manifest, "stages": {k: v for k, v in manifest["stages"].items() if k != "distill"}}
     base = (base_model_from_manifest(manifest) if manifest else None) or str(plan.source)
     text = render_model_card(folder, manifest=manifest, base_model=base, fmt=plan.fmt.NAME, scheme=plan.scheme,
                              model_path=target.resolve())

@@ -185,6 +185,18 @@ def test_float32_distilled_student_deploys_in_bf16_and_loads_as_written(tmp_path
     assert load_file(tmp_path / "f32" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_bf16_student_packed_into_another_dtype_verifies_exactly(tmp_path, calib, dtype):
+    """--dtype wider than or beside the source's: the reference weights are quantized in float32 and rounded once
+    into the chosen dtype, as the checkpoint decodes (ModelOpt stores every global scale exactly: 0 difference)."""
+    source = make_model(tmp_path / "student", student="w4a4")
+    result = pack_model(PackConfig(model=str(source), out=str(tmp_path / "out"), format="modelopt", calib_data=calib,
+                                   calib_tokens=512, verify=True, dtype=dtype))
+    logits = result.summary["verify"]["logits"]
+    assert result.summary["dtype"] == dtype and logits["tolerance"] == "exact (0 difference)"
+    assert logits["weights_only_max_abs_diff"] == logits["max_abs_diff"] == 0.0 and logits["passed"]
+
+
 def test_modelopt_output_matches_modelopt_and_compressed_tensors_decoders(tmp_path, calib):
     """ModelOpt's own NVFP4QTensor.dequantize and compressed-tensors' ModelOpt converter read our modelopt output."""
     from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter
@@ -294,6 +306,14 @@ def test_cli_run_flow_records_outputs(tmp_path, calib):
     assert "modules quantized" in result.output and "compression ratio" in result.output
     assert json.loads((run.path / "pack" / "summary.json").read_text())["modules_quantized"] == 14
     assert student.is_dir()
+    assert "**CKA-QAD**" in (out / "README.md").read_text()  # the run's distilled student
+    # another model packed inside the same run is not what the run distilled: its card says so
+    teacher = make_model(tmp_path / "teacher", "llama", student=None)
+    result = runner.invoke(app, ["pack", "--run", str(run.path), "--model", str(teacher), "--out",
+                                 str(tmp_path / "ptq"), "--no-verify", "--scheme", "w4a16", "--force"])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "ptq" / "README.md").read_text()
+    assert "post-training quantization" in card and "CKA-QAD" not in card
 
 
 # -- bad inputs: one line, exit 1, nothing left looking finished --------------------------------------------------
