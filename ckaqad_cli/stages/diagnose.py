@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
-import json
 import math
 import numbers
 from collections.abc import Iterator

@@ -35,7 +35,6 @@ from ckaqad_cli import formats
 from ckaqad_cli.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.quant import (
-    DEFAULT_EXCLUDE,
     SCHEMES,
     QuantRecipe,
     fused_groups,

@@ -4,7 +4,6 @@ behaviour (real SIGKILL in a subprocess), the CLI on the built-in teacher, and t
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
