@@ -1,6 +1,13 @@
-"""The ``ckaqad`` command: one thin Typer command per stage, registered from ``ckaqad_cli.cli``."""
+"""The ``ckaqad`` command: one thin Typer command per stage, registered from ``ckaqad_cli.cli``.
+
+Nothing heavy is imported here or in ``ckaqad_cli.cli``: --help and argument errors answer before torch,
+transformers or a stage is loaded (each command imports its stage when it runs).
+"""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import typer
 
@@ -23,6 +30,7 @@ app = typer.Typer(
         "ckaqad distill --run runs/demo && ckaqad pack --run runs/demo && ckaqad status --run runs/demo"
     ),
     no_args_is_help=True,
+    cls=common.Group,  # usage errors: one line, exit 1
     add_completion=False,
     pretty_exceptions_enable=False,  # never print locals: they can hold tokens
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -45,15 +53,13 @@ def _root(
     common.state.debug = debug
 
 
-app.command()(diagnose)
-app.command()(distill)
-app.command()(pack)
-app.command()(push)
-app.command()(pipeline)
-app.command()(status)
+for _command in (diagnose, distill, pack, push, pipeline, status):
+    app.command(cls=common.Command)(_command)
 
 
 def main() -> None:
+    if not sys.stderr.isatty():  # a log file: our progress prints plain lines; transformers' and the Hub's bars would
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # print a bar line per update
     app()
 
 

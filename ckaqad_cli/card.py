@@ -24,6 +24,10 @@ PLOT_FILE = "cka_per_layer.png"
 SECTIONS = ("summary", "method", "evaluation", "usage")
 FORMAT_LIBRARY = {"compressed-tensors": "transformers", "modelopt": "Model Optimizer"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# The usage snippets' prompt: one the model answers. The built-in teacher knows only its task families
+# (builtin/tasks.py); this list_ops problem (a family it and its NVFP4 students answer 100%) gives "[1,3,8]".
+BUILTIN_PROMPT = "sorted([3,8,1])="
+GENERIC_PROMPT = "The capital of France is"
 
 
 def _begin(name: str) -> str:
@@ -200,10 +204,21 @@ def _section_evaluation(manifest: dict | None, has_plot: bool) -> str:
     return "\n".join(lines)
 
 
-def _section_usage(model_ref: str, fmt: str) -> str:
+def is_builtin(base_model: str | None) -> bool:
+    """True for the built-in teacher, by name or by its directory."""
+    if not base_model:
+        return False
+    from ckaqad_cli.builtin import TEACHER_DIR
+
+    return base_model == "builtin" or Path(base_model).resolve() == TEACHER_DIR.resolve()
+
+
+def _section_usage(model_ref: str, fmt: str, prompt: str, placeholder: bool) -> str:
     lines = [
         "## Usage",
         "",
+        *([f"`{model_ref}` is this folder: run the snippets from the folder above it, or use the model's Hub id once "
+           "it is pushed (`ckaqad push`).", ""] if placeholder else []),
         "Serve with [vLLM](https://docs.vllm.ai):",
         "",
         "```bash",
@@ -214,7 +229,7 @@ def _section_usage(model_ref: str, fmt: str) -> str:
         "from vllm import LLM, SamplingParams",
         "",
         f'llm = LLM(model="{model_ref}")',
-        'print(llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))[0].outputs[0].text)',
+        f'print(llm.generate([{json.dumps(prompt)}], SamplingParams(max_tokens=32))[0].outputs[0].text)',
         "```",
         "",
     ]
@@ -227,7 +242,7 @@ def _section_usage(model_ref: str, fmt: str) -> str:
             "",
             f'tokenizer = AutoTokenizer.from_pretrained("{model_ref}")',
             f'model = AutoModelForCausalLM.from_pretrained("{model_ref}", dtype="bfloat16", device_map="auto")',
-            'inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)',
+            f'inputs = tokenizer({json.dumps(prompt)}, return_tensors="pt").to(model.device)',
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
             "```",
         ]
@@ -237,9 +252,10 @@ def _section_usage(model_ref: str, fmt: str) -> str:
             "or load a dequantized BF16 copy with ckaqad:",
             "",
             "```python",
-            "from huggingface_hub import snapshot_download",
+            *([] if placeholder else ["from huggingface_hub import snapshot_download"]),
             "from ckaqad_cli.models import load_model",
             "",
+            f'model, tokenizer = load_model("{model_ref}")' if placeholder else
             f'model, tokenizer = load_model(snapshot_download("{model_ref}"))',
             "```",
         ]
@@ -310,9 +326,12 @@ def render_model_card(
 
     ``existing`` is the card already there: ``keep`` returns it unchanged, ``replace`` ignores it, ``merge`` keeps its
     prose and metadata and refreshes our marked sections and fields. ``repo_id`` names the model in the usage
-    snippets; without it, ``model_path`` does (the folder's final path, when the card is written into a temporary
-    folder that is renamed afterwards), else ``folder``. The card shows ``cka_per_layer.png`` when ``with_plot`` is true
-    (default: when ``folder`` holds that file; :func:`copy_plot` puts it there).
+    snippets; without it, a relative placeholder does, ``./NAME`` with the name of ``model_path`` (the folder's final
+    path, when the card is written into a temporary folder that is renamed afterwards), else of ``folder``: never an
+    absolute local path, which means nothing on another machine. The snippets' prompt is one the model answers: a
+    task problem for the built-in teacher, a plain sentence to complete for any other model. The card shows
+    ``cka_per_layer.png`` when ``with_plot`` is true (default: when ``folder`` holds that file; :func:`copy_plot` puts
+    it there).
     """
     if mode not in CARD_MODES:
         raise CkaqadError(f"card mode {mode!r} is not one of {', '.join(CARD_MODES)}")
@@ -328,7 +347,8 @@ def render_model_card(
         "evaluation": _section_evaluation(
             manifest, (folder / PLOT_FILE).is_file() if with_plot is None else with_plot
         ),
-        "usage": _section_usage(repo_id or str(model_path or folder), fmt),
+        "usage": _section_usage(repo_id or f"./{Path(model_path or folder).name}", fmt,
+                                BUILTIN_PROMPT if is_builtin(base_model) else GENERIC_PROMPT, placeholder=not repo_id),
     }
     ours = _metadata(folder, base_model, fmt, method)
     if mode == "merge" and existing is not None:

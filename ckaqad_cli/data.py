@@ -31,7 +31,10 @@ def load_texts(source: str | Path, *, split: str = "train", seed: int = 0, text_
     elif path.is_file() and path.suffix == ".jsonl":
         texts = _jsonl(path, text_field)
     elif path.is_file():
-        texts = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+        try:
+            texts = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise CkaqadError(f"cannot read {path} as UTF-8 text: {_reason(e)}") from None
     else:
         raise CkaqadError(f"data source {source} is not 'builtin', a file or a directory")
     texts = [t for t in texts if t and t.strip()]
@@ -42,14 +45,23 @@ def load_texts(source: str | Path, *, split: str = "train", seed: int = 0, text_
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) for each non-blank line of a JSONL file; a line that is not JSON is an error."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CkaqadError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CkaqadError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CkaqadError(f"cannot read {path} as UTF-8 JSON lines: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return f"byte {e.start} is not UTF-8 (a binary file?)"
+    return (e.strerror if isinstance(e, OSError) else None) or str(e)
 
 
 def _jsonl(path: Path, field: str) -> list[str]:

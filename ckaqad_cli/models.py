@@ -31,6 +31,74 @@ def resolve_spec(spec: str | os.PathLike) -> str:
     return str(spec)
 
 
+def check_spec(spec: str | os.PathLike, option: str) -> None:
+    """Refuse, before anything loads or the run directory is touched, a model ``spec`` that is neither "builtin", an
+    existing directory, nor a well-formed hub id ("org/name"): a missing local path such as ``/data/model``,
+    ``./out``, ``~/m`` or ``a/b/c`` would otherwise be tried (and recorded) as a hub id."""
+    name = str(spec)
+    if name == BUILTIN:
+        return
+    path = Path(name)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise CkaqadError(f"{option} {spec} is a file; give a model directory (with config.json) or a hub id")
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        hub_id = os.sep == "/" or os.sep not in name
+    except ValueError:  # HFValidationError
+        hub_id = False
+    if not hub_id:
+        raise CkaqadError(f"{option} {spec}: no such directory (and not a hub id of the form org/name)")
+
+
+# JSON files of a model directory that transformers or ckaqad parse; checked up front so that a damaged one is named.
+_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+               "special_tokens_map.json", "model.safetensors.index.json", RECIPE_FILE)
+
+
+def check_local_files(path: Path) -> None:
+    """A one-line CkaqadError naming the file when a local model directory holds a JSON file that does not parse or
+    a safetensors file whose header or size is damaged (no tensor is read)."""
+    import json
+
+    from ckaqad_cli.safetensors_io import check_file
+
+    for name in _JSON_FILES:
+        file = path / name
+        if file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise CkaqadError(f"{file} is not valid JSON ({str(e).splitlines()[0]}): the model directory is "
+                                  "damaged; copy or save it again") from None
+    for file in sorted(path.glob("*.safetensors")):
+        check_file(file)
+
+
+def _hub_unreachable(repo_id: str) -> str | None:
+    """Why the Hub cannot be reached for ``repo_id`` (one quick request for its config.json, no retries), or None
+    when it answers (also with an error such as 404 or a gated repo, which transformers then reports) or offline mode
+    is set (transformers then reads the local cache without a request)."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.is_offline_mode():
+        return None
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status is not None and status < 500 and status not in (408, 429):
+            return None
+        return f"the Hub answered HTTP {status}"
+    except Exception as e:  # connection refused, name resolution, timeout: what huggingface_hub retries for a minute
+        return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
 def _packed_format(path: Path) -> str | None:
     if not path.is_dir():
         return None
@@ -58,7 +126,13 @@ def load_model(
     local = path.is_dir()
     if not local and (path.exists() or name.startswith((".", "/", "~"))):
         raise CkaqadError(f"model {spec} is not a directory")
-    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local}
+    check_spec(name, "model")
+    unreachable = None
+    if local:
+        check_local_files(path)
+    else:  # no network: read the local cache at once instead of huggingface_hub's minute of retries per file
+        unreachable = _hub_unreachable(name)
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": local or unreachable is not None}
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         packed = _packed_format(path)
@@ -70,7 +144,8 @@ def load_model(
         raise
     except (OSError, ValueError) as e:
         where = "local directory" if local else "hub id (offline runs need it in the local cache)"
-        raise CkaqadError(f"cannot load model {spec} as a {where}: {str(e).splitlines()[0]}") from None
+        why = f" (the Hub is unreachable: {unreachable})" if unreachable else ""
+        raise CkaqadError(f"cannot load model {spec} as a {where}: {str(e).splitlines()[0]}{why}") from None
     if local and (path / RECIPE_FILE).exists():
         from ckaqad_cli.quant import QuantRecipe, apply_recipe
 

@@ -154,8 +154,10 @@ class RunDir:
         if entry is None or entry.get("status") != "done":
             return None
         value = entry.get("outputs", {}).get(key)
-        if isinstance(value, str) and not os.path.isabs(value) and (self.path / value).exists():
-            return self.path / value
+        if isinstance(value, str) and value:
+            path = Path(value) if os.path.isabs(value) else self.path / value
+            if path.exists():  # inside the run (recorded relative) or outside it (pack --out, recorded absolute)
+                return path
         return value
 
     # -- lock ------------------------------------------------------------------------------------------------
@@ -251,8 +253,14 @@ class RunDir:
         config: dict[str, Any],
         inputs: dict[str, Any] | None = None,
         force: bool = False,
+        atomic_outputs: bool = False,
     ) -> Iterator[StageRecord]:
-        """Run a stage: lock, record 'running', yield a record to fill, then record 'done' or 'failed'."""
+        """Run a stage: lock, record 'running', yield a record to fill, then record 'done' or 'failed'.
+
+        ``atomic_outputs``: the stage replaces its outputs only when it succeeds (pack, push), so when a forced re-run
+        fails, what it leaves on disk is still the earlier finished run's: the earlier 'done' record is put back,
+        with the failure noted under ``last_failed_attempt``, and run.json keeps describing what is on disk.
+        """
         with self.lock():
             data = self.read()
             previous = data["stages"].get(name)
@@ -278,9 +286,20 @@ class RunDir:
             try:
                 yield record
             except BaseException as e:
-                self._finish(name, record, "failed", error=_one_line(e))
+                if atomic_outputs and previous and previous.get("status") == "done":
+                    self._restore(name, previous, config=config, error=_one_line(e))
+                else:
+                    self._finish(name, record, "failed", error=_one_line(e))
                 raise
             self._finish(name, record, "done")
+
+    def _restore(self, name: str, previous: dict[str, Any], *, config: dict[str, Any], error: str) -> None:
+        data = self.read()
+        started = data["stages"][name].get("started")
+        attempt = {"started": started, "ended": now(), "config": config, "error": error}
+        data["stages"][name] = {**previous, "last_failed_attempt": attempt}
+        self._write(data)
+        self._on_message(f"stage {name} failed; its earlier finished outputs are untouched and stay recorded")
 
     def record_progress(
         self, name: str, *, metrics: dict[str, Any] | None = None, outputs: dict[str, Any] | None = None

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,16 +52,21 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes from ``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int (decimal units as in transformers' max_shard_size)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", text.upper())
-    if not m:
-        raise CkaqadError(f"cannot read size {text!r}: use a number of bytes or e.g. 500MB, 5GB, 2GiB")
-    number, unit, binary = m.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit or " "))
+def parse_size(text: str | int, *, option: str = "--max-shard-size") -> int:
+    """Bytes from ``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int (decimal units as in transformers' max_shard_size);
+    at least one byte. ``option`` is what the one-line error names (the only size option so far)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
+        if not m:
+            raise CkaqadError(f"{option} {text!r} is not a size: use a number of bytes or e.g. 500MB, 5GB, 2GiB")
+        number, unit, binary = m.groups()
+        base = 1024 if binary else 1000
+        size = int(float(number) * base ** " KMGT".index(unit or " "))
+    if size < 1:
+        raise CkaqadError(f"{option} {text!r} must be at least 1 byte: use e.g. 500MB, 5GB, 2GiB")
+    return size
 
 
 def format_bytes(n: float) -> str:
@@ -211,6 +217,13 @@ class SafetensorsSource:
         return out
 
 
+def check_file(path: str | os.PathLike) -> None:
+    """A one-line CkaqadError naming ``path`` when it is not a readable safetensors file (its header and size are
+    checked, no tensor is read)."""
+    with SafetensorsSource._open(Path(path)):
+        pass
+
+
 def _data_offsets(path: Path) -> dict[str, int]:
     """Byte offset of each tensor's data in a safetensors file (after the 8-byte length and the JSON header)."""
     try:
@@ -354,6 +367,32 @@ def ensure_disk_space(target: str | os.PathLike, needed_bytes: int, *, margin: f
             f"not enough disk space for {target}: the output needs {format_bytes(needed_bytes)}, "
             f"{format_bytes(free)} free on that filesystem"
         )
+
+
+def ensure_writable(directory: str | os.PathLike, option: str, *, replaced: bool = False) -> None:
+    """Refuse (CkaqadError naming ``option`` and the path) when ``directory`` cannot be written: an existing one must
+    let us create a file in it; a missing one must be creatable under its nearest existing parent. With ``replaced``
+    the directory is built beside itself and renamed into place (atomic_directory), so its parent is what must be
+    writable. The probe (a temporary file or directory, removed at once) leaves nothing behind, so it runs before
+    any model loads."""
+    directory = Path(directory)
+    probe = directory.parent if replaced else directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CkaqadError(f"{option} {directory}: {probe} is not a directory")
+    try:
+        if probe == directory:
+            fd, name = tempfile.mkstemp(prefix=".ckaqad-write-test-", dir=probe)
+            os.close(fd)
+            os.unlink(name)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".ckaqad-write-test-", dir=probe))
+    except OSError as e:
+        problem = "is not writable" if probe == directory else f"cannot be created in {probe}"
+        raise CkaqadError(
+            f"{option} {directory} {problem} ({e.strerror or e}): choose a directory you can write to"
+        ) from None
 
 
 def copy_files(src: Path, dst: Path, names: Iterable[str]) -> list[str]:

@@ -182,9 +182,42 @@ def test_the_card_names_the_method_the_run_used(tmp_path):
     assert "ptq" in meta["tags"] and "cka-qad" not in meta["tags"] and "my-tag" in meta["tags"]
 
 
-def test_usage_names_the_final_path_not_the_folder_it_was_written_in(tmp_path):
+def test_usage_names_the_hub_id_or_a_relative_placeholder_never_a_local_path(tmp_path):
     folder = _folder(tmp_path)
-    _, body = _split(_render(folder, model_path="/models/qwen3-nvfp4"))
-    assert "/models/qwen3-nvfp4" in body and str(tmp_path) not in body
+    for fmt in ("compressed-tensors", "modelopt"):
+        _, body = _split(_render(folder, fmt=fmt, model_path="/models/qwen3-nvfp4"))
+        usage = body.split("<!-- ckaqad:begin usage -->")[1]
+        assert "/models/" not in body and str(tmp_path) not in body
+        assert 'LLM(model="./qwen3-nvfp4")' in usage and "vllm serve ./qwen3-nvfp4" in usage  # the final name
+        assert "snapshot_download" not in usage  # a local folder is loaded as it is
+        _, body = _split(_render(folder, fmt=fmt))
+        assert "vllm serve ./model" in body and str(tmp_path) not in body
     _, body = _split(_render(folder, repo_id="me/m", model_path="/models/qwen3-nvfp4"))
-    assert "me/m" in body and "/models/qwen3-nvfp4" not in body
+    assert "vllm serve me/m" in body and "/models/qwen3-nvfp4" not in body and "./" not in body
+
+
+def _usage_prompts(body: str) -> set[str]:
+    return set(re.findall(r'(?:generate\(\[|tokenizer\()"([^"]*)"', body))
+
+
+def test_usage_prompt_is_one_the_model_answers(tmp_path):
+    """The built-in teacher knows only its task families: its card asks it a task problem it answers; any other
+    model gets a plain sentence to complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ckaqad_cli.builtin import TEACHER_DIR
+    from ckaqad_cli.builtin.tasks import greedy_answers
+
+    folder = _folder(tmp_path)
+    _, body = _split(_render(folder, repo_id="me/m"))
+    assert _usage_prompts(body) == {"The capital of France is"}
+    prompts = set()
+    for base in ("builtin", str(TEACHER_DIR)):
+        _, body = _split(_render(folder, base_model=base, repo_id="me/m"))
+        prompts |= _usage_prompts(body)
+    assert len(prompts) == 1
+    prompt = prompts.pop()
+    assert re.fullmatch(r"sorted\(\[\d(,\d){2,4}\]\)=", prompt)  # a problem of the list_ops family (tasks.py)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(TEACHER_DIR), AutoTokenizer.from_pretrained(TEACHER_DIR)
+    digits = [int(c) for c in re.findall(r"\d", prompt)]
+    assert greedy_answers(model, tokenizer, [prompt]) == ["[" + ",".join(map(str, sorted(digits))) + "]"]

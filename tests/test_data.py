@@ -39,6 +39,15 @@ def test_empty_or_missing_sources_are_errors(tmp_path):
         load_texts(tmp_path / "bad.jsonl")
 
 
+@pytest.mark.parametrize("name", ["corpus.txt", "corpus.jsonl"])
+def test_binary_or_unreadable_data_names_the_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b'{"text": "ok"}\n\n\x8f\xff\x00 binary')
+    with pytest.raises(CkaqadError, match=rf"^cannot read {path} as UTF-8 .*: byte \d+ is not UTF-8") as e:
+        load_texts(path)
+    assert "\n" not in str(e.value)
+
+
 def test_builtin_texts_follow_split_and_seed():
     train, test = load_texts("builtin", split="train", seed=0), load_texts("builtin", split="test", seed=0)
     assert train and test and not set(train[:200]) & set(test[:200])

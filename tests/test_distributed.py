@@ -4,6 +4,8 @@ its DCP checkpoint resumes in one process (another world size)."""
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -119,3 +121,75 @@ def test_flattened_optimizer_state_round_trips_by_name():
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
         torch.testing.assert_close(p, q)
+
+
+# --- the documented torchrun launch ------------------------------------------------------------------------------
+REPO = Path(__file__).parent.parent
+
+
+def _documented_torchrun_lines() -> list[str]:
+    """Every `torchrun ...` command of the README and docs/distributed.md (continuation lines joined)."""
+    lines = []
+    for doc in (REPO / "README.md", REPO / "docs" / "distributed.md"):
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())
+        lines += [line.strip() for line in text.splitlines() if line.startswith("torchrun ")]
+    return lines
+
+
+def test_documented_torchrun_lines_reach_ckaqad_whole():
+    """torchrun's parser reads every argument, those after the script too, and refuses an abbreviation of one of its
+    own options: `--run` (its --run-path). Each documented line must give ckaqad all its arguments, untouched."""
+    from torch.distributed.run import get_args_parser
+
+    lines = _documented_torchrun_lines()
+    assert len(lines) >= 4, lines
+    for line in lines:
+        argv = shlex.split(re.sub(r"\$[A-Z_]+", "1", line), comments=True)[1:]  # $NODE_RANK, $MASTER: a value
+        args = get_args_parser().parse_args(argv)  # SystemExit (exit 2) on an ambiguous option
+        assert args.module and args.training_script == "ckaqad_cli.app", line
+        assert args.training_script_args == argv[argv.index("ckaqad_cli.app") + 1:], line
+        assert "--run-dir" in args.training_script_args, line
+
+
+def test_no_ckaqad_option_is_taken_by_torchrun():
+    """Every option of every command (both spellings of a flag, `OPT X` and `OPT=X`) passes torchrun's parser to the
+    script, except `--run`, which the docs replace with its other name --run-dir under torchrun."""
+    from torch.distributed.run import get_args_parser
+    from typer.main import get_command
+
+    from ckaqad_cli.app import app
+
+    group = get_command(app)
+    checked = 0
+    for name, command in group.commands.items():
+        ctx = command.make_context(name, [], resilient_parsing=True)
+        for param in command.get_params(ctx):
+            for opt in [*getattr(param, "opts", []), *getattr(param, "secondary_opts", [])]:
+                if opt == "--run" or not opt.startswith("-"):
+                    continue
+                for tail in ([opt, "x"], [f"{opt}=x"]):
+                    argv = ["--standalone", "--nproc-per-node", "2", "-m", "ckaqad_cli.app", name, *tail]
+                    try:
+                        args = get_args_parser().parse_args(argv)
+                    except SystemExit:
+                        pytest.fail(f"torchrun refuses `{name} {' '.join(tail)}`")
+                    assert args.training_script_args == [name, *tail]
+                    checked += 1
+    assert checked > 100
+
+
+@pytest.mark.slow
+def test_documented_cpu_torchrun_line_runs(tmp_path):
+    """The CPU line of docs/distributed.md, exactly as written, in an empty directory: 2 processes with gloo."""
+    (line,) = [line for line in _documented_torchrun_lines() if "--device cpu" in line]
+    argv = shlex.split(line)
+    launcher = Path(sys.executable).parent / "torchrun"
+    argv[:1] = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / argv[argv.index("--run-dir") + 1]
+    stage = json.loads((run / "run.json").read_text())["stages"]["distill"]
+    steps = int(argv[argv.index("--steps") + 1])
+    assert stage["status"] == "done" and stage["config"]["world_size"] == 2 and stage["config"]["steps"] == steps
+    assert [r["step"] for r in _metrics(run / "distill") if r["type"] == "train"] == list(range(1, steps + 1))
+    assert (run / "distill" / "student").is_dir()

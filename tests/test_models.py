@@ -63,6 +63,49 @@ def test_missing_dir_and_unknown_hub_id_are_clear_errors(tmp_path):
         models.load_model("no-such-org/no-such-model-xyz")
 
 
+@pytest.mark.parametrize(
+    "name, damage",
+    [("model.safetensors", lambda b: b"garbage"), ("model.safetensors", lambda b: b[:-100]),
+     ("config.json", lambda b: b"{bad"), ("tokenizer.json", lambda b: b[: len(b) // 2]),
+     ("tokenizer_config.json", lambda b: b"\x8f\xff")],
+)
+def test_damaged_file_of_a_local_model_is_named(tmp_path, name, damage):
+    d = save_tiny_model(tmp_path / "m")
+    (d / name).write_bytes(damage((d / name).read_bytes()))
+    with pytest.raises(CkaqadError, match=f"^{d / name} is not") as e:
+        models.load_model(d, dtype=torch.float32)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["/no/such/model", "./out/student", "~/models/x", "runs/q3/distill/student",
+                                  "not a hub id", "org/name/"])
+def test_check_spec_refuses_a_missing_path_that_is_no_hub_id(tmp_path, spec):
+    with pytest.raises(CkaqadError, match=rf"^--teacher {spec}: no such directory \(and not a hub id"):
+        models.check_spec(spec, "--teacher")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CkaqadError, match="is a file"):
+        models.check_spec(tmp_path / "file", "--student")
+    for fine in ("builtin", "Qwen/Qwen3-0.6B", "gpt2", str(tmp_path)):
+        models.check_spec(fine, "--teacher")
+
+
+def test_unreachable_hub_fails_fast_with_the_cache_error(tmp_path, monkeypatch):
+    """Online mode with no network (a closed local port): one quick request, then the local cache alone, instead
+    of huggingface_hub's minute of retries for every file."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    start = time.monotonic()
+    with pytest.raises(CkaqadError, match=r"^cannot load model no-such-org/no-such-model as a hub id .*unreachable"):
+        models.load_model("no-such-org/no-such-model")
+    assert time.monotonic() - start < 10
+
+
 def test_never_trusts_remote_code_by_default(tmp_path, monkeypatch):
     seen = {}
     from transformers import AutoModelForCausalLM

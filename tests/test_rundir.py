@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ckaqad_cli.atomic import atomic_directory, atomic_write_bytes
+from ckaqad_cli.atomic import OUTPUT_MARKER, atomic_directory, atomic_write_bytes
 from ckaqad_cli.errors import RunLockedError, StageDoneError
 from ckaqad_cli.rundir import RunDir, describe_input, scrub_secrets
 
@@ -213,7 +213,7 @@ def test_atomic_directory_leaves_nothing_on_failure_and_renames_on_success(tmp_p
             pass
     with atomic_directory(target, overwrite=True) as tmp:
         (tmp / "new").write_text("2")
-    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in target.iterdir()) == sorted([OUTPUT_MARKER, "new"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -18,7 +18,9 @@ from ckaqad_cli.safetensors_io import (
     SafetensorsSource,
     ShardedWriter,
     TensorSpec,
+    check_file,
     ensure_disk_space,
+    ensure_writable,
     parse_size,
     plan_shards,
 )
@@ -168,3 +170,66 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_nonsense():
     with pytest.raises(CkaqadError):
         parse_size("lots")
+
+
+@pytest.mark.parametrize("text", ["0", "0MB", 0, "0.0001KB", "-5", -5, "lots", "5 parsecs"])
+def test_parse_size_refuses_zero_negative_and_garbage_naming_the_option(text):
+    with pytest.raises(CkaqadError, match=r"^--max-shard-size '?-?[\w. ]+'? ") as e:
+        parse_size(text)
+    assert "\n" not in str(e.value) and "500MB" in str(e.value)
+
+
+def test_check_file_names_a_corrupt_or_truncated_file(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.ones(64, 64)}, str(good))
+    check_file(good)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("garbage")
+    for bad in (cut, junk):
+        with pytest.raises(CkaqadError, match=f"^{bad} is not a readable safetensors file"):
+            check_file(bad)
+
+
+def make_unwritable(directory, monkeypatch):
+    """``directory`` made read-only (mode 0o555). Root writes there all the same, so under root the probes of
+    ensure_writable and every other temporary file or directory made inside it fail as they would for a user."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o555)
+    if os.geteuid() != 0:
+        return directory
+
+    def refusing(real):
+        def make(*args, **kwargs):
+            where = kwargs.get("dir")
+            if where is not None and Path(where).resolve() == directory.resolve():
+                raise PermissionError(13, "Permission denied", str(where))
+            return real(*args, **kwargs)
+        return make
+
+    monkeypatch.setattr(tempfile, "mkstemp", refusing(tempfile.mkstemp))
+    monkeypatch.setattr(tempfile, "mkdtemp", refusing(tempfile.mkdtemp))
+    return directory
+
+
+def test_ensure_writable_names_the_path_and_leaves_nothing(tmp_path, monkeypatch):
+    ensure_writable(tmp_path / "new" / "run", "--run")  # creatable: nothing made
+    ensure_writable(tmp_path, "--run")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "ro" / "sub").mkdir(parents=True)
+    ro = make_unwritable(tmp_path / "ro", monkeypatch)
+    with pytest.raises(CkaqadError, match=f"^--run {ro} is not writable .*choose a directory you can write to$"):
+        ensure_writable(ro, "--run")
+    with pytest.raises(CkaqadError, match=f"^--run {ro}/run cannot be created in {ro} "):
+        ensure_writable(ro / "run", "--run")
+    ensure_writable(ro / "sub", "--out")  # writable itself, but it cannot be replaced in its read-only parent:
+    with pytest.raises(CkaqadError, match=f"^--out {ro}/sub cannot be created in {ro} "):
+        ensure_writable(ro / "sub", "--out", replaced=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CkaqadError, match="is not a directory"):
+        ensure_writable(tmp_path / "file" / "run", "--run")

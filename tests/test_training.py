@@ -34,6 +34,11 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert warmup_steps(0.05, 200) == 10 and warmup_steps(7, 200) == 7 and warmup_steps(0, 50) == 0
     with pytest.raises(CkaqadError):
         warmup_steps(-1, 10)
+    assert warmup_steps(10, 10) == 10
+    with pytest.raises(CkaqadError, match=r"^--warmup 11 steps is longer than the run \(--steps 10\)"):
+        warmup_steps(11, 10)
+    with pytest.raises(CkaqadError, match=r"^--warmup 2.5: .* whole number"):
+        warmup_steps(2.5, 10)
 
 
 def test_optimizer_follows_schedule_and_has_no_weight_decay_by_default():

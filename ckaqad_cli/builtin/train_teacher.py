@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from ckaqad_cli.atomic import atomic_directory, atomic_write_json
 from ckaqad_cli.builtin import TEACHER_DIR
 from ckaqad_cli.builtin.tasks import Problem, evaluate, generate
 from ckaqad_cli.builtin.tokenizer import VOCAB_SIZE, build_tokenizer
+from ckaqad_cli.progress import make_progress
 
 VALIDATION_SEED = 10_000  # checkpoint selection draws from the held-out split with this seed
 REPORT_SEED = 0  # the accuracy in training_log.json (and docs/builtin.md) uses the held-out split with this seed
@@ -168,11 +168,7 @@ def train(args: argparse.Namespace) -> dict:
                                                         "train_seconds", "final_accuracy", "init")}
     best_accuracy, best_step, step = -1.0, 0, 0
     console = Console(stderr=True)
-    progress = Progress(
-        TextColumn("[bold]teacher"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, disable=not console.is_terminal,
-    )
+    progress = make_progress(console, label="teacher", fields=("status",))  # plain lines every 30 s in a log
     window_loss, window_steps = 0.0, 0  # the mean training loss since the last validation
     with progress:
         bar = progress.add_task("train", total=args.steps, status="")
@@ -189,8 +185,6 @@ def train(args: argparse.Namespace) -> dict:
             optimizer.step()
             window_loss, window_steps = window_loss + loss.item(), window_steps + 1
             progress.update(bar, advance=1, status=f"loss {loss.item():.3f}")
-            if not console.is_terminal and step % 50 == 0:  # a heartbeat in logs, where there is no bar
-                print(f"step {step} loss {loss.item():.4f} [{(time.monotonic() - started) / 60:.1f} min]", flush=True)
             out_of_time = args.minutes is not None and time.monotonic() - started > 60 * args.minutes
             if step % args.eval_every == 0 or step == args.steps or out_of_time:
                 accuracy = evaluate(model, tokenizer, validation)

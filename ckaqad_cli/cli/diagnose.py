@@ -10,7 +10,6 @@ import typer
 from ckaqad_cli.cli.common import RunOption, console, handle_errors
 from ckaqad_cli.config import ConfigOption
 from ckaqad_cli.rundir import RunDir
-from ckaqad_cli.stages.diagnose import DiagnoseConfig, run_diagnose
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -123,6 +122,8 @@ def diagnose(
 
       ckaqad diagnose --teacher Qwen/Qwen3-32B --ptq w4a4 --device-map auto --lm-eval-tasks my_tasks/qa.yaml
     """
+    from ckaqad_cli.stages.diagnose import DiagnoseConfig, run_diagnose  # torch: only once the arguments are good
+
     cfg = DiagnoseConfig(
         teacher=teacher, students=[parse_student(s) for s in student], ptq=list(ptq), use_run_student=run_student,
         data=data, split=split, text_field=text_field, seq_len=seq_len, max_tokens=max_tokens,

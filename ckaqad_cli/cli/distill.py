@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from ckaqad_cli.cli.common import RunOption, console, handle_errors
 from ckaqad_cli.config import ConfigOption
@@ -27,36 +26,36 @@ def distill(
     ),
     steps: int = typer.Option(None, help=f"Optimizer steps. Real models 1000, built-in 300. {_P}"),
     batch_size: int = typer.Option(None, help=f"Sequences per micro-batch over all processes. 8 / built-in 32. {_P}"),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step. Default: 1."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     seq_len: int = typer.Option(None, help=f"Tokens per packed sequence. 2048 / built-in 128. {_P}"),
     lr: float = typer.Option(None, help=f"Peak learning rate (AdamW). 1e-5 (NVIDIA's QAD) / built-in 3e-4. {_P}"),
-    warmup: float = typer.Option(0.05, help="Warmup: below 1 a fraction of --steps, else steps. Default: 0.05."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay. Default: 0."),
-    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = none). Default: 1.0."),
+    warmup: float = typer.Option(0.05, help="Warmup: below 1 a fraction of --steps, else steps."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm (0 = none)."),
     grad_checkpointing: bool = typer.Option(
         False, help="Activation checkpointing of the student's decoder layers: their activations are recomputed in "
         "the backward pass instead of kept (less memory, one more student forward per step, the same losses). "
         "Default: off."
     ),
-    seed: int = typer.Option(0, help="Seed of data order and CKA token sampling. Default: 0."),
-    temperature: float = typer.Option(1.0, help="KL temperature T (loss scaled by T^2). Default: 1."),
+    seed: int = typer.Option(0, help="Seed of data order and CKA token sampling."),
+    temperature: float = typer.Option(1.0, help="KL temperature T (loss scaled by T^2)."),
     kl_topk: int = typer.Option(
         None, help="KL over the teacher's K most likely tokens only, both distributions renormalized over them "
         "(top-k logit distillation; also the held-out KL). K >= vocabulary = full KL. Default: full vocabulary."
     ),
-    kl_chunk_tokens: int = typer.Option(1024, help="Tokens per KL chunk (bounds logits memory). Default: 1024."),
+    kl_chunk_tokens: int = typer.Option(1024, help="Tokens per KL chunk (bounds logits memory)."),
     lambda_cka: float = typer.Option(
         None, help="Fixed CKA weight lambda; 0 = KL-only QAD (the baseline). Default: balanced (--cka-balance)."
     ),
     cka_balance: float = typer.Option(
-        0.5, help="Balanced lambda = this factor x KL / CKA-term each step (detached). Default: 0.5."
+        0.5, help="Balanced lambda = this factor x KL / CKA-term each step (detached)."
     ),
     cka_layers: str = typer.Option(
         None, help=f"Decoder layers of the CKA term: all, every:K, '0,3,5-7' or '2:10:2'. every:4 / built-in all. {_P}"
     ),
     cka_tokens: int = typer.Option(
         512, help="Token positions per step for the CKA term, spread over the batch's sequences, the same for student "
-        "and teacher (never BOS / position 0 or padding). Default: 512."
+        "and teacher (never BOS / position 0 or padding)."
     ),
     cka_debiased: bool = typer.Option(
         False, help="Debiased CKA (unbiased HSIC) in the loss instead of linear CKA; the held-out metric stays "
@@ -73,9 +72,9 @@ def distill(
     max_tokens: int = typer.Option(None, help="Cap on the packed training + held-out tokens. Default: all data."),
     eval_every: int = typer.Option(None, help=f"Held-out KL / layer CKA every N steps. 100 / built-in 50. {_P}"),
     eval_sequences: int = typer.Option(None, help=f"Held-out sequences. 32 / built-in 64. {_P}"),
-    eval_tokens: int = typer.Option(2048, help="Held-out token positions for the per-layer CKA metric. Default: 2048."),
+    eval_tokens: int = typer.Option(2048, help="Held-out token positions for the per-layer CKA metric."),
     save_every: int = typer.Option(None, help=f"Checkpoint every N steps. 200 / built-in 100. {_P}"),
-    keep: int = typer.Option(2, help="Checkpoints kept (the latest ones). Default: 2."),
+    keep: int = typer.Option(2, help="Checkpoints kept (the latest ones)."),
     resume: bool = typer.Option(False, help="Continue from the latest complete checkpoint of this run."),
     force: bool = typer.Option(False, help="Run again even if distill finished, discarding old checkpoints."),
     device: str = typer.Option("auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N."),
@@ -100,7 +99,7 @@ def distill(
 
       ckaqad distill --run runs/q3 --resume               # after a crash or Ctrl-C
 
-      torchrun --nproc-per-node 8 -m ckaqad_cli.app distill --run runs/q3 --teacher Qwen/Qwen3-4B --data c.jsonl
+      torchrun --nproc-per-node 8 -m ckaqad_cli.app distill --run-dir runs/q3 --teacher Qwen/Qwen3-4B --data c.jsonl
     """
     from ckaqad_cli.stages.distill import DistillConfig, run_distill
 
@@ -119,14 +118,11 @@ def distill(
     summary = run_distill(rundir, cfg, console=console)
     if not summary:  # a non-zero rank under torchrun: rank 0 reports
         return
-    table = Table(title=f"distill ({summary['mode']}, {summary['steps']} steps)")
-    table.add_column("")
-    table.add_column("held-out KL", justify="right")
-    table.add_column("mean layer CKA", justify="right")
-    table.add_column("min layer CKA", justify="right")
-    if "ptq_eval_kl" in summary:
-        table.add_row("PTQ (step 0)", f"{summary['ptq_eval_kl']:.4g}", f"{summary['ptq_mean_cka']:.4f}",
-                      f"{summary['ptq_min_cka']:.4f}")
-    table.add_row("student", f"{summary['eval_kl']:.4g}", f"{summary['mean_cka']:.4f}", f"{summary['min_cka']:.4f}")
-    console.print(table)
+    from ckaqad_cli.report import FitTable, fmt
+
+    keys = ("eval_kl", "mean_cka", "min_cka")
+    rows = [["PTQ (step 0)", *(fmt(summary[f"ptq_{k}"]) for k in keys)]] if "ptq_eval_kl" in summary else []
+    rows.append(["student", *(fmt(summary[k]) for k in keys)])
+    console.print(FitTable(f"distill ({summary['mode']}, {summary['steps']} steps)",
+                           ["", "held-out KL", "mean layer CKA", "min layer CKA"], rows))
     console.print(f"student: {rundir.path / 'distill' / 'student'}", highlight=False)

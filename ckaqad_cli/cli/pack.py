@@ -19,8 +19,6 @@ from ckaqad_cli.cli.push import (
 from ckaqad_cli.config import ConfigOption
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
-from ckaqad_cli.stages.pack import PackConfig, run_pack, summary_rows
-from ckaqad_cli.stages.push import check_repo_id, push_folder, resolve_endpoint, resolve_token
 
 
 @handle_errors
@@ -49,15 +47,15 @@ def pack(
         help="Extra fnmatch globs of modules to keep in BF16 (plain PTQ only; repeatable). Default: none.",
     ),
     max_shard_size: str = typer.Option(
-        "5GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 5GB. Default: 5GB."
+        "5GB", "--max-shard-size", help="Largest output shard, e.g. 500MB, 5GB."
     ),
     calib_data: str | None = typer.Option(
         None,
         "--calib-data",
         help="W4A4 calibration text: builtin, a .txt / .jsonl file or a datasets dir. Default: the run's distill data.",
     ),
-    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Tokens for W4A4 input calibration. Default: 4096."),
-    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Calibration sequence length. Default: 256."),
+    calib_tokens: int = typer.Option(4096, "--calib-tokens", help="Tokens for W4A4 input calibration."),
+    calib_seq_len: int = typer.Option(256, "--calib-seq-len", help="Calibration sequence length."),
     verify: bool | None = typer.Option(
         None,
         "--verify/--no-verify",
@@ -70,17 +68,17 @@ def pack(
         "auto",
         "--backend",
         help="Quantization kernels: auto (Triton on a GPU; on the CPU the C kernel where a C compiler is found, else "
-        "the PyTorch reference), triton, c or torch. All write the same bytes. Default: auto.",
+        "the PyTorch reference), triton, c or torch. All write the same bytes.",
     ),
     device: str = typer.Option(
-        "cpu", "--device", help="Device for quantization, calibration and verify. Default: cpu."
+        "cpu", "--device", help="Device for quantization, calibration and verify."
     ),
     dtype: str = typer.Option(
         "auto",
         "--dtype",
         help="dtype of the tensors left unquantized (embeddings, norms, head) and of config.json: auto, bfloat16, "
         "float16 or float32. auto keeps the source's, except bfloat16 for a distilled student (its float32 master "
-        "weights are for training). Default: auto.",
+        "weights are for training).",
     ),
     push_to_hub: str | None = typer.Option(
         None, "--push-to-hub", help="Then push the output to this ORG/NAME repo. Default: no push."
@@ -101,6 +99,10 @@ def pack(
 
       ckaqad pack --model ./Llama-3.2-1B --out ./llama-nvfp4 --scheme w4a16 --format modelopt
     """
+    # the stages (torch, huggingface_hub) only once the arguments are good
+    from ckaqad_cli.stages.pack import PackConfig, run_pack, summary_rows
+    from ckaqad_cli.stages.push import check_repo_id, push_folder, resolve_endpoint, resolve_token
+
     cfg = PackConfig(
         model=str(model) if model else None,
         out=str(out) if out else None,
@@ -132,9 +134,11 @@ def pack(
         token = resolve_token(token)
     rundir = RunDir(run, on_message=lambda msg: console.print(f"[yellow]{msg}[/yellow]"))
     result = run_pack(cfg, rundir)
-    table = Table(title=f"pack -> {result.out} ({result.format}, {result.scheme})")
-    table.add_column("")
-    table.add_column("", justify="right", overflow="fold")
+    # the output path as a line above the table, wrapped at spaces: a long path as a title would be broken
+    console.print(f"pack -> {result.out} ({result.format}, {result.scheme})", highlight=False)
+    table = Table(show_header=False)
+    table.add_column("", overflow="fold")  # fold, never an ellipsis: readable at 80 columns in a log
+    table.add_column("", overflow="fold")
     for label, value in summary_rows(result.summary):
         table.add_row(label, value)
     console.print(table)

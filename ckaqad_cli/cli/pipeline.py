@@ -9,7 +9,6 @@ import typer
 from ckaqad_cli.cli.common import RunOption, console, handle_errors
 from ckaqad_cli.config import ConfigOption
 from ckaqad_cli.rundir import RunDir
-from ckaqad_cli.stages.pipeline import PipelineConfig, run_pipeline
 
 
 @handle_errors
@@ -40,13 +39,18 @@ def pipeline(
         "your-org/ckaqad-nvfp4", "--repo-id", help="Hub repository named in the dry-run push and the model card."
     ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto (CUDA when present)."),
+    force: bool = typer.Option(
+        False, "--force", help="Redo every stage, finished or not (needed to change the settings of a finished run)."
+    ),
     config: Path = ConfigOption,
 ) -> None:
     """Run the whole chain on one run directory and print the comparison table.
 
     Stages: diagnose of the NVFP4 PTQ student, distill (CKA-QAD), distill-kl (the KL-only baseline, with
     --baseline), diagnose of the distilled students, pack (with verify), push as a dry run. Stages already done are
-    skipped, so an interrupted pipeline continues when run again. Writes RUN/pipeline/comparison.{json,md} and cka.png.
+    skipped, so an interrupted pipeline continues when run again; a finished stage asked for with other settings is
+    refused (--force redoes every stage). Every option of every stage is checked before the first one starts.
+    Writes RUN/pipeline/comparison.{json,md} and cka.png.
 
     Examples:
 
@@ -54,10 +58,12 @@ def pipeline(
 
       ckaqad pipeline --run runs/qwen3 --teacher Qwen/Qwen3-0.6B --data corpus.jsonl --steps 2000
     """
+    from ckaqad_cli.stages.pipeline import PipelineConfig, run_pipeline  # torch: only once the arguments are good
+
     cfg = PipelineConfig(
         teacher=teacher, data=data, scheme=scheme, baseline=baseline, steps=steps, batch_size=batch_size,
         seq_len=seq_len, lr=lr, lambda_cka=lambda_cka, cka_layers=cka_layers, seed=seed,
         diagnose_tokens=diagnose_tokens, diagnose_seq_len=diagnose_seq_len, task_problems=task_problems,
-        format=format, repo_id=repo_id, device=device,
+        format=format, repo_id=repo_id, device=device, force=force,
     )
     run_pipeline(cfg, RunDir(run, on_message=lambda m: console.print(f"[yellow]{m}[/yellow]")), console=console)

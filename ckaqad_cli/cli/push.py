@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from ckaqad_cli.cli.common import DEFAULT_RUN, console, handle_errors
+from ckaqad_cli.cli.common import DEFAULT_RUN, RUN_OPTION_NAMES, console, handle_errors
 from ckaqad_cli.config import ConfigOption
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
-from ckaqad_cli.stages.push import PushConfig, push_folder
+
+if TYPE_CHECKING:  # the stage (huggingface_hub, httpx) is imported when a command runs
+    from ckaqad_cli.stages.push import PushConfig
 
 PrivateOption = typer.Option(False, "--private", help="Create the repository as private (default: public).")
 RevisionOption = typer.Option(
-    "main", "--revision", help="Branch to push to; created from main if missing (default: main)."
+    "main", "--revision", help="Branch to push to; created from main if missing."
 )
 EndpointOption = typer.Option(
     None,
@@ -42,7 +45,7 @@ CardOption = typer.Option(
     "merge",
     "--card",
     help="What to do with an existing README.md in the folder: keep it as is, replace it, or merge (keep its "
-    "prose and metadata, refresh ckaqad's sections). Default: merge.",
+    "prose and metadata, refresh ckaqad's sections).",
 )
 BaseModelOption = typer.Option(
     None,
@@ -64,6 +67,8 @@ def push_config(
     force: bool = False,
 ) -> PushConfig:
     """The PushConfig for the shared options' values (used by push and by pack --push-to-hub)."""
+    from ckaqad_cli.stages.push import PushConfig
+
     return PushConfig(
         repo_id=repo_id,
         private=private,
@@ -90,9 +95,9 @@ def push(
     repo_id: str = typer.Option(..., "--repo-id", help="Hub repository ORG/NAME to push to (created if missing)."),
     run: Path | None = typer.Option(
         None,
-        "--run",
+        *RUN_OPTION_NAMES,
         help="Run directory whose packed model, numbers and plot to push, where the push is recorded (default: "
-        "runs/default; with --folder, no run unless given).",
+        "runs/default; with --folder, no run unless given). --run-dir is the same option.",
         file_okay=False,
     ),
     folder: Path | None = typer.Option(
@@ -123,6 +128,8 @@ def push(
 
       ckaqad push --folder out/model --repo-id my-org/model-nvfp4 --revision nvfp4 --dry-run
     """
+    from ckaqad_cli.stages.push import push_folder
+
     rundir = None
     if run is not None or folder is None:  # --folder alone pushes that folder without reading any run
         run = run or DEFAULT_RUN
@@ -147,9 +154,11 @@ def push(
         typer.echo(json.dumps(result, indent=2))
         return
     if dry_run:
-        table = Table(title=f"would push to {repo_id}@{revision} in {result['commits']} commit(s)")
+        # the destination as a line above the table, wrapped at spaces: a long repo id as a title would be broken
+        console.print(f"would push to {repo_id}@{revision} in {result['commits']} commit(s):", highlight=False)
+        table = Table()
         table.add_column("file", overflow="fold")
-        table.add_column("size", justify="right")
+        table.add_column("size", justify="right", overflow="fold")
         for name, size in result["files"].items():
             table.add_row(name, _size(size))
         table.add_row("[bold]total[/bold]", _size(sum(result["files"].values())))

@@ -3,24 +3,71 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from ckaqad_cli.cli.common import RunOption, console, handle_errors
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.report import fmt
 from ckaqad_cli.rundir import RunDir
 
 _STYLE = {"done": "green", "running": "yellow", "failed": "red", "interrupted": "red"}
 
 
 def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    """A metric or output value: floats with 4 decimals (report.fmt), lists and nested dicts element by element."""
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
-    return str(value)
+        return ", ".join(f"{k}={_fmt(v) if not isinstance(v, dict) else f'({_fmt(v)})'}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    return fmt(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _times(started: str | None, ended: str | None) -> str:
+    """``started -> ended (duration)``, the end's date left out when it is the start's."""
+    if not started:
+        return ""
+    if not ended:
+        return f"since {started}"
+    try:
+        a, b = datetime.fromisoformat(started), datetime.fromisoformat(ended)
+    except (TypeError, ValueError):
+        return f"{started} -> {ended}"
+    end = ended.split("T", 1)[1] if "T" in ended and a.date() == b.date() else ended
+    return f"{started} -> {end} ({_duration((b - a).total_seconds())})"
+
+
+def _details(entry: dict) -> Text:
+    """The second column of a stage: state and times, the error, the metrics, the outputs; one item a line."""
+    st = entry.get("status", "?")
+    text = Text(st, style=_STYLE.get(st, "white"))
+    if times := _times(entry.get("started"), entry.get("ended")):
+        text.append(f"  {times}")
+    if st in ("failed", "interrupted") and entry.get("error"):
+        text.append(f"\nerror: {entry['error']}")
+    metrics = entry.get("metrics") or {}
+    flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    if flat:
+        text.append("\n" + _fmt(flat))
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            text.append(f"\n{key}: {_fmt(value)}")
+    if entry.get("outputs"):
+        text.append(f"\noutputs: {_fmt(entry['outputs'])}")
+    return text
 
 
 @handle_errors
@@ -46,20 +93,10 @@ def status(
     if json_output:
         typer.echo(json.dumps(data, indent=2))
         return
-    table = Table(title=f"run {run}")
-    for col in ("stage", "status", "started", "ended", "key metrics", "outputs"):
-        table.add_column(col, overflow="fold")
+    # two columns, the details one item a line and wrapped at spaces: readable at 80 columns (a log file) as well
+    table = Table(title=f"run {run}", show_lines=True)
+    table.add_column("stage", overflow="fold")
+    table.add_column("status, times, key metrics, outputs", overflow="fold")
     for name, entry in data["stages"].items():
-        st = entry.get("status", "?")
-        shown = f"[{_STYLE.get(st, 'white')}]{st}[/]"
-        if st in ("failed", "interrupted") and entry.get("error"):
-            shown += f"\n{entry['error']}"
-        table.add_row(
-            name,
-            shown,
-            str(entry.get("started") or ""),
-            str(entry.get("ended") or ""),
-            _fmt(entry.get("metrics") or {}),
-            _fmt(entry.get("outputs") or {}),
-        )
+        table.add_row(name, _details(entry))
     console.print(table)

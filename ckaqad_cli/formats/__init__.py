@@ -28,7 +28,7 @@ def format_module(name: str) -> ModuleType:
     try:
         return FORMATS[name]
     except KeyError:
-        raise CkaqadError(f"unknown format {name!r}: use one of {', '.join(FORMATS)}") from None
+        raise CkaqadError(f"unknown format {name!r} (--format): use one of {', '.join(FORMATS)}") from None
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:

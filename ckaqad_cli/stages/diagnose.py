@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from ckaqad_cli import models
@@ -34,8 +33,10 @@ from ckaqad_cli.data import jsonl_rows, load_texts, pack_sequences
 from ckaqad_cli.distributed import pick_device
 from ckaqad_cli.errors import CkaqadError, StageDoneError
 from ckaqad_cli.kl import token_kl
+from ckaqad_cli.progress import make_progress
 from ckaqad_cli.report import write_report
 from ckaqad_cli.rundir import RunDir, describe_input
+from ckaqad_cli.safetensors_io import ensure_writable
 
 PTQ_SCHEMES = ("w4a4", "w4a16")
 DEVICE_MAPS = ("auto",)
@@ -163,12 +164,29 @@ def load_models(cfg: DiagnoseConfig, run: RunDir | None, device: torch.device, d
     return teacher, students + ptq
 
 
-def load_sequences(cfg: DiagnoseConfig, teacher: _Model) -> torch.Tensor:
+def load_sequences(cfg: DiagnoseConfig, teacher: _Model, texts: list[str] | None = None) -> torch.Tensor:
+    """The packed sequences of ``cfg.data`` (``texts``: already read by :func:`read_texts`)."""
     limit = models.max_positions(teacher.model)
     if limit is not None and cfg.seq_len > limit:
         raise CkaqadError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {limit} positions")
-    texts = load_texts(cfg.data, split=cfg.split, seed=cfg.seed, text_field=cfg.text_field)
+    if texts is None:
+        texts = read_texts(cfg)
     return pack_sequences(texts, teacher.tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens, seed=cfg.seed)
+
+
+def read_texts(cfg: DiagnoseConfig) -> list[str]:
+    """The texts of ``--data``: read before any model loads, so that a missing or malformed source fails at once."""
+    return load_texts(cfg.data, split=cfg.split, seed=cfg.seed, text_field=cfg.text_field)
+
+
+def check_options(cfg: DiagnoseConfig) -> None:
+    """The options that need no model, each error naming its option and value."""
+    minimum = {"seq_len": 2, "batch_size": 1, "max_tokens": 1, "chunk_batches": 1, "task_problems": 0}
+    for name, least in minimum.items():
+        value = getattr(cfg, name)
+        if value < least:
+            hint = " (0 = no task accuracy)" if name == "task_problems" else ""
+            raise CkaqadError(f"--{name.replace('_', '-')} must be at least {least}{hint}, got {value}")
 
 
 # -- capture ---------------------------------------------------------------------------------------------------
@@ -275,13 +293,6 @@ def _student_pass(student: _Model, tb: _TeacherBatch, teacher_head: nn.Module, s
 
 
 # -- the stage -------------------------------------------------------------------------------------------------
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, disable=not console.is_terminal, transient=True,
-    )
-
-
 def measure(teacher: _Model, students: list[_Model], sequences: torch.Tensor, cfg: DiagnoseConfig,
             device: torch.device, console: Console) -> dict:
     """Stream the sequences through teacher and students; per-layer CKA and output-level numbers."""
@@ -295,7 +306,7 @@ def measure(teacher: _Model, students: list[_Model], sequences: torch.Tensor, cf
     teacher_head = teacher.model.get_output_embeddings()
     if cfg.sequential:
         teacher_head = copy.deepcopy(teacher_head).to(device)
-    with _progress(console) as progress:
+    with make_progress(console, transient=True) as progress:
         task = progress.add_task("diagnose", total=len(batches))
         for start in range(0, len(batches), chunk):
             group = batches[start : start + chunk]
@@ -517,8 +528,7 @@ def lm_eval_scores(teacher: _Model, students: list[_Model], plan: LmEvalPlan | N
 def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = None) -> dict:
     """Load, check, measure, write diagnose/report.json, report.md and cka.png; record the stage. The report."""
     console = console or Console(stderr=True)
-    if cfg.seq_len < 2 or cfg.batch_size < 1 or cfg.max_tokens < 1 or cfg.chunk_batches < 1:
-        raise CkaqadError("--seq-len must be >= 2 and --batch-size, --max-tokens, --chunk-batches >= 1")
+    check_options(cfg)
     check_device_map(cfg)
     cfg.token_filter()  # checks --massive-ratio
     if cfg.lm_eval_tasks:
@@ -526,11 +536,18 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
     done = run.stage_entry(cfg.stage)
     if done and done.get("status") == "done" and not cfg.force:  # fail before loading any model
         raise StageDoneError(f"stage {cfg.stage} already finished in {run.path}; pass --force to run it again")
+    models.check_spec(cfg.teacher, "--teacher")
+    for _, spec in _split_students(cfg, run):
+        models.check_spec(spec, "--student")
     lm_eval_plan = plan_lm_eval(cfg.lm_eval_tasks)
+    texts = read_texts(cfg)
+    ensure_writable(run.path, "--run")
+    if run.stage_dir(cfg.stage).exists():
+        ensure_writable(run.stage_dir(cfg.stage), "--run")
     device = pick_device(cfg.device)
     dtype = _dtype(cfg.dtype, device)
     teacher, students = load_models(cfg, run, device, dtype)
-    sequences = load_sequences(cfg, teacher)
+    sequences = load_sequences(cfg, teacher, texts)
     inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
     inputs.update({f"student:{s.label}": describe_input(s.spec) for s in students if not s.label.startswith("ptq-")})
     inputs.update({f"lm_eval:{f}": describe_input(f) for f in (lm_eval_plan.files if lm_eval_plan else [])})

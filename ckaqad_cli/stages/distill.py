@@ -18,15 +18,17 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ckaqad_cli import checkpoints
 from ckaqad_cli import distributed as D
 from ckaqad_cli.atomic import atomic_directory
 from ckaqad_cli.cka import Standardizer, TokenFilter
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.models import check_spec
 from ckaqad_cli.objective import CausalLMBody, Objective, ObjectiveSettings, parse_layers
+from ckaqad_cli.progress import make_progress
 from ckaqad_cli.rundir import RunDir, describe_input
+from ckaqad_cli.safetensors_io import ensure_writable
 from ckaqad_cli.training import (
     MetricsLog,
     StopRequest,
@@ -131,6 +133,7 @@ class DistillConfig:
             raise CkaqadError(f"--scheme must be w4a4 or w4a16, got {self.scheme!r}")
         if self.warmup < 0:
             raise CkaqadError(f"--warmup must be >= 0 (a fraction of the run below 1, steps from 1), got {self.warmup}")
+        warmup_steps(self.warmup, self.steps)  # a whole number of steps, no longer than the run
         if self.weight_decay < 0:
             raise CkaqadError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -198,20 +201,6 @@ def _objective_settings(cfg: DistillConfig, num_layers: int) -> ObjectiveSetting
     )
 
 
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]distill[/bold]"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("{task.fields[terms]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not (enabled and console.is_terminal),
-        transient=False,
-    )
-
-
 @dataclass
 class Models:
     """What training needs, built by :func:`build_models` (or by a test)."""
@@ -246,10 +235,18 @@ def check_models(cfg: DistillConfig, models: Models) -> None:
     parse_layers(cfg.cka_layers, len(decoder_layers(models.teacher)))
 
 
-def load_sequences(cfg: DistillConfig, tokenizer) -> torch.Tensor:
-    from ckaqad_cli.data import load_texts, pack_sequences
+def read_texts(cfg: DistillConfig) -> list[str]:
+    """The training texts of ``--data``, read before any model loads (a bad source fails at once)."""
+    from ckaqad_cli.data import load_texts
 
-    texts = load_texts(cfg.data, split="train", seed=cfg.seed, text_field=cfg.text_field)
+    return load_texts(cfg.data, split="train", seed=cfg.seed, text_field=cfg.text_field)
+
+
+def load_sequences(cfg: DistillConfig, tokenizer, texts: list[str] | None = None) -> torch.Tensor:
+    from ckaqad_cli.data import pack_sequences
+
+    if texts is None:
+        texts = read_texts(cfg)
     return pack_sequences(texts, tokenizer, cfg.seq_len, max_tokens=cfg.max_tokens, seed=cfg.seed)
 
 
@@ -371,7 +368,7 @@ def train(
     stop = StopRequest()
     last: dict[str, Any] = {}
     started = time.perf_counter()
-    with stop.installed(), _progress(console, show_progress and ctx.is_main) as progress:
+    with stop.installed(), make_progress(console, fields=("terms",), enabled=show_progress and ctx.is_main) as progress:
         task = progress.add_task("distill", total=cfg.steps, completed=start_step, terms="")
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
@@ -492,10 +489,15 @@ def run_distill(
         entry = run.stage_entry(stage)
         if entry and entry.get("status") == "done" and not cfg.force:
             raise CkaqadError(f"stage {stage} already finished in {run.path}; pass --force to run it again")
+        check_spec(cfg.teacher, "--teacher")  # before anything loads or the run directory is touched
+        texts = read_texts(cfg)
+        ensure_writable(run.path, "--run")
+        if run.stage_dir(stage).exists():
+            ensure_writable(run.stage_dir(stage), "--run")
         torch.manual_seed(cfg.seed)
         models = build_models(cfg, ctx)
         check_models(cfg, models)
-        sequences = load_sequences(cfg, models.tokenizer)
+        sequences = load_sequences(cfg, models.tokenizer, texts)
         train_ids, eval_ids = split_heldout(sequences, cfg.eval_sequences, ctx.world_size)
         record_config = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
         record_config["world_size"] = ctx.world_size

@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ckaqad_cli import formats
-from ckaqad_cli.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from ckaqad_cli.atomic import atomic_directory, atomic_write_json, atomic_write_text, check_replaceable
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.progress import LoggedProgress, make_progress
 from ckaqad_cli.quant import (
     SCHEMES,
     QuantRecipe,
@@ -48,6 +48,7 @@ from ckaqad_cli.safetensors_io import (
     TensorSpec,
     copy_files,
     ensure_disk_space,
+    ensure_writable,
     format_bytes,
     parse_size,
 )
@@ -167,6 +168,23 @@ def resolve_source(cfg: PackConfig, run: RunDir | None) -> Path:
         where = f"run {run.path}" if run is not None else "no run"
         raise CkaqadError(f"{where} has no finished distill stage: run `ckaqad distill` first, or pass --model PATH")
     return Path(student)
+
+
+def check_output(target: Path, source: Path, force: bool) -> None:
+    """The output may not hold the source, and ``--force`` replaces only an earlier output of ckaqad's."""
+    if target.resolve() == source.resolve() or target.resolve() in source.resolve().parents:
+        raise CkaqadError(f"output {target} would replace the model it is packed from ({source}); choose another --out")
+    if target.exists() and not force:
+        raise CkaqadError(f"output {target} exists; pass --force to replace it")
+    check_replaceable(target)
+
+
+def check_source(source: Path) -> None:
+    """The source must be a local model directory with a config.json (checked before anything is recorded)."""
+    if not source.is_dir():
+        raise CkaqadError(f"model {source} is not a directory: give --model a local Hugging Face model directory")
+    if not (source / "config.json").is_file():
+        raise CkaqadError(f"model {source} has no config.json: give --model a local Hugging Face model directory")
 
 
 def _meta_model(config: dict[str, Any]):
@@ -409,16 +427,8 @@ def ignore_list(plan: PackPlan) -> list[str]:
 # -- writing ---------------------------------------------------------------------------------------------------
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]pack[/bold] {task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeElapsedColumn(),
-        console=_console,
-        disable=not _console.is_terminal,
-        transient=True,
-    )
+def _progress() -> LoggedProgress:
+    return make_progress(_console, label="pack", unit="bytes", transient=True)
 
 
 def _checked_amax(name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -755,6 +765,7 @@ def _files(out: Path) -> dict[str, int]:
 def _output_dir(target: Path, force: bool) -> Iterator[Path]:
     if target.exists() and not force:
         raise CkaqadError(f"output {target} exists; pass --force to replace it")
+    check_replaceable(target)
     with atomic_directory(target, overwrite=force) as tmp:
         yield tmp
 
@@ -767,10 +778,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
     if target is None:
         raise CkaqadError("no output directory: pass --out DIR or --run DIR")
     fmt = formats.format_module(cfg.format)
-    if target.resolve() == source.resolve() or target.resolve() in source.resolve().parents:
-        raise CkaqadError(f"output {target} would replace the model it is packed from ({source}); choose another --out")
-    if target.exists() and not cfg.force:
-        raise CkaqadError(f"output {target} exists; pass --force to replace it")
+    check_output(target, source, cfg.force)
     with SafetensorsSource(source) as src:
         config = formats.read_config(source)
         recipe = build_recipe(source, config, cfg.scheme, list(cfg.exclude), src)
@@ -932,7 +940,13 @@ def run_pack(cfg: PackConfig, run: RunDir) -> PackResult:
     """The pack stage of a run: pack, record outputs/metrics in run.json, write pack/summary.json and summary.md."""
     source = resolve_source(cfg, run)
     out = Path(cfg.out) if cfg.out else run.stage_dir(STAGE) / OUTPUT_DIR
-    with run.stage(STAGE, config=asdict(cfg), inputs={"model": describe_input(source)}, force=cfg.force) as rec:
+    check_source(source)  # argument checks before the run is touched: a bad --model leaves a finished pack alone
+    ensure_writable(run.path, "--run")  # before anything loads: a read-only place is one line naming it
+    ensure_writable(out, "--out" if cfg.out else "--run", replaced=True)
+    if cfg.force:  # (without it, a finished stage is refused first, below)
+        check_output(out, source, force=True)
+    inputs = {"model": describe_input(source)}
+    with run.stage(STAGE, config=asdict(cfg), inputs=inputs, force=cfg.force, atomic_outputs=True) as rec:
         result = pack_model(cfg, run=run, out=out)
         s = result.summary
         rec.outputs.update(model=run.relpath(out), format=result.format, scheme=result.scheme, files=_files(out))

@@ -1,12 +1,14 @@
 """The whole chain over one run directory: PTQ diagnose -> distill (CKA-QAD) [-> KL-only baseline] -> diagnose ->
 pack (with verify) -> push as a dry run -> the comparison table.
 
-Every step is an ordinary stage recorded in run.json; a step already done is skipped, so an interrupted pipeline
-continues where it stopped when run again.
+Every step is an ordinary stage recorded in run.json; a step already done with the same settings is skipped, so an
+interrupted pipeline continues where it stopped when run again. Every option of every stage is checked before the
+first stage starts; a finished stage asked for with other settings is refused (``--force`` redoes every stage).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from ckaqad_cli.rundir import RunDir
 from ckaqad_cli.stages.diagnose import DiagnoseConfig, run_diagnose
 from ckaqad_cli.stages.distill import DistillConfig, run_distill
 from ckaqad_cli.stages.pack import PackConfig, run_pack
-from ckaqad_cli.stages.push import PushConfig, push_folder
+from ckaqad_cli.stages.push import PushConfig, check_repo_id, push_folder
 
 STAGE = "pipeline"
 CKA_QAD, KL_ONLY, TEACHER = "cka-qad", "kl-only", "bf16-teacher"
@@ -50,10 +52,17 @@ class PipelineConfig:
     format: str = "compressed-tensors"
     repo_id: str = "your-org/ckaqad-nvfp4"
     device: str = "auto"
+    force: bool = False
+    """Redo every stage, finished or not."""
 
     def __post_init__(self) -> None:
         if self.scheme not in ("w4a4", "w4a16"):
             raise CkaqadError(f"--scheme must be w4a4 or w4a16, got {self.scheme!r}")
+        for option in ("diagnose_tokens", "task_problems"):
+            if getattr(self, option) < 1:
+                raise CkaqadError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(self, option)}")
+        if self.diagnose_seq_len < 2:
+            raise CkaqadError(f"--diagnose-seq-len must be at least 2, got {self.diagnose_seq_len}")
 
 
 def _distill_config(cfg: PipelineConfig, *, lambda_cka: float | None) -> DistillConfig:
@@ -62,7 +71,7 @@ def _distill_config(cfg: PipelineConfig, *, lambda_cka: float | None) -> Distill
     }
     return DistillConfig(
         teacher=cfg.teacher, data=cfg.data, scheme=cfg.scheme, seed=cfg.seed, device=cfg.device,
-        lambda_cka=lambda_cka, **overrides,
+        lambda_cka=lambda_cka, force=cfg.force, **overrides,
     )
 
 
@@ -70,12 +79,34 @@ def _diagnose_config(cfg: PipelineConfig, stage: str, students: list[tuple[str, 
     return DiagnoseConfig(
         teacher=cfg.teacher, data=cfg.data, students=students, ptq=[cfg.scheme], use_run_student=False,
         max_tokens=cfg.diagnose_tokens, seq_len=cfg.diagnose_seq_len, task_problems=cfg.task_problems,
-        seed=cfg.seed, device=cfg.device, stage=stage,
+        seed=cfg.seed, device=cfg.device, stage=stage, force=cfg.force,
     )
 
 
-def _steps(cfg: PipelineConfig, run: RunDir, console: Console) -> list[tuple[str, Callable[[], Any]]]:
-    """The stages in order, each a (name, thunk) pair."""
+# Settings that do not change what a stage writes (or that a stage records resolved): not compared on a re-run.
+_NOT_COMPARED = frozenset({"force", "resume", "device", "dtype", "world_size", "students", "verify"})
+
+
+@dataclass
+class _Step:
+    name: str
+    settings: dict[str, Any]
+    """What the stage will record as its config (compared with a finished stage's record on a re-run)."""
+    run: Callable[[], Any]
+
+
+def settings_that_differ(recorded: dict[str, Any], planned: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{setting: (recorded, planned)} for every setting a finished stage was run with otherwise."""
+    planned = json.loads(json.dumps(planned, default=str))  # tuples as lists, as run.json holds them
+    return {
+        key: (recorded.get(key), value)
+        for key, value in planned.items()
+        if key not in _NOT_COMPARED and recorded.get(key) != value
+    }
+
+
+def _steps(cfg: PipelineConfig, run: RunDir, console: Console) -> list[_Step]:
+    """The stages in order. Every stage's configuration is built (and so checked) here, before any stage runs."""
 
     def student(stage: str) -> str:
         path = run.stage_output(stage, "student")
@@ -83,35 +114,61 @@ def _steps(cfg: PipelineConfig, run: RunDir, console: Console) -> list[tuple[str
             raise CkaqadError(f"stage {stage} recorded no student in {run.path}")
         return str(path)
 
-    def final_diagnose() -> Any:
+    def final_students() -> list[tuple[str, str]]:
         students = [(CKA_QAD, student("distill"))]
         if cfg.baseline:
             students.append((KL_ONLY, student("distill-kl")))
-        return run_diagnose(_diagnose_config(cfg, "diagnose", students), run, console=console)
+        return students
+
+    push_settings = {"repo_id": cfg.repo_id, "dry_run": True}
 
     def push_dry_run() -> Any:
-        with run.stage("push-dry-run", config={"repo_id": cfg.repo_id, "dry_run": True}) as rec:
+        with run.stage("push-dry-run", config=push_settings, force=cfg.force) as rec:
             result = push_folder(None, PushConfig(repo_id=cfg.repo_id, dry_run=True), run=run)
             card = atomic_write_text(run.stage_dir("push-dry-run") / "README.md", result["card"])
             rec.outputs.update(card=run.relpath(card), files=len(result["files"]), commits=result["commits"])
             rec.metrics["bytes"] = sum(result["files"].values())
         return result
 
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("diagnose-ptq", lambda: run_diagnose(_diagnose_config(cfg, "diagnose-ptq", []), run, console=console)),
-        ("distill", lambda: run_distill(run, _distill_config(cfg, lambda_cka=cfg.lambda_cka), console=console)),
+    distill_cka = _distill_config(cfg, lambda_cka=cfg.lambda_cka)
+    distill_kl = _distill_config(cfg, lambda_cka=0.0)
+    diagnose_ptq = _diagnose_config(cfg, "diagnose-ptq", [])
+    diagnose_final = _diagnose_config(cfg, "diagnose", [])
+    pack = PackConfig(format=cfg.format, verify=True, force=cfg.force)
+    check_repo_id(cfg.repo_id)
+    for distill_cfg in (distill_cka, distill_kl):
+        distill_cfg.resolved().validate()
+
+    steps = [
+        _Step("diagnose-ptq", asdict(diagnose_ptq), lambda: run_diagnose(diagnose_ptq, run, console=console)),
+        _Step("distill", asdict(distill_cka.resolved()), lambda: run_distill(run, distill_cka, console=console)),
     ]
     if cfg.baseline:
-        steps.append(
-            ("distill-kl", lambda: run_distill(run, _distill_config(cfg, lambda_cka=0.0), console=console,
-                                               stage="distill-kl"))
-        )
+        steps.append(_Step("distill-kl", asdict(distill_kl.resolved()),
+                           lambda: run_distill(run, distill_kl, console=console, stage="distill-kl")))
     steps += [
-        ("diagnose", final_diagnose),
-        ("pack", lambda: run_pack(PackConfig(format=cfg.format, verify=True), run)),
-        ("push-dry-run", push_dry_run),
+        _Step("diagnose", asdict(diagnose_final), lambda: run_diagnose(
+            dataclasses.replace(diagnose_final, students=final_students()), run, console=console)),
+        _Step("pack", asdict(pack), lambda: run_pack(pack, run)),
+        _Step("push-dry-run", push_settings, push_dry_run),
     ]
     return steps
+
+
+def check_finished_stages(steps: list[_Step], run: RunDir) -> None:
+    """A finished stage is skipped only when it was run with the settings asked for now; otherwise refuse, naming
+    the settings (``--force`` redoes every stage), so that run.json always describes what is on disk."""
+    for step in steps:
+        entry = run.stage_entry(step.name)
+        if not entry or entry.get("status") != "done":
+            continue
+        differ = settings_that_differ(entry.get("config") or {}, step.settings)
+        if differ:
+            what = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(differ.items()))
+            raise CkaqadError(
+                f"stage {step.name} of {run.path} finished with other settings ({what}): pass --force to redo "
+                "every stage with the new ones, or use another --run"
+            )
 
 
 def comparison_rows(diagnose_report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -162,15 +219,17 @@ def write_comparison(run: RunDir, console: Console) -> dict[str, Any]:
 def run_pipeline(cfg: PipelineConfig, run: RunDir, *, console: Console | None = None) -> dict[str, Any]:
     """Run every step not yet done, then the comparison. Returns the comparison rows."""
     console = console or Console(stderr=True)
+    steps = _steps(cfg, run, console)
     with run.lock():
-        steps = _steps(cfg, run, console)
-        for i, (name, step) in enumerate(steps, 1):
-            entry = run.stage_entry(name)
-            if entry and entry.get("status") == "done":
-                console.print(f"[dim][{i}/{len(steps)}] {name}: done already, skipped[/dim]")
+        if not cfg.force:
+            check_finished_stages(steps, run)
+        for i, step in enumerate(steps, 1):
+            entry = run.stage_entry(step.name)
+            if entry and entry.get("status") == "done" and not cfg.force:
+                console.print(f"[dim][{i}/{len(steps)}] {step.name}: done already, skipped[/dim]")
                 continue
-            console.rule(f"[{i}/{len(steps)}] {name}")
-            step()
+            console.rule(f"[{i}/{len(steps)}] {step.name}")
+            step.run()
         with run.stage(STAGE, config=asdict(cfg), force=True) as rec:
             result = write_comparison(run, console)
             rec.outputs.update(

@@ -29,7 +29,6 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineMod
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ckaqad_cli import __version__
 from ckaqad_cli.atomic import atomic_write_text
@@ -43,6 +42,7 @@ from ckaqad_cli.card import (
     render_model_card,
 )
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.progress import LoggedProgress, make_progress
 from ckaqad_cli.formats import detect_format
 from ckaqad_cli.rundir import RunDir, sha256_file
 
@@ -352,15 +352,8 @@ def explain_hub_error(e: Exception, *, endpoint: str, repo_id: str, token: str |
 
 
 # -- the push --------------------------------------------------------------------------------------------------
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]push[/bold] {task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=_console,
-        disable=not _console.is_terminal,
-    )
+def _progress() -> LoggedProgress:
+    return make_progress(_console, label="push", unit="bytes")
 
 
 def _upload(api: HfApi, plan: PushPlan, cfg: PushConfig) -> dict[str, Any]:

@@ -82,6 +82,31 @@ def test_report_numbers_and_files(tiny, tmp_path):
     assert (run.path / "diagnose/cka.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_tables_in_a_log_fit_80_columns_with_every_value_and_a_progress_line(tiny, tmp_path, monkeypatch):
+    """stderr redirected to a log (not a terminal, 80 columns): no cell cut, every number printed in full, 4
+    decimals; and plain-text progress lines instead of the bar."""
+    import io
+
+    from rich.console import Console
+
+    from ckaqad_cli.report import fmt
+
+    monkeypatch.setenv("CKAQAD_PROGRESS_INTERVAL", "0")
+    students = [("same-weights", str(tiny["teacher"])), ("noisy-student", str(tiny["noisy"])),
+                ("unrelated-model", str(tiny["other"]))]
+    log = Console(file=io.StringIO(), width=80)
+    report = run_diagnose(DiagnoseConfig(teacher=str(tiny["teacher"]), students=students, **SMALL), RunDir(tmp_path),
+                          console=log)
+    text = log.file.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80, text
+    values = [fmt(report["teacher"]["perplexity"])]
+    for label, s in report["students"].items():
+        values += [label, *(f"{a:.4f} ({b:.4f})" for a, b in zip(s["linear_cka"], s["debiased_cka"]))]
+        values += [fmt(s[k]) for k in ("mean_cka", "min_cka", "mean_debiased_cka", "kl", "top1", "perplexity")]
+    assert [v for v in values if v not in text] == [], text
+    assert "diagnose: 4/4 (100%)" in text  # the last progress line: 256 tokens in 16 sequences, 4 a batch
+
+
 def test_sequential_matches_parallel(tiny, tmp_path):
     common = dict(teacher=str(tiny["teacher"]), students=[("noisy", str(tiny["noisy"]))], **SMALL)
     a = run_diagnose(DiagnoseConfig(**common), RunDir(tmp_path / "a"))

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
 from typer.testing import CliRunner
 
+from ckaqad_cli.atomic import OUTPUT_MARKER
 from ckaqad_cli import formats
 from ckaqad_cli.app import app
 from ckaqad_cli.builtin.tokenizer import VOCAB_SIZE, build_tokenizer
@@ -501,3 +502,66 @@ def test_backend_choice_is_checked_and_the_summary_names_the_kernel(tmp_path, mo
     assert result.summary["kernel"] == "PyTorch reference (C kernel unavailable: no C compiler found (set CC))"
     with pytest.raises(CkaqadError, match="--backend c: the C kernel is not available"):
         PackConfig(model="m", backend="c")
+
+
+def test_force_never_deletes_a_folder_ckaqad_did_not_write(tmp_path):
+    """`pack --out X --force` replaces an earlier ckaqad output, never a user's folder (issue 18, item 1)."""
+    src = make_model(tmp_path / "src", student=None)
+    user = tmp_path / "userdir"
+    (user / "sub").mkdir(parents=True)
+    (user / "thesis.txt").write_text("x")
+    result = runner.invoke(app, ["pack", "--run", str(tmp_path / "run"), "--model", str(src), "--out", str(user),
+                                 "--force", "--no-verify", "--scheme", "w4a16"])
+    assert result.exit_code == 1, result.output
+    assert "did not write" in result.output and "--force replaces only" in result.output
+    assert (user / "thesis.txt").read_text() == "x" and (user / "sub").is_dir()
+    assert RunDir(tmp_path / "run").stage_entry("pack") is None  # refused before the run was touched
+    (tmp_path / "file").write_text("y")
+    result = runner.invoke(app, ["pack", "--model", str(src), "--out", str(tmp_path / "file"), "--force",
+                                 "--no-verify", "--scheme", "w4a16"])
+    assert result.exit_code == 1 and (tmp_path / "file").read_text() == "y"
+    # ckaqad's own output (it carries the marker) and an empty folder are replaced
+    out = tmp_path / "out"
+    out.mkdir()
+    for _ in range(2):
+        result = runner.invoke(app, ["pack", "--model", str(src), "--out", str(out), "--force", "--no-verify",
+                                     "--scheme", "w4a16"])
+        assert result.exit_code == 0, result.output
+        assert (out / OUTPUT_MARKER).is_file() and (out / "config.json").is_file()
+
+
+def _finished_pack(tmp_path) -> tuple[Path, Path, dict]:
+    src = make_model(tmp_path / "src", student=None)
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["pack", "--run", str(run), "--model", str(src), "--no-verify", "--scheme", "w4a16"])
+    assert result.exit_code == 0, result.output
+    return src, run, RunDir(run).stage_entry("pack")
+
+
+def test_failed_forced_pack_keeps_the_finished_record(tmp_path):
+    """A bad `pack --force` on a finished run leaves the run as it was (issue 18, item 4): a bad --model is refused
+    before run.json is touched; a failure inside the stage puts the finished record back (the output is atomic)."""
+    src, run, done = _finished_pack(tmp_path)
+    result = runner.invoke(app, ["pack", "--run", str(run), "--model", str(tmp_path / "typo"), "--force"])
+    assert result.exit_code == 1 and "is not a directory" in result.output
+    assert RunDir(run).stage_entry("pack") == done
+    result = runner.invoke(app, ["pack", "--run", str(run), "--model", str(src), "--force", "--no-verify",
+                                 "--scheme", "w4a16", "--exclude", "*"])
+    assert result.exit_code == 1 and "nothing to quantize" in result.output
+    entry = RunDir(run).stage_entry("pack")
+    assert entry["status"] == "done" and entry["outputs"] == done["outputs"]
+    assert "nothing to quantize" in entry["last_failed_attempt"]["error"]
+    assert RunDir(run).stage_output("pack", "model") == run / "pack" / "model"
+
+
+def test_push_finds_a_pack_written_outside_the_run(tmp_path):
+    """`pack --run R --out /elsewhere` then `push --run R` (issue 18, item 7)."""
+    src = make_model(tmp_path / "src", student=None)
+    run, out = tmp_path / "run", tmp_path / "elsewhere" / "packed"
+    result = runner.invoke(app, ["pack", "--run", str(run), "--model", str(src), "--out", str(out), "--no-verify",
+                                 "--scheme", "w4a16"])
+    assert result.exit_code == 0, result.output
+    assert RunDir(run).stage_output("pack", "model") == out.resolve()
+    result = runner.invoke(app, ["push", "--run", str(run), "--repo-id", "me/m", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors" in result.output

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from ckaqad_cli.app import app
+from ckaqad_cli.atomic import OUTPUT_MARKER
 from ckaqad_cli.builtin.tokenizer import VOCAB_SIZE, build_tokenizer
 from ckaqad_cli.rundir import RunDir
 from tests.hub_server import HubServer
@@ -74,7 +75,8 @@ def test_pack_then_push_uploads_the_verified_output_and_records_both(tiny_llama,
 
     folder = run.path / "pack" / "model"
     assert Path(push["inputs"]["model"]) == folder.resolve()
-    local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != OUTPUT_MARKER}
+    assert (folder / OUTPUT_MARKER).is_file()  # ckaqad's own mark (pack --force may replace it), never uploaded
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= local.keys()
     remote = {path: data for path, data in hub.files(REPO, "dev").items() if path != ".gitattributes"}
     assert remote.keys() == local.keys()
@@ -141,7 +143,8 @@ def test_failed_push_keeps_the_pack_and_push_resumes(tiny_llama, hub, tmp_path):
     again = runner.invoke(app, [*args, "--token", FAKE_TOKEN])
     assert again.exit_code == 0, again.output
     folder = run.path / "pack" / "model"
-    local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != OUTPUT_MARKER}
+    assert (folder / OUTPUT_MARKER).is_file()  # ckaqad's own mark (pack --force may replace it), never uploaded
     assert {k: v for k, v in hub.files(REPO, "dev").items() if k != ".gitattributes"} == local
 
 

@@ -63,6 +63,31 @@ def test_pipeline_runs_every_stage_and_writes_the_comparison(tmp_path):
     assert again.output.count("done already, skipped") == len(STAGES) - 1
     assert RunDir(run_path).stage_entry("distill")["ended"] == manifest["stages"]["distill"]["ended"]
 
+    # other settings on a finished run: refused, naming them, and run.json still describes what is on disk
+    before = (run_path / "run.json").read_text()
+    other = runner.invoke(app, [*args, "--format", "modelopt", "--scheme", "w4a16", "--steps", "5", "--seed", "7"])
+    assert other.exit_code == 1
+    line = other.output.strip()
+    assert line.startswith("error: stage diagnose-ptq") and "seed 0 -> 7" in line and "--force" in line, line
+    assert (run_path / "run.json").read_text() == before
+
+    # --force redoes every stage with the new settings
+    forced = runner.invoke(app, [*args, "--steps", "3", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "skipped" not in forced.output
+    redone = RunDir(run_path).read()["stages"]
+    assert redone["distill"]["config"]["steps"] == 3 and redone["distill-kl"]["config"]["steps"] == 3
+    assert all(redone[s]["started"] >= manifest["stages"]["pipeline"]["ended"] for s in STAGES)
+
+
+def test_pipeline_checks_every_option_before_the_first_stage(tmp_path):
+    for bad, words in ((["--format", "gguf"], "--format"), (["--repo-id", "no slash"], "repo"),
+                       (["--lr", "-1"], "--lr"), (["--task-problems", "-5"], "--task-problems")):
+        result = runner.invoke(app, ["pipeline", "--run", str(tmp_path / "run"), "--device", "cpu", *bad])
+        assert result.exit_code == 1, (bad, result.output)
+        assert result.output.startswith("error:") and words in result.output, (bad, result.output)
+        assert not (tmp_path / "run" / "run.json").exists(), bad
+
 
 def test_comparison_rows_order_and_teacher_row():
     report = {

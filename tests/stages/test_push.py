@@ -308,6 +308,20 @@ def test_dry_run_lists_files_and_card_without_network(packed_run, tmp_path):
     assert packed_run.stage_entry("push") is None
 
 
+def test_dry_run_in_a_log_fits_80_columns_with_the_repo_id_whole(packed_run, monkeypatch):
+    from ckaqad_cli.cli.common import console
+
+    monkeypatch.setattr(console, "width", 80)  # stderr a log file: rich renders at 80 columns
+    repo = "my-organisation/a-rather-long-repository-name-nvfp4-cka-qad"
+    result = runner.invoke(app, ["push", "--run", str(packed_run.path), "--repo-id", repo, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert any(f"{repo}@main" in line for line in lines), result.stderr
+    assert "…" not in result.stderr and max(len(line) for line in lines) <= 80, result.stderr
+    for name in ("README.md", "model.safetensors", "cka_per_layer.png", "total"):
+        assert name in result.stderr
+
+
 def test_redact_hides_the_token_and_token_shaped_strings():
     text = f"failed for {FAKE_TOKEN}; Authorization: Bearer abc.def; other hf_abcdefghijklmnop"
     out = redact(text, FAKE_TOKEN)
