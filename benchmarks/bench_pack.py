@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ckaqad_cli.safetensors_io import SafetensorsSource, ShardedWriter, TensorSpec, format_bytes
+from ckaqad_cli.safetensors_io import SafetensorsSource, ShardedWriter, TensorSpec
+from ckaqad_cli.units import format_bytes
 
 
 def write_synthetic_checkpoint(

@@ -14,15 +14,16 @@ from typing import Any, Literal
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ckaqad_cli import formats, units
 from ckaqad_cli.atomic import atomic_write_bytes
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.records import DiagnoseRecord, DistillRecord
 
 CardMode = Literal["keep", "replace", "merge"]
 CARD_MODES: tuple[str, ...] = ("keep", "replace", "merge")
 CARD_FILE = "README.md"
 PLOT_FILE = "cka_per_layer.png"
 SECTIONS = ("summary", "method", "evaluation", "usage")
-FORMAT_LIBRARY = {"compressed-tensors": "transformers", "modelopt": "Model Optimizer"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # The usage snippets' prompt: one the model answers. The built-in teacher knows only its task families
 # (builtin/tasks.py); this list_ops problem (a family it and its NVFP4 students answer 100%) gives "[1,3,8]".
@@ -75,35 +76,15 @@ def _pipeline_tag(config: dict[str, Any]) -> str | None:
     return "text-generation" if any(str(a).endswith("ForCausalLM") for a in archs) else None
 
 
-def _stage(manifest: dict | None, name: str) -> dict[str, Any]:
-    entry = ((manifest or {}).get("stages") or {}).get(name) or {}
-    return entry if entry.get("status") == "done" else {}
-
-
-def _first(mapping: dict[str, Any], *keys: str) -> Any:
-    for key in keys:
-        if mapping.get(key) is not None:
-            return mapping[key]
-    return None
-
-
-def _fmt(value: Any, spec: str = ".4f") -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and spec == "g":
-        return f"{value:,}"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return format(value, spec)
-    return "n/a" if value is None else str(value)
-
-
 def _pct(value: Any) -> str:
     return f"{100 * value:.1f}%" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
-def _method(distill: dict[str, Any]) -> str:
+def _method(distill: DistillRecord | None) -> str:
     """"ptq" (the run has no distill stage), "qad" (distilled with lambda 0: KL only) or "cka-qad"."""
-    if not distill:
+    if distill is None:
         return "ptq"
-    return "qad" if (distill.get("config") or {}).get("lambda_cka") == 0 else "cka-qad"
+    return "qad" if distill.kl_only else "cka-qad"
 
 
 HOW_MADE = {
@@ -135,40 +116,38 @@ def _section_summary(title: str, base_model: str | None, fmt: str, scheme: str, 
     return "\n".join(lines)
 
 
-def _lambda_text(config: dict[str, Any], metrics: dict[str, Any]) -> str | None:
-    fixed = _first(config, "lambda_cka", "cka_lambda")
-    if fixed is not None:
-        return format(fixed, "g")
-    mean = _first(metrics, "lambda_cka", "mean_lambda_cka", "cka_lambda")
-    if config.get("cka_balance") is not None:
+def _lambda_text(distill: DistillRecord) -> str | None:
+    mean = distill.mean_lambda_cka
+    if distill.lambda_cka is not None:
+        return format(distill.lambda_cka, "g")
+    if distill.cka_balance is not None:
         tail = f", mean {mean:.4g}" if isinstance(mean, (int, float)) else ""
-        return f"balanced each step to {config['cka_balance']:g} x KL / CKA term{tail}"
+        return f"balanced each step to {distill.cka_balance:g} x KL / CKA term{tail}"
     return None if mean is None else format(mean, ".4g")
 
 
 def _section_method(manifest: dict | None, scheme: str) -> str:
-    distill = _stage(manifest, "distill")
-    config, metrics = distill.get("config") or {}, distill.get("metrics") or {}
+    distill = DistillRecord.of(manifest)
     lines = ["## How it was made", ""]
-    if not distill:
+    if distill is None:
         lines.append("The run that produced this model recorded no distillation stage (post-training quantization).")
         return "\n".join(lines)
     rows = [
-        ("teacher", _first(config, "teacher", "model")),
-        ("scheme", _first(config, "scheme")),
-        ("data", _first(config, "data", "dataset")),
-        ("tokens seen", _first(metrics, "tokens_seen")),
-        ("steps", _first(metrics, "steps") or _first(config, "steps", "max_steps")),
-        ("CKA weight (lambda)", _lambda_text(config, metrics)),
-        ("learning rate", _first(config, "lr", "learning_rate")),
-        ("sequence length", _first(config, "seq_len")),
+        ("teacher", distill.teacher),
+        ("scheme", distill.scheme),
+        ("data", distill.data),
+        ("tokens seen", distill.tokens_seen),
+        ("steps", distill.steps),
+        ("CKA weight (lambda)", _lambda_text(distill)),
+        ("learning rate", distill.lr),
+        ("sequence length", distill.seq_len),
     ]
     lines += ["| setting | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v, 'g')} |" for k, v in rows if v is not None]
+    lines += [f"| {k} | {units.fmt(v, thousands=True)} |" for k, v in rows if v is not None]
     lines += [
         "",
         "Loss: KL divergence from the BF16 teacher's next-token distribution"
-        + (" (lambda 0: no CKA term); " if _method(distill) == "qad" else
+        + (" (lambda 0: no CKA term); " if distill.kl_only else
            " plus lambda times the mean over layers of (1 - linear CKA) between the student's and the teacher's "
            "hidden states; ")
         + ("weights and activations are" if scheme == "w4a4" else "weights are")
@@ -178,8 +157,8 @@ def _section_method(manifest: dict | None, scheme: str) -> str:
 
 
 def _section_evaluation(manifest: dict | None, has_plot: bool) -> str:
-    diagnose = _stage(manifest, "diagnose")
-    results = {k: v for k, v in (diagnose.get("metrics") or {}).items() if isinstance(v, dict)}
+    diagnose = DiagnoseRecord.of(manifest)
+    results = diagnose.students if diagnose is not None else {}
     lines = ["## Evaluation against the BF16 teacher", ""]
     if not results:
         lines.append("No diagnose numbers were recorded for this run (`ckaqad diagnose` measures them).")
@@ -194,7 +173,7 @@ def _section_evaluation(manifest: dict | None, has_plot: bool) -> str:
             "|---|---|---|---|---|" + ("---|" if with_acc else ""),
         ]
         for label, m in results.items():
-            row = [label, _fmt(m.get("mean_cka")), _fmt(m.get("min_cka")), _fmt(m.get("kl"), ".4g")]
+            row = [label, *(units.fmt(m.get(key), none="n/a") for key in ("mean_cka", "min_cka", "kl"))]
             row.append(_pct(m.get("top1")))
             if with_acc:
                 row.append(_pct(m.get("task_acc")))
@@ -233,9 +212,10 @@ def _section_usage(model_ref: str, fmt: str, prompt: str, placeholder: bool) -> 
         "```",
         "",
     ]
-    if fmt == "compressed-tensors":
+    needs = formats.format_module(fmt).TRANSFORMERS_LIBRARY
+    if needs is not None:
         lines += [
-            "Load with transformers (`pip install compressed-tensors`; load in bfloat16):",
+            f"Load with transformers (`pip install {needs.replace('_', '-')}`; load in bfloat16):",
             "",
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -266,7 +246,7 @@ def _metadata(folder: Path, base_model: str | None, fmt: str, method: str) -> di
     data = ModelCardData(
         base_model=base_model if is_hub_id(base_model) else None,
         base_model_relation="quantized" if is_hub_id(base_model) else None,
-        library_name=FORMAT_LIBRARY.get(fmt, "transformers"),
+        library_name=formats.format_module(fmt).LIBRARY,
         pipeline_tag=_pipeline_tag(_read_config(folder)),
         license=base_model_license(base_model),
         tags=["nvfp4", method, fmt],
@@ -340,7 +320,7 @@ def render_model_card(
         return existing
     title_base = (base_model or "model").rstrip("/").split("/")[-1]
     title = repo_id.split("/")[-1] if repo_id else f"{title_base}-NVFP4"
-    method = _method(_stage(manifest, "distill"))
+    method = _method(DistillRecord.of(manifest))
     sections = {
         "summary": _section_summary(title, base_model, fmt, scheme, method),
         "method": _section_method(manifest, scheme),
@@ -367,12 +347,12 @@ def copy_plot(plot: Path | None, folder: Path) -> bool:
 
 def base_model_from_manifest(manifest: dict[str, Any]) -> str | None:
     """The teacher of the run: a Hub id when it was given as one, else the path or name it was given as."""
-    for stage in ("distill", "diagnose"):
-        entry = manifest.get("stages", {}).get(stage) or {}
-        teacher = (entry.get("inputs") or {}).get("teacher")
-        if isinstance(teacher, dict):
-            return teacher.get("hub_id") or teacher.get("path") or teacher.get("builtin")
-        teacher = (entry.get("config") or {}).get("teacher")
-        if teacher:
-            return str(teacher)
+    for record in (DistillRecord.of(manifest), DiagnoseRecord.of(manifest)):
+        if record is None:
+            continue
+        given = record.teacher_input
+        if given:
+            return given.get("hub_id") or given.get("path") or given.get("builtin")
+        if record.teacher:
+            return str(record.teacher)
     return None

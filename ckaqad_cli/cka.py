@@ -1,4 +1,4 @@
-"""The CKA engine: linear, debiased and RBF CKA, a streaming accumulator, minibatch CKA, token filters and the loss.
+"""The CKA engine: linear and debiased CKA, a streaming accumulator, token filters and the loss.
 
 Notation (docs/cka.md): X (n x d1) and Y (n x d2) are the features of the same n tokens, one row per token.
 Linear CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on features centered over tokens (Kornblith et al. 2019).
@@ -58,12 +58,6 @@ def _pick_form(form: str, n: int, d1: int, d2: int) -> str:
     return "gram" if gram_cost < feature_cost else "feature"
 
 
-def _center_gram(k: Tensor) -> Tensor:
-    """H K H with H = I - 11^T/n, without forming H."""
-    k = k - k.mean(dim=0, keepdim=True)
-    return k - k.mean(dim=1, keepdim=True)
-
-
 def _zero_diagonal(k: Tensor) -> Tensor:
     return k - torch.diag_embed(torch.diagonal(k))
 
@@ -118,26 +112,6 @@ def debiased_cka(x: Tensor, y: Tensor, *, form: str = "auto") -> Tensor:
         return _cka_from_hsic(_hsic1_feature(x, y), _hsic1_feature(x, x), _hsic1_feature(y, y))
     ku, lu = u_center(x @ x.T), u_center(y @ y.T)
     return _cka_from_hsic((ku * lu).sum(), ku.square().sum(), lu.square().sum())
-
-
-# -- RBF CKA ---------------------------------------------------------------------------------------------------
-def _rbf_gram(z: Tensor, sigma_frac: float) -> Tensor:
-    sq = torch.cdist(z, z).square()
-    n = z.shape[0]
-    off_diagonal = sq[~torch.eye(n, dtype=torch.bool, device=z.device)]
-    sigma2 = (sigma_frac * sigma_frac) * off_diagonal.median().clamp_min(_EPS)
-    return torch.exp(-sq / (2 * sigma2))
-
-
-def rbf_cka(x: Tensor, y: Tensor, sigma_frac: float = 0.5, *, debiased: bool = False) -> Tensor:
-    """CKA with RBF kernels exp(-||a-b||^2 / (2 sigma^2)), sigma = sigma_frac * the median pairwise distance."""
-    x, y = _prepare(x, y)
-    k, l = _rbf_gram(x, sigma_frac), _rbf_gram(y, sigma_frac)
-    if debiased:
-        k, l = u_center(k), u_center(l)
-    else:
-        k, l = _center_gram(k), _center_gram(l)
-    return _cka_from_hsic((k * l).sum(), k.square().sum(), l.square().sum())
 
 
 # -- the loss --------------------------------------------------------------------------------------------------
@@ -393,33 +367,6 @@ class StreamingCKA:
     @property
     def tokens(self) -> int:
         return self.teacher.n
-
-
-class MinibatchCKA:
-    """Minibatch CKA (Nguyen et al. 2021): HSIC1 terms averaged over batches, then one CKA (never CKA averaged)."""
-
-    def __init__(self) -> None:
-        self.xy = self.xx = self.yy = 0.0
-        self.batches = 0
-
-    def update(self, x: Tensor, y: Tensor) -> None:
-        x, y = _flatten(x.detach()), _flatten(y.detach())
-        dtype = _compute_dtype(x, y)
-        x, y = x.to(dtype), y.to(dtype)  # not scaled: a per-batch scale would reweight the batches
-        x, y = x - x.mean(dim=0), y - y.mean(dim=0)
-        n = x.shape[0]
-        if n < 4:
-            raise ValueError(f"minibatch CKA needs at least 4 tokens per batch, got {n}")
-        scale = 1.0 / (n * (n - 3))
-        self.xy += float(_hsic1_feature(x, y)) * scale
-        self.xx += float(_hsic1_feature(x, x)) * scale
-        self.yy += float(_hsic1_feature(y, y)) * scale
-        self.batches += 1
-
-    def value(self) -> float:
-        if not self.batches:
-            raise ValueError("minibatch CKA saw no batches")
-        return self.xy / max(math.sqrt(max(self.xx * self.yy, 0.0)), _EPS * _EPS)
 
 
 # -- token filters ---------------------------------------------------------------------------------------------

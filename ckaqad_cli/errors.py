@@ -12,6 +12,3 @@ class RunLockedError(CkaqadError):
 class StageDoneError(CkaqadError):
     """The stage already finished in this run; re-running it needs --force."""
 
-
-class ConfigError(CkaqadError):
-    """A configuration file or option value is invalid."""

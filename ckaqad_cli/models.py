@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -137,7 +137,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         packed = _packed_format(path)
         if packed is not None:
-            model = _load_packed(path, AutoConfig.from_pretrained(name, **kwargs), dtype, trust_remote_code)
+            hf_config = AutoConfig.from_pretrained(name, **kwargs)
+            model = load_packed(path, dtype=dtype, hf_config=hf_config, trust_remote_code=trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     except CkaqadError:
@@ -170,58 +171,71 @@ def dispatch(model: nn.Module) -> nn.Module:
     return dispatch_model(model, device_map=device_map, skip_keys=getattr(model, "_skip_keys_device_placement", None))
 
 
-def _load_packed(path: Path, config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+# -- packed NVFP4 directories (ckaqad pack, any format of ckaqad_cli.formats) -------------------------------------
+
+
+def is_moe(config: dict[str, Any]) -> bool:
+    """True for MoE models: transformers 5 fuses their experts in memory, so its compressed-tensors loader cannot
+    be trusted with per-expert packed checkpoints (it leaves them random, silently)."""
+    text = config.get("text_config") or config
+    return any(text.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
+
+
+def load_packed_pretrained(directory: str | os.PathLike, *, dtype: torch.dtype, device: str = "cpu") -> nn.Module:
+    """The packed model in ``directory`` decoded by our unpacker (bit-exact to the fake-quantized weights ckaqad
+    trained with), saved as a dense checkpoint in a temporary directory beside it and loaded through
+    ``from_pretrained`` in ``dtype`` on ``device``, in eval mode. A packed MoE stores its experts one by one: only
+    transformers' loader fuses them into the in-memory 3-D expert tensors. (pack's verify loads through here.)"""
+    import json
+    import tempfile
+
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from ckaqad_cli.formats import load_dequantized_state_dict, read_config
-    from ckaqad_cli.stages.pack import _is_moe
+    from ckaqad_cli import formats
 
-    if _is_moe(read_config(path)):
-        model = _load_packed_moe(path)
+    directory = Path(directory)
+    state = formats.load_dequantized_state_dict(directory)
+    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(formats.dense_config(formats.read_config(directory))))
+        weights = {k: v.contiguous() for k, v in state.items()}
+        save_file(weights, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
+        del state
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+
+
+def load_packed(
+    directory: str | os.PathLike, *, dtype: torch.dtype, hf_config=None, trust_remote_code: bool = False
+) -> nn.Module:
+    """The dense model of a packed directory, on the CPU, in ``dtype``: built from its config (``hf_config``, a
+    transformers config; default: read from the directory) and filled by our unpacker; a MoE model through
+    :func:`load_packed_pretrained`. (load_model loads packed directories through here.)"""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ckaqad_cli import formats
+
+    directory = Path(directory)
+    stored = formats.read_config(directory)
+    if is_moe(stored):
+        model = load_packed_pretrained(directory, dtype=formats.model_dtype(stored))
         return model if model.dtype == dtype else model.to(dtype)  # .to casts float32 buffers (rotary) as well
-    for attr in ("quantization_config", "compression_config"):  # the dense model must not be quantized again
+    config = hf_config or AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    for attr in formats.CONFIG_KEYS:  # the dense model must not be quantized again
         if hasattr(config, attr):
             delattr(config, attr)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_dequantized_state_dict(path).items()}
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in formats.load_dequantized_state_dict(directory).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise CkaqadError(
-            f"packed model {path} does not match its config: missing {sorted(set(missing) - tied)[:3]}, "
+            f"packed model {directory} does not match its config: missing {sorted(set(missing) - tied)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
         )
     if tied:
         model.tie_weights()
     return model
-
-
-def _load_packed_moe(path: Path) -> nn.Module:
-    """A packed MoE model decoded by our unpacker and loaded through ``from_pretrained`` (pack's verify path, with
-    nothing to fake-quantize): its checkpoint stores experts one by one, and only transformers' loader fuses them
-    into the in-memory 3-D expert tensors (load_state_dict would leave those at their random initialization)."""
-    from ckaqad_cli import formats
-    from ckaqad_cli.quant import QuantRecipe
-    from ckaqad_cli.stages.pack import PackPlan, _packed_through_unpacker
-
-    config = formats.read_config(path)
-    dense = QuantRecipe(scheme="w4a16")
-    plan = PackPlan(
-        source=path,
-        config=config,
-        fmt=formats.FORMATS[formats.detect_format(path)],
-        scheme=dense.scheme,
-        recipe=dense,
-        shapes={},
-        kept={},
-        groups=[],
-        input_amax={},
-        input_fallbacks={},
-        specs=[],
-        steps=[],
-        dtype=formats.model_dtype(config),
-    )
-    return _packed_through_unpacker(path, plan, "cpu")
 
 
 def ptq_student(

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rich.console import Console
-from rich.filesize import decimal
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -38,6 +37,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from ckaqad_cli.units import format_bytes
 
 DEFAULT_INTERVAL = 30.0
 INTERVAL_ENV = "CKAQAD_PROGRESS_INTERVAL"
@@ -106,7 +107,7 @@ class LoggedProgress(Progress):
         """The plain-text progress line of ``task`` at time ``now``."""
         state = self._plain[task.id]
         name = f"{self.label} {task.description}" if self.label else task.description
-        show = (lambda v: decimal(int(v))) if self.unit == "bytes" else (lambda v: f"{v:g}")
+        show = format_bytes if self.unit == "bytes" else (lambda v: f"{v:g}")
         parts = [f"{show(task.completed)}/{show(task.total)}" if task.total is not None else show(task.completed)]
         if task.total:
             parts[0] += f" ({100 * task.completed / task.total:.0f}%)"

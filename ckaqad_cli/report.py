@@ -7,7 +7,6 @@ comparison of models.
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,22 +15,13 @@ from rich.table import Table
 from rich.text import Text
 
 from ckaqad_cli.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ckaqad_cli.units import fmt
 
 WORST_MARK = "▼"
 WORST_COUNT = 3  # at most this many layers marked per student (a quarter of the layers on small models)
 IDENTICAL = 1 - 1e-4  # a layer at or above this CKA is never marked
 HUGE_PERPLEXITY = 1e3  # a teacher perplexity above this gets a note: the text is not what the teacher models
 SUMMARY_COLUMNS = ("mean_cka", "min_cka", "worst_layer", "mean_debiased_cka", "kl", "top1", "perplexity")
-
-
-def fmt(value: object) -> str:
-    """A table cell: floats with 4 decimals (3 significant digits from 1e4 up, or below 1e-3 where 4 decimals would
-    show 0.0000), NaN and None as '-'."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.3g}"
-    return "-" if value is None else str(value)
 
 
 def _cell_width(markup: str) -> int:

@@ -34,7 +34,6 @@ from ckaqad_cli.errors import CkaqadError, RunLockedError, StageDoneError
 SCHEMA_VERSION = 1
 MANIFEST = "run.json"
 LOCK = ".lock"
-STAGES = ("diagnose", "distill", "pack", "push")
 # Keys that name a secret: "token", "hf_token", "api_key" ... but not "tokenizer.json" or "tokens_seen".
 _SECRET_KEY = re.compile(r"(^|[_-])(token|secret|password|passwd|api[_-]?key|authorization)$", re.IGNORECASE)
 _HASH_CHUNK = 1 << 20

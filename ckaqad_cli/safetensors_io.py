@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from ckaqad_cli.atomic import atomic_write_json
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.units import format_bytes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -67,14 +68,6 @@ def parse_size(text: str | int, *, option: str = "--max-shard-size") -> int:
     if size < 1:
         raise CkaqadError(f"{option} {text!r} must be at least 1 byte: use e.g. 500MB, 5GB, 2GiB")
     return size
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
 
 
 @dataclass(frozen=True)

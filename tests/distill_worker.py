@@ -22,35 +22,11 @@ import sys
 
 import torch
 from rich.console import Console
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ckaqad_cli import checkpoints, distributed
-from ckaqad_cli.builtin.tokenizer import build_tokenizer
-from ckaqad_cli.models import decoder_layers, ptq_student
-from ckaqad_cli.stages.distill import DistillConfig, Models, split_heldout, train
-
-SEQ_LEN = 24
-
-
-def tiny_models(seed: int = 0, scheme: str = "w4a4") -> Models:
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    teacher = LlamaForCausalLM(config).eval().requires_grad_(False)
-    student, recipe = ptq_student(teacher, scheme, dtype=torch.float32)
-    student.requires_grad_(True).train()
-    return Models(student=student, teacher=teacher, tokenizer=tokenizer, recipe=recipe)
-
-
-def tiny_sequences(n: int = 40, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 100, (n, SEQ_LEN), generator=gen)
-    ids[:, 0] = build_tokenizer().bos_token_id
-    return ids
+from ckaqad_cli.models import decoder_layers
+from ckaqad_cli.stages.distill import DistillConfig, split_heldout, train
+from fixtures import SEQ_LEN, tiny_models, tiny_sequences
 
 
 def _cpu_offload(model: torch.nn.Module) -> list[bool]:

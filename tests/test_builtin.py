@@ -240,18 +240,12 @@ def test_scorer_restores_training_mode(tokenizer):
 
 # ---- the shipped teacher ------------------------------------------------------------------------------------------
 
-needs_teacher = pytest.mark.skipif(
-    not (TEACHER_DIR / "model.safetensors").exists(), reason="the built-in teacher has not been trained yet"
-)
-
-
 @pytest.fixture(scope="module")
 def teacher():
     model = AutoModelForCausalLM.from_pretrained(TEACHER_DIR, dtype=torch.bfloat16)
     return model, AutoTokenizer.from_pretrained(TEACHER_DIR)
 
 
-@needs_teacher
 def test_teacher_files_shape_and_size():
     weights = TEACHER_DIR / "model.safetensors"
     assert weights.stat().st_size <= 20 * 2**20
@@ -263,7 +257,6 @@ def test_teacher_files_shape_and_size():
     assert {"command", "seed", "steps_done", "final_accuracy"} <= set(log)
 
 
-@needs_teacher
 def test_teacher_loads_with_auto_classes(teacher):
     model, tokenizer = teacher
     assert model.config.model_type == "llama"
@@ -273,7 +266,6 @@ def test_teacher_loads_with_auto_classes(teacher):
     assert all(m.in_features % 16 == 0 for m in linears)
 
 
-@needs_teacher
 def test_teacher_scores_above_floor_on_held_out_sample(teacher):
     model, tokenizer = teacher
     result = evaluate(model, tokenizer, generate("test", 64, 0))
@@ -281,7 +273,6 @@ def test_teacher_scores_above_floor_on_held_out_sample(teacher):
     assert result["overall"] > TEACHER_FLOOR, result
 
 
-@needs_teacher
 def test_batched_decoding_matches_one_at_a_time(teacher):
     model, tokenizer = teacher
     model = copy.deepcopy(model).float()  # fp32 so that padding cannot flip a near-tie

@@ -19,7 +19,7 @@ MANIFEST = {
         "distill": {
             "status": "done",
             "config": {"teacher": "org/base-4b", "lambda_cka": None, "cka_balance": 1.0, "lr": 1e-5, "seq_len": 512},
-            "metrics": {"steps": 1200, "tokens_seen": 4915200, "lambda_cka": 0.0371},
+            "metrics": {"steps": 1200, "tokens_seen": 4915200, "mean_lambda_cka": 0.0371},
         },
         "diagnose": {
             "status": "done",

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from ckaqad_cli import __version__
 from ckaqad_cli.app import app
 from ckaqad_cli.cli.common import handle_errors
-from ckaqad_cli.config import ConfigOption, effective_config
+from ckaqad_cli.cli.config import NOT_CONFIG, ConfigOption
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
 
@@ -71,7 +71,7 @@ def _probe_app(seen: dict) -> typer.Typer:
         token: str = typer.Option(None, "--token", help="secret"),
         config: Path = ConfigOption,
     ) -> None:
-        seen.update(effective_config(ctx))
+        seen.update({name: value for name, value in ctx.params.items() if name not in NOT_CONFIG})
 
     @probe.command()
     def other() -> None:

@@ -93,3 +93,33 @@ def test_detect_format(tmp_path):
     assert formats.detect_format(tmp_path) is None
     with pytest.raises(Exception, match="unknown format"):
         formats.format_module("gguf")
+
+
+@pytest.mark.parametrize("name", list(formats.FORMATS))
+@pytest.mark.parametrize("scheme", ["w4a4", "w4a16"])
+def test_every_format_keeps_the_protocol(name, scheme):
+    """What pack, verify and the packed loader use of a format (formats/__init__.py): one module answers it all."""
+    fmt = formats.FORMATS[name]
+    assert fmt.NAME == name and fmt.WEIGHT in fmt.PARAMS and fmt.BLOCK_SCALE in fmt.PARAMS
+    ignore = ["lm_head"]
+    config = formats.packed_config({"model_type": "llama", "compression_config": {}}, fmt, scheme, ignore)
+    assert list(config) == ["model_type", fmt.CONFIG_KEYS[0]] and fmt.is_format(config)
+    assert fmt.scheme_of(config) == scheme
+    assert formats.dense_config(config) == {"model_type": "llama"}
+    assert set(fmt.extra_files(scheme, ignore)) == set(fmt.EXTRA_FILES)
+    x = torch.randn(2, 32)
+    packed, scales, g = nvfp4_ref.quantize_and_pack(x)
+    tensors = fmt.encode("m", packed, scales, g, g if scheme == "w4a4" else None)
+    assert [s.name for s in fmt.module_specs("m", 2, 32, scheme)] == list(tensors)
+    want = nvfp4_ref.dequantize(packed, scales, fmt.decoded_global_scale(g), dtype=torch.float32)
+    assert torch.equal(fmt.decode(tensors, "m", torch.float32), want)
+    assert formats.scale_is_exact(fmt, g) == bool(fmt.decoded_global_scale(g) == g)
+
+
+def test_extra_files_alone_identify_a_format(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for name, fmt in formats.FORMATS.items():
+        for file, content in fmt.extra_files("w4a16", []).items():
+            (tmp_path / file).write_text(json.dumps(content))
+            assert formats.detect_format(tmp_path) == name
+            (tmp_path / file).unlink()

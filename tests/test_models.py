@@ -3,44 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from ckaqad_cli import models
-from ckaqad_cli.builtin.tokenizer import build_tokenizer
+from ckaqad_cli import formats, models, quant
 from ckaqad_cli.errors import CkaqadError
-
-
-def save_tiny_model(
-    path: Path, *, arch: str = "llama", layers: int = 2, hidden: int = 32, vocab: int = 112, seed: int = 0,
-    max_positions: int = 64,
-) -> Path:
-    """A tiny random causal LM with the built-in character tokenizer, saved as a HF directory (no download)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
-
-    cls = {"llama": LlamaConfig, "qwen3": Qwen3Config}[arch]
-    tok = build_tokenizer()
-    config = cls(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=hidden // 2,
-        max_position_embeddings=max_positions,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+from fixtures import save_tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -122,16 +91,12 @@ def test_never_trusts_remote_code_by_default(tmp_path, monkeypatch):
 
 
 def test_builtin_teacher_loads_when_shipped():
-    from ckaqad_cli.builtin import TEACHER_DIR
 
-    if not (TEACHER_DIR / "config.json").exists():
-        pytest.skip("the built-in teacher is not shipped yet")
     model, tok = models.load_model("builtin", dtype=torch.float32)
     assert len(models.decoder_layers(model)) == model.config.num_hidden_layers
 
 
 def test_ptq_student_is_a_fake_quantized_copy(tmp_path):
-    pytest.importorskip("ckaqad_cli.quant")
     teacher, tok = models.load_model(save_tiny_model(tmp_path / "m"), dtype=torch.float32)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student, _ = models.ptq_student(teacher, "w4a16")
@@ -141,7 +106,6 @@ def test_ptq_student_is_a_fake_quantized_copy(tmp_path):
 
 
 def test_ptq_student_for_distill_casts_excludes_and_returns_the_recipe(tmp_path):
-    quant = pytest.importorskip("ckaqad_cli.quant")
     teacher, _ = models.load_model(save_tiny_model(tmp_path / "m"), dtype=torch.bfloat16)
     student, recipe = models.ptq_student(teacher, "w4a4", exclude=("*.layers.0.*",), dtype=torch.float32)
     assert {p.dtype for p in student.parameters()} == {torch.float32}
@@ -154,7 +118,6 @@ def test_ptq_student_for_distill_casts_excludes_and_returns_the_recipe(tmp_path)
 
 
 def test_distilled_student_dir_reapplies_recipe(tmp_path):
-    quant = pytest.importorskip("ckaqad_cli.quant")
     d = save_tiny_model(tmp_path / "m")
     dense, tok = models.load_model(d, dtype=torch.float32)
     recipe = quant.apply_fake_quant(dense, scheme="w4a16")
@@ -167,9 +130,6 @@ def test_distilled_student_dir_reapplies_recipe(tmp_path):
 
 def test_packed_dir_loads_through_our_unpacker(tmp_path, monkeypatch):
     """A directory that detect_format recognizes is built from its config and filled by load_dequantized_state_dict."""
-    formats = pytest.importorskip("ckaqad_cli.formats")
-    if not hasattr(formats, "load_dequantized_state_dict"):
-        pytest.skip("formats.load_dequantized_state_dict is not there yet")
     d = save_tiny_model(tmp_path / "m")
     reference, tok = models.load_model(d, dtype=torch.float32)
     state = {k: v * 0.5 for k, v in reference.state_dict().items()}  # distinguishable from the saved weights

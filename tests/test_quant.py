@@ -7,18 +7,18 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ckaqad_cli import quant
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_kernels import nvfp4_ref as ref
+from fixtures import tiny_model
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    """A float32 Llama whose MLP width (40) is no multiple of 16."""
+    return tiny_model(seed=seed, vocab_size=96, hidden_size=32, intermediate_size=40, head_dim=8,
+                      tie_word_embeddings=False)
 
 
 IDS = torch.tensor([[1, 5, 9, 33, 70, 2, 11, 4]])
@@ -135,13 +135,8 @@ def test_recipe_errors(tmp_path):
 
 
 def test_moe_router_excluded_and_fused_experts_reported():
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         num_experts=4, num_experts_per_tok=2)
-    model = Qwen3MoeForCausalLM(cfg)
+    model = tiny_model("qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       head_dim=8)
     recipe = quant.apply_fake_quant(model, scheme="w4a16")
     assert not any(".mlp.gate" in name for name in recipe.quantized)
     assert "model.layers.0.mlp.experts" not in recipe.skipped

@@ -9,31 +9,27 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from ckaqad_cli import formats, quant
+from ckaqad_cli import formats, quant, quant_moe
 from ckaqad_cli.builtin.tokenizer import VOCAB_SIZE, build_tokenizer
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import load_model
-from ckaqad_cli.stages.pack import PackConfig, pack_model, same_bits
+from ckaqad_cli.packing.verify import same_bits
+from ckaqad_cli.stages.pack import PackConfig, pack_model
 from ckaqad_kernels import nvfp4_ref
+from fixtures import tiny_model
 
 HIDDEN, INTER, EXPERTS = 32, 16, 4
 EXPERTS_OF = "model.layers.{}.mlp.experts"
 
 
-def _config(**overrides) -> Qwen3MoeConfig:
-    return Qwen3MoeConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=48, moe_intermediate_size=INTER,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=EXPERTS,
-        num_experts_per_tok=2, max_position_embeddings=64, **overrides,
-    )
-
-
 def tiny_moe(seed: int = 0, **overrides):
     """A tiny bf16 Qwen3-MoE whose experts have very different magnitudes (so a shared scale would show)."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(**overrides), dtype=torch.bfloat16)
+    model = tiny_model(
+        "qwen3_moe", seed=seed, dtype=torch.bfloat16, hidden_size=HIDDEN, intermediate_size=48,
+        moe_intermediate_size=INTER, num_attention_heads=2, num_key_value_heads=1, num_experts=EXPERTS,
+        max_position_embeddings=64, **overrides,
+    )
     with torch.no_grad():
         for layer in model.model.layers:
             for name in ("gate_up_proj", "down_proj"):
@@ -91,7 +87,7 @@ def test_each_expert_slice_is_the_reference_fake_quant_with_its_own_group_scale(
     inter, hidden = rows * 2, blocks_in * 16
     weight = torch.randn(experts, 2 * inter, hidden, generator=g) * torch.tensor(scales[:experts]).view(-1, 1, 1)
     weight = weight.to(torch.bfloat16)
-    got = quant._per_expert_fake_quant(weight)
+    got = quant_moe._per_expert_fake_quant(weight)
     for e in range(experts):
         gate, up = weight[e, :inter], weight[e, inter:]
         scale = quant.group_weight_global_scale([gate, up])

@@ -146,3 +146,22 @@ def test_cka_plot_has_integer_layer_ticks_and_a_visible_legend_entry_per_student
             assert all(ln.get_markerfacecolor() == "none" for ln in lines)
     finally:
         plt.close(fig)
+
+
+# --- units: the one formatter per unit ---------------------------------------------------------------------------
+def test_fmt_floats_none_integers_and_nested_values():
+    from ckaqad_cli.units import fmt
+
+    assert [fmt(v) for v in (0.123456, 0.0, 12345.6, 0.000123, float("nan"), None)] == [
+        "0.1235", "0.0000", "1.23e+04", "0.000123", "-", "-"]
+    assert fmt(None, none="n/a") == "n/a" and fmt(4915200) == "4915200" and fmt(4915200, thousands=True) == "4,915,200"
+    assert fmt(True, thousands=True) == "True" and fmt("w4a4") == "w4a4"
+    assert fmt({"kl": 0.123456, "verify": {"ok": True, "err": 1e-7}, "files": [1, 0.5]}) == (
+        "kl=0.1235, verify=(ok=True, err=1e-07), files=[1, 0.5000]")
+
+
+def test_format_bytes_decimal_units():
+    from ckaqad_cli.units import format_bytes
+
+    assert [format_bytes(n) for n in (0, 999, 1500, 12_345_678, 10**9, 4.2e12)] == [
+        "0 B", "999 B", "1.5 KB", "12.3 MB", "1.0 GB", "4.2 TB"]

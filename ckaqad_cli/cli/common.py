@@ -116,8 +116,8 @@ def _with_context(parse_args: Callable[..., Any], ctx: Any, args: list[str]) -> 
         raise
 
 
-class Command(TyperCommand):
-    """Every subcommand: the help layout of :func:`_tidy_help`."""
+class _TidyHelp:
+    """The help layout of :func:`_tidy_help`, and usage errors tagged with their command."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -131,19 +131,12 @@ class Command(TyperCommand):
         return super().format_help(ctx, formatter)
 
 
-class Group(TyperGroup):
+class Command(_TidyHelp, TyperCommand):
+    """Every subcommand."""
+
+
+class Group(_TidyHelp, TyperGroup):
     """The ``ckaqad`` group: usage errors of any subcommand print one line and exit 1, as the CkaqadErrors do."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _tidy_help(self.params)
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        return _with_context(super().parse_args, ctx, args)
-
-    def format_help(self, ctx: Any, formatter: Any) -> None:
-        _tidy_help(self.get_params(ctx))
-        return super().format_help(ctx, formatter)
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:

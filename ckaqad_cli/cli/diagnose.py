@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ckaqad_cli.cli.common import RunOption, console, handle_errors
-from ckaqad_cli.config import ConfigOption
+from ckaqad_cli.cli.config import ConfigOption
 from ckaqad_cli.rundir import RunDir
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from ckaqad_cli.cli.common import RunOption, console, handle_errors
+from ckaqad_cli.cli.config import ConfigOption
 from ckaqad_cli.cli.push import (
     CommitMessageOption,
     EndpointOption,
@@ -16,7 +17,6 @@ from ckaqad_cli.cli.push import (
     TokenOption,
     push_config,
 )
-from ckaqad_cli.config import ConfigOption
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ckaqad_cli.cli.common import RunOption, console, handle_errors
-from ckaqad_cli.config import ConfigOption
+from ckaqad_cli.cli.config import ConfigOption
 from ckaqad_cli.rundir import RunDir
 
 

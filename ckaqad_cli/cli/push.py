@@ -14,9 +14,10 @@ import typer
 from rich.table import Table
 
 from ckaqad_cli.cli.common import DEFAULT_RUN, RUN_OPTION_NAMES, console, handle_errors
-from ckaqad_cli.config import ConfigOption
+from ckaqad_cli.cli.config import ConfigOption
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.units import format_bytes
 
 if TYPE_CHECKING:  # the stage (huggingface_hub, httpx) is imported when a command runs
     from ckaqad_cli.stages.push import PushConfig
@@ -80,14 +81,6 @@ def push_config(
         dry_run=dry_run,
         force=force,
     )
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
 
 
 @handle_errors
@@ -160,8 +153,8 @@ def push(
         table.add_column("file", overflow="fold")
         table.add_column("size", justify="right", overflow="fold")
         for name, size in result["files"].items():
-            table.add_row(name, _size(size))
-        table.add_row("[bold]total[/bold]", _size(sum(result["files"].values())))
+            table.add_row(name, format_bytes(size))
+        table.add_row("[bold]total[/bold]", format_bytes(sum(result["files"].values())))
         console.print(table)
         typer.echo(result["card"])
         return

@@ -12,19 +12,10 @@ from rich.text import Text
 
 from ckaqad_cli.cli.common import RunOption, console, handle_errors
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.report import fmt
 from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.units import fmt
 
 _STYLE = {"done": "green", "running": "yellow", "failed": "red", "interrupted": "red"}
-
-
-def _fmt(value: object) -> str:
-    """A metric or output value: floats with 4 decimals (report.fmt), lists and nested dicts element by element."""
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v) if not isinstance(v, dict) else f'({_fmt(v)})'}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    return fmt(value)
 
 
 def _duration(seconds: float) -> str:
@@ -61,12 +52,12 @@ def _details(entry: dict) -> Text:
     metrics = entry.get("metrics") or {}
     flat = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     if flat:
-        text.append("\n" + _fmt(flat))
+        text.append("\n" + fmt(flat))
     for key, value in metrics.items():
         if isinstance(value, dict):
-            text.append(f"\n{key}: {_fmt(value)}")
+            text.append(f"\n{key}: {fmt(value)}")
     if entry.get("outputs"):
-        text.append(f"\noutputs: {_fmt(entry['outputs'])}")
+        text.append(f"\noutputs: {fmt(entry['outputs'])}")
     return text
 
 

@@ -1,9 +1,34 @@
 """On-disk NVFP4 formats written by ``ckaqad pack``: compressed-tensors (default) and ModelOpt.
 
-Each format module has the same functions: ``quantization_config``, ``module_specs`` (the tensors written for one
-quantized Linear), ``encode`` (our packed weight, block scales, global scales -> those tensors), ``decode`` (back to
-the dense weight with the kernels' dequantize) and ``is_format``. This package picks one by name or by reading a
-directory, and decodes a whole packed directory with our own unpacker.
+Everything format-specific lives in the format's own module, behind this protocol (what the rest of ckaqad may
+use; a third format is one new module with these names plus its line in FORMATS):
+
+Names and tensors (per quantized Linear ``M``)
+    ``NAME``                  the format's name (``--format``)
+    ``WEIGHT``                the packed uint8 weight's parameter (``M.<WEIGHT>``, two E2M1 codes per byte)
+    ``BLOCK_SCALE``           the float8_e4m3fn block scales' parameter
+    ``PARAMS``                every parameter a quantized Linear stores (the weight and its scales)
+    ``module_specs(module, out_features, in_features, scheme)``  the tensors written for ``M``, in write order
+Scale conventions
+    ``encode(module, packed, block_scales, global_scale, input_global_scale)``  our tensors -> the stored ones;
+                              ours: global scale = amax / (6 * 448), the kernels' convention
+    ``decode(tensors, module, dtype)``  the stored tensors -> the dense weight (our unpacker, the kernels'
+                              dequantize)
+    ``decoded_global_scale(global_scale)``  the 0-d float32 a reader decodes from what encode stores; the stored
+                              scale is exact when it equals ``global_scale`` (:func:`scale_is_exact`)
+Config keys and extra files
+    ``CONFIG_KEYS``           config.json keys the format reads; the first is the one written
+    ``quantization_config(scheme, ignore)``  config.json's ``quantization_config``
+    ``is_format(config)``     True for a config.json of this format
+    ``scheme_of(config)``     "w4a4" or "w4a16" of a config.json of this format
+    ``extra_files(scheme, ignore)``  {file name: JSON} written beside config.json
+    ``EXTRA_FILES``           those files' names: any one of them alone identifies the format
+Readers
+    ``TRANSFORMERS_LIBRARY``  the module through which transformers loads the format quantized, or None
+    ``LIBRARY``               the library that loads the checkpoint (a model card's library_name)
+
+This package picks a format by name or by reading a directory, and decodes a whole packed directory with our own
+unpacker (``models.load_packed`` builds the dense model from it).
 """
 
 from __future__ import annotations
@@ -22,6 +47,8 @@ from ckaqad_cli.safetensors_io import SafetensorsSource
 
 FORMATS: dict[str, ModuleType] = {compressed_tensors.NAME: compressed_tensors, modelopt.NAME: modelopt}
 DEFAULT_FORMAT = compressed_tensors.NAME
+CONFIG_KEYS = tuple(dict.fromkeys(key for fmt in FORMATS.values() for key in fmt.CONFIG_KEYS))
+"""config.json keys that describe a quantized model in any format (a dense model's config has none of them)."""
 
 
 def format_module(name: str) -> ModuleType:
@@ -53,9 +80,30 @@ def detect_format(directory: str | os.PathLike) -> str | None:
     for name, module in FORMATS.items():
         if module.is_format(config):
             return name
-    if (Path(directory) / modelopt.HF_QUANT_CONFIG).is_file():
-        return modelopt.NAME
+    for name, module in FORMATS.items():
+        if any((Path(directory) / file).is_file() for file in module.EXTRA_FILES):
+            return name
     return None
+
+
+def scale_is_exact(fmt: ModuleType, scale: torch.Tensor) -> bool:
+    """True when format ``fmt`` stores the global scale ``scale`` so that readers decode exactly ``scale``."""
+    g = scale.detach().to(torch.float32).reshape(())
+    return bool(fmt.decoded_global_scale(g) == g)
+
+
+def packed_config(config: dict[str, Any], fmt: ModuleType, scheme: str, ignore: list[str]) -> dict[str, Any]:
+    """config.json of a model packed in ``fmt``: ``config`` without any format's quantization keys, then ``fmt``'s
+    quantization_config (in the place of a key of that name, else last)."""
+    written = fmt.CONFIG_KEYS[0]
+    out = {k: v for k, v in config.items() if k == written or k not in CONFIG_KEYS}
+    out[written] = fmt.quantization_config(scheme, ignore)
+    return out
+
+
+def dense_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without any format's quantization keys: the dense model's config."""
+    return {k: v for k, v in config.items() if k not in CONFIG_KEYS}
 
 
 def model_dtype(config: dict[str, Any]) -> torch.dtype:
@@ -69,7 +117,7 @@ def quantized_modules(fmt: ModuleType, source: SafetensorsSource) -> list[str]:
     """Modules stored packed in a directory of format ``fmt``."""
     suffix = f".{fmt.WEIGHT}"
     modules = [n[: -len(suffix)] for n in source.names() if n.endswith(suffix) and source.spec(n).dtype == torch.uint8]
-    return [m for m in modules if f"{m}.weight_scale" in source]
+    return [m for m in modules if f"{m}.{fmt.BLOCK_SCALE}" in source]
 
 
 def load_dequantized_state_dict(

@@ -25,7 +25,14 @@ NAME = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"
 QUANT_METHOD = "compressed-tensors"
 WEIGHT = "weight_packed"
+BLOCK_SCALE = "weight_scale"
 PARAMS = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+CONFIG_KEYS = ("quantization_config", "compression_config")
+"""config.json keys read (older writers spell it compression_config); the first is the one written."""
+EXTRA_FILES: tuple[str, ...] = ()
+TRANSFORMERS_LIBRARY = "compressed_tensors"
+"""transformers loads this format quantized when the compressed-tensors library is installed."""
+LIBRARY = "transformers"
 
 
 def _fp4_args(*, dynamic: bool | str) -> dict[str, Any]:
@@ -64,9 +71,21 @@ def quantization_config(scheme: str, ignore: list[str]) -> dict[str, Any]:
     }
 
 
+def extra_files(scheme: str, ignore: list[str]) -> dict[str, Any]:
+    """JSON files written beside config.json: none (config.json says it all)."""
+    return {}
+
+
 def is_format(config: dict[str, Any]) -> bool:
     qc = config.get("quantization_config") or config.get("compression_config") or {}
     return qc.get("quant_method") == QUANT_METHOD and qc.get("format") == FORMAT
+
+
+def scheme_of(config: dict[str, Any]) -> str:
+    """"w4a4" or "w4a16" of a config.json of this format: W4A4 groups quantize their input activations."""
+    qc = config.get("quantization_config") or config.get("compression_config") or {}
+    groups = (qc.get("config_groups") or {}).values()
+    return "w4a4" if any(isinstance(g, dict) and g.get("input_activations") for g in groups) else "w4a16"
 
 
 def module_specs(module: str, out_features: int, in_features: int, scheme: str) -> list[TensorSpec]:
@@ -123,7 +142,13 @@ _RECIPROCAL_SEARCH_ULPS = 2
 def reciprocal_is_exact(scale: torch.Tensor) -> bool:
     """True when the stored reciprocal of ``scale`` decodes back to exactly ``scale``."""
     g = scale.detach().to(torch.float32).reshape(())
-    return bool(global_scale(stored_reciprocal(g)) == g)
+    return bool(decoded_global_scale(g) == g)
+
+
+def decoded_global_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The global scale a reader decodes from what :func:`encode` stores for ``scale``: ``scale`` itself unless it
+    is one of the float32s that are no float32's rounded reciprocal (:func:`reciprocal_is_exact`)."""
+    return global_scale(stored_reciprocal(scale))
 
 
 def global_scale(stored: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,13 @@ NAME = "modelopt"
 QUANT_METHOD = "modelopt"
 HF_QUANT_CONFIG = "hf_quant_config.json"
 WEIGHT = "weight"
+BLOCK_SCALE = "weight_scale"
 PARAMS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+CONFIG_KEYS = ("quantization_config",)
+EXTRA_FILES = (HF_QUANT_CONFIG,)
+TRANSFORMERS_LIBRARY = None
+"""transformers does not load pre-quantized ModelOpt NVFP4 checkpoints."""
+LIBRARY = "Model Optimizer"
 QUANT_ALGO = {"w4a4": "NVFP4", "w4a16": "W4A16_NVFP4"}
 
 
@@ -60,8 +66,19 @@ def quantization_config(scheme: str, exclude: list[str]) -> dict[str, Any]:
     }
 
 
+def extra_files(scheme: str, exclude: list[str]) -> dict[str, Any]:
+    """JSON files written beside config.json: ``hf_quant_config.json``."""
+    return {HF_QUANT_CONFIG: hf_quant_config(scheme, exclude)}
+
+
 def is_format(config: dict[str, Any]) -> bool:
     return (config.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def scheme_of(config: dict[str, Any]) -> str:
+    """"w4a4" or "w4a16" of a config.json of this format, from its quant_algo."""
+    algo = (config.get("quantization_config") or {}).get("quant_algo")
+    return next((scheme for scheme, name in QUANT_ALGO.items() if name == algo), "w4a16")
 
 
 def module_specs(module: str, out_features: int, in_features: int, scheme: str) -> list[TensorSpec]:
@@ -92,6 +109,11 @@ def encode(
     if input_global_scale is not None:
         out[f"{module}.input_scale"] = input_global_scale.detach().to(torch.float32).reshape(())
     return out
+
+
+def decoded_global_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The global scale a reader decodes from what :func:`encode` stores for ``scale``: always ``scale`` (exact)."""
+    return scale.detach().to(torch.float32).reshape(())
 
 
 def decode(tensors: dict[str, torch.Tensor], module: str, dtype: torch.dtype) -> torch.Tensor:

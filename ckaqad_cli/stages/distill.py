@@ -2,15 +2,14 @@
 
 Student = a copy of the teacher with NVFP4 fake quantization (``models.ptq_student``), trained in float32 master
 weights against the frozen teacher with ``KL + lambda * mean(1 - CKA)`` (see :mod:`ckaqad_cli.objective`).
-Writes ``distill/metrics.jsonl``, ``distill/checkpoints/step-N/`` and the final ``distill/student/`` HF directory.
+Writes ``distill/metrics.jsonl``, ``distill/checkpoints/step-N/`` and the final ``distill/student/`` HF directory;
+the loop itself is :class:`ckaqad_cli.trainer.Trainer`.
 Runs in one process or under torchrun (FSDP2); see docs/distill.md and docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,24 +18,15 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from ckaqad_cli import checkpoints
 from ckaqad_cli import distributed as D
 from ckaqad_cli.atomic import atomic_directory
-from ckaqad_cli.cka import Standardizer, TokenFilter
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import check_spec
-from ckaqad_cli.objective import CausalLMBody, Objective, ObjectiveSettings, parse_layers
-from ckaqad_cli.progress import make_progress
+from ckaqad_cli.objective import CausalLMBody, parse_layers
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_io import ensure_writable
-from ckaqad_cli.training import (
-    MetricsLog,
-    StopRequest,
-    build_optimizer,
-    check_finite,
-    peak_memory_bytes,
-    warmup_steps,
-)
+from ckaqad_cli.trainer import Models, Trainer
+from ckaqad_cli.training import warmup_steps
 
 STAGE = "distill"
 BUILTIN = "builtin"
@@ -147,30 +137,6 @@ class DistillConfig:
             )
 
 
-def train_rows(step: int, micro: int, *, n_train: int, batch: int, grad_accum: int, seed: int) -> torch.Tensor:
-    """Training-row indices of a micro-batch: a fresh seeded permutation per pass over the data, read in order.
-
-    A function of the step alone, so a resumed run reads exactly the rows the uninterrupted run would have.
-    """
-    start = (step * grad_accum + micro) * batch
-    out = []
-    for pos in range(start, start + batch):
-        epoch, offset = divmod(pos, n_train)
-        out.append(int(_permutation(epoch, n_train, seed)[offset]))
-    return torch.tensor(out, dtype=torch.long)
-
-
-_PERM_CACHE: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
-def _permutation(epoch: int, n: int, seed: int) -> torch.Tensor:
-    key = (epoch, n, seed)
-    if key not in _PERM_CACHE:
-        _PERM_CACHE.clear()
-        _PERM_CACHE[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return _PERM_CACHE[key]
-
-
 def split_heldout(sequences: torch.Tensor, eval_sequences: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, held-out): the last ``eval_sequences`` packed rows (a multiple of the world size) are held out."""
     n_eval = (min(eval_sequences, sequences.shape[0] // 4) // world_size) * world_size
@@ -180,35 +146,6 @@ def split_heldout(sequences: torch.Tensor, eval_sequences: int, world_size: int)
             "a held-out slice; use more data or a shorter --seq-len"
         )
     return sequences[:-n_eval], sequences[-n_eval:]
-
-
-def _eval_batch_size(batch_size: int, world: int) -> int:
-    """An eval batch size that splits evenly over ranks (every rank runs every forward: FSDP needs that)."""
-    return max(world, (batch_size // world) * world)
-
-
-def _objective_settings(cfg: DistillConfig, num_layers: int) -> ObjectiveSettings:
-    return ObjectiveSettings(
-        temperature=cfg.temperature,
-        kl_topk=cfg.kl_topk,
-        kl_chunk_tokens=cfg.kl_chunk_tokens,
-        lambda_cka=cfg.lambda_cka,
-        cka_balance=cfg.cka_balance,
-        cka_layers=tuple(parse_layers(cfg.cka_layers, num_layers)),
-        cka_tokens=cfg.cka_tokens,
-        cka_debiased=cfg.cka_debiased,
-        token_filter=TokenFilter(drop_first=True, drop_massive=cfg.cka_drop_massive, standardize=cfg.cka_standardize),
-    )
-
-
-@dataclass
-class Models:
-    """What training needs, built by :func:`build_models` (or by a test)."""
-
-    student: torch.nn.Module  # the HF causal LM with fake quantization, float32 master weights, trainable
-    teacher: torch.nn.Module  # frozen
-    tokenizer: Any
-    recipe: Any  # quant.QuantRecipe
 
 
 def build_models(cfg: DistillConfig, ctx: D.DistContext) -> Models:
@@ -265,183 +202,16 @@ def train(
 ) -> dict[str, Any]:
     """The training loop; ``cfg`` must be resolved. Returns the summary metrics; writes under ``out_dir``.
 
-    ``on_step(step)`` runs after every step, ``on_save(checkpoint)`` after every checkpoint is complete.
+    :class:`~ckaqad_cli.trainer.Trainer` sets the run up (or resumes it) and runs its steps, evaluations and
+    checkpoints; the final student is saved here. ``on_step(step)`` runs after every step, ``on_save(checkpoint)``
+    after every checkpoint is complete.
     """
-    from ckaqad_cli.models import decoder_layers
-
-    console = console or Console(stderr=True)
-    say = console.print if ctx.is_main else (lambda *a, **k: None)
     out_dir = Path(out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    metrics = MetricsLog(out_dir / "metrics.jsonl")
-    on_gpu = ctx.device.type == "cuda"
-
-    student_model, teacher_model = models.student, models.teacher
-    teacher_model.eval()
-    teacher_model.requires_grad_(False)
-    if cfg.grad_checkpointing:  # activation_checkpointing_enable where transformers has it (the old name warns there)
-        enable = getattr(student_model, "activation_checkpointing_enable", None)
-        (enable or student_model.gradient_checkpointing_enable)({"use_reentrant": False})
-    student_layers, teacher_layers = decoder_layers(student_model), decoder_layers(teacher_model)
-    student, teacher = CausalLMBody(student_model), CausalLMBody(teacher_model)
-    settings = _objective_settings(cfg, len(teacher_layers))
-    objective = Objective(
-        student, teacher, student_layers, teacher_layers, settings, ctx,
-        bos_token_id=getattr(models.tokenizer, "bos_token_id", None),
-        standardizer=Standardizer() if cfg.cka_standardize else None,
-    )
-    D.shard(student, student_layers, ctx)  # no-ops in one process
-    D.shard(teacher, teacher_layers, ctx, offload=cfg.teacher_offload)
-
-    global_batch = cfg.batch_size
-    if global_batch % ctx.world_size:
-        raise CkaqadError(f"--batch-size {global_batch} must be a multiple of the process count ({ctx.world_size})")
-    local = slice(ctx.rank * (global_batch // ctx.world_size), (ctx.rank + 1) * (global_batch // ctx.world_size))
-    eval_batch = _eval_batch_size(cfg.eval_batch_size, ctx.world_size)
-
-    optimizer, scheduler = build_optimizer(
-        student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=cfg.steps,
-        warmup=warmup_steps(cfg.warmup, cfg.steps),
-    )
-    sampler = torch.Generator().manual_seed(cfg.seed)
-    generators = {"cka_tokens": sampler}
-    config_fingerprint = {k: _jsonable(getattr(cfg, k)) for k in _RESUME_MUST_MATCH}
-    start_step = 0
-    latest = checkpoints.latest_complete(ckpt_root)
-    if cfg.resume and latest is not None:
-        meta = checkpoints.load(latest, model=student, optimizer=optimizer, scheduler=scheduler,
-                                generators=generators, ctx=ctx)
-        saved = meta["config"]  # a key it lacks was added to the fingerprint after that checkpoint was written
-        changed = {k: (saved[k], v) for k, v in config_fingerprint.items() if k in saved and saved[k] != v}
-        if changed:
-            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise CkaqadError(f"cannot resume {latest}: the run's settings changed ({shown})")
-        start_step = meta["step"]
-        if start_step > cfg.steps:
-            raise CkaqadError(f"cannot resume {latest} with --steps {cfg.steps}: it is already at step {start_step}; "
-                              f"pass --steps {start_step} or more")
-        if ctx.is_main:  # the final evaluation (after the last step) runs again: its line goes too
-            metrics.truncate_after(start_step, drop_evals_at_step=start_step == cfg.steps)
-        say(f"resumed from {latest} (step {start_step} of {cfg.steps})")
-    else:
-        if latest is not None and not cfg.resume and not cfg.force:
-            raise CkaqadError(
-                f"{ckpt_root} holds checkpoints of an earlier run (latest {latest.name}): pass --resume to continue "
-                "it, or --force to start over"
-            )
-        if cfg.resume:
-            say("no complete checkpoint to resume from: starting from step 0")
-        if ctx.is_main:
-            metrics.reset()
-            checkpoints.prune(ckpt_root, 0)
-        D.barrier(ctx)
-    if cfg.cka_standardize:
-        objective.fit_standardizer(eval_ids[:eval_batch])
-
-    def evaluate(step: int) -> dict[str, Any]:
-        student.eval()
-        with _autocast(on_gpu):
-            result = objective.evaluate(eval_ids, eval_batch, cfg.eval_tokens, seed=cfg.seed)
-        student.train()
-        record = {"step": step, "type": "eval", **result}
-        if ctx.is_main:
-            metrics.write(record)
-        return record
-
-    last_saved: Path | None = checkpoints.latest_complete(ckpt_root)
-    tokens_per_step = global_batch * cfg.grad_accum * train_ids.shape[1]
-
-    def save(step: int) -> Path:
-        nonlocal last_saved
-        state = {"data_position": step * cfg.grad_accum * global_batch, "config": config_fingerprint}
-        last_saved = checkpoints.save(ckpt_root, step, model=student, optimizer=optimizer, scheduler=scheduler,
-                                      generators=generators, state=state, recipe=models.recipe, ctx=ctx,
-                                      keep=cfg.keep)
-        if on_save is not None:
-            on_save(last_saved)
-        return last_saved
-
-    if start_step == 0:
-        first_eval = evaluate(0)
-    else:  # the PTQ numbers were logged by the run this one resumes
-        first_eval = next((r for r in metrics.read() if r.get("type") == "eval" and r["step"] == 0), None)
-    stop = StopRequest()
-    last: dict[str, Any] = {}
-    started = time.perf_counter()
-    with stop.installed(), make_progress(console, fields=("terms",), enabled=show_progress and ctx.is_main) as progress:
-        task = progress.add_task("distill", total=cfg.steps, completed=start_step, terms="")
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats(ctx.device)
-            lr = optimizer.param_groups[0]["lr"]
-            sums = {"loss": 0.0, "kl": 0.0, "cka_term": 0.0, "lambda": 0.0}
-            for micro in range(cfg.grad_accum):
-                rows = train_rows(step, micro, n_train=train_ids.shape[0], batch=global_batch,
-                                  grad_accum=cfg.grad_accum, seed=cfg.seed)
-                scores = torch.rand(global_batch, train_ids.shape[1], generator=sampler)
-                with _autocast(on_gpu):
-                    terms = objective(train_ids[rows], local, scores)
-                loss_value = float(D.all_reduce_mean(terms.loss.detach(), ctx))
-                check_finite(step + 1, "the loss", loss_value,
-                             {"kl": terms.kl, "cka_term": terms.cka_term, "lambda": terms.lambda_cka},
-                             str(last_saved) if last_saved else None)
-                (terms.loss / cfg.grad_accum).backward()
-                sums["loss"] += loss_value / cfg.grad_accum
-                sums["kl"] += terms.kl / cfg.grad_accum
-                sums["cka_term"] += (terms.cka_term or 0.0) / cfg.grad_accum
-                sums["lambda"] += terms.lambda_cka / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                student.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            )
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            check_finite(step + 1, "the gradient norm", grad_norm, {"loss": sums["loss"]},
-                         str(last_saved) if last_saved else None)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            elapsed = time.perf_counter() - t0
-            last = {
-                "step": done, "type": "train", "loss": sums["loss"], "kl": sums["kl"],
-                "cka_term": sums["cka_term"] if settings.uses_cka else None, "lambda": sums["lambda"], "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
-                "peak_mem_mb": peak_memory_bytes(ctx.device) / 2**20,
-            }
-            if ctx.is_main:
-                metrics.write(last)
-            terms_text = f"loss {last['loss']:.4g}  kl {last['kl']:.4g}"
-            if settings.uses_cka:
-                terms_text += f"  1-cka {last['cka_term']:.3g}  λ {last['lambda']:.3g}"
-            progress.update(task, completed=done, terms=terms_text)
-            if done % cfg.eval_every == 0 and done != cfg.steps:
-                evaluate(done)
-            interrupted = D.any_rank(stop.requested, ctx)
-            if done % cfg.save_every == 0 or (interrupted and done != cfg.steps):
-                save(done)
-            if on_step is not None:
-                on_step(done)
-            if interrupted and done != cfg.steps:
-                say(f"interrupted: saved {last_saved}; continue with --resume")
-                raise KeyboardInterrupt
-    final_eval = evaluate(cfg.steps)
-    summary = {
-        "steps": cfg.steps,
-        "tokens_seen": cfg.steps * tokens_per_step,
-        "mode": "kl-only" if not settings.uses_cka else "cka-qad",
-        "cka_layers": list(settings.cka_layers),
-        "cka_filters": settings.token_filter.describe(),
-        "final_kl": last.get("kl"),
-        "eval_kl": final_eval["eval_kl"],
-        "mean_cka": final_eval["eval_cka_mean"],
-        "min_cka": final_eval["eval_cka_min"],
-        "layer_cka": final_eval["eval_cka"],
-        "train_seconds": time.perf_counter() - started,
-    }
-    if first_eval:
-        summary.update(ptq_eval_kl=first_eval["eval_kl"], ptq_mean_cka=first_eval["eval_cka_mean"],
-                       ptq_min_cka=first_eval["eval_cka_min"])
-    _save_student(student, models, out_dir / "student", ctx)
+    fingerprint = {k: _jsonable(getattr(cfg, k)) for k in _RESUME_MUST_MATCH}
+    trainer = Trainer.setup(cfg, models, train_ids, eval_ids, out_dir, ctx, fingerprint=fingerprint,
+                            console=console or Console(stderr=True), on_save=on_save)
+    summary = trainer.fit(on_step=on_step, show_progress=show_progress)
+    _save_student(trainer.student, models, out_dir / "student", ctx)
     return summary
 
 
@@ -457,12 +227,6 @@ def _save_student(student: CausalLMBody, models: Models, target: Path, ctx: D.Di
             models.tokenizer.save_pretrained(tmp)
             models.recipe.save(tmp)
     D.barrier(ctx)
-
-
-def _autocast(on_gpu: bool):
-    import contextlib
-
-    return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,8 +1,9 @@
 """Push a packed NVFP4 model directory and its model card to the Hugging Face Hub (or a Hub-compatible server).
 
-The upload goes through ``HfApi.upload_folder`` in a few commits: the weight files first, in batches of at most
+The upload goes through ``HfApi.create_commit`` in a few commits: the weight files first, in batches of at most
 ``commit_bytes``, then the small files (config, index, tokenizer, card) last, so a repository never shows a config
-whose weights are missing. Before uploading, the files already on the revision with the same content are skipped;
+whose weights are missing. The packed folder is left as pack wrote it: the card and the CKA plot that go up with it
+are built in the push's own folder (``RUN/push/``; a temporary one without a run). Before uploading, the files already on the revision with the same content are skipped;
 a push that was interrupted therefore resumes when run again without re-sending what arrived (inside one commit,
 huggingface_hub's own LFS / Xet deduplication does the same for partly sent large files).
 
@@ -14,17 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import re
 import struct
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
@@ -42,7 +44,9 @@ from ckaqad_cli.card import (
     render_model_card,
 )
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.records import DistillRecord, PackRecord
 from ckaqad_cli.progress import LoggedProgress, make_progress
+from ckaqad_cli import formats
 from ckaqad_cli.formats import detect_format
 from ckaqad_cli.rundir import RunDir, sha256_file
 
@@ -93,6 +97,12 @@ class PushPlan:
     batches: list[list[str]]
     commit_message: str
     plot: Path | None
+
+    def sources(self, staging: Path) -> dict[str, Path]:
+        """Where each file is read from: the packed folder, but the card (and the run's plot) from ``staging``, the
+        push's own folder, so that the packed folder stays as pack wrote it."""
+        own = {CARD_FILE} | ({PLOT_FILE} if self.plot is not None else set())
+        return {p: (staging if p in own else self.folder) / p for p in self.files}
 
 
 # -- small helpers ---------------------------------------------------------------------------------------------
@@ -206,24 +216,12 @@ def check_pack_output(folder: Path, recorded: dict[str, int] | None = None) -> N
             )
 
 
-def _recorded_sizes(entry: dict[str, Any]) -> dict[str, int] | None:
-    """The pack stage's record of its files (outputs "files"): [{"path", "size"}, ...] or {path: size}."""
-    files = (entry.get("outputs") or {}).get("files")
-    if isinstance(files, list):
-        return {str(f["path"]): int(f["size"]) for f in files if isinstance(f, dict) and "path" in f and "size" in f}
-    if isinstance(files, dict):
-        return {str(k): int(v["size"] if isinstance(v, dict) else v) for k, v in files.items()}
-    return None
-
-
 def _quant_description(folder: Path) -> tuple[str, str]:
-    """(format, scheme) of a packed folder, read from its config (both formats list input_activations for W4A4)."""
+    """(format, scheme) of a packed folder, as its format module reads them from config.json."""
     fmt = detect_format(folder)
     if fmt is None:
         raise CkaqadError(f"{folder}/config.json's quantization_config is not an NVFP4 format ckaqad writes")
-    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
-    groups = (qc.get("config_groups") or {}).values()
-    return fmt, "w4a4" if any(isinstance(g, dict) and g.get("input_activations") for g in groups) else "w4a16"
+    return fmt, formats.format_module(fmt).scheme_of(json.loads((folder / "config.json").read_text()))
 
 
 def _batches(files: dict[str, int], pending: list[str], commit_bytes: int) -> list[list[str]]:
@@ -249,13 +247,13 @@ def _batches(files: dict[str, int], pending: list[str], commit_bytes: int) -> li
 def check_pack_is_current(manifest: dict[str, Any], run_path: Path) -> None:
     """Refuse a run's pack output made from an earlier distill than the one the run now records (``distill
     --force`` after pack): it would go out with a card describing the new student."""
-    stages = manifest.get("stages") or {}
-    pack, distill = stages.get("pack") or {}, stages.get("distill") or {}
-    from_student = (pack.get("config") or {}).get("model") is None
-    if from_student and distill.get("ended") and pack.get("started") and distill["ended"] > pack["started"]:
+    pack, distill = PackRecord.of(manifest), DistillRecord.of(manifest)
+    if pack is None or distill is None or pack.from_model is not None or not (distill.ended and pack.started):
+        return
+    if distill.ended > pack.started:
         raise CkaqadError(
-            f"the packed model of run {run_path} (packed {pack['started']}) predates its distilled student (distill "
-            f"ended {distill['ended']}): run `ckaqad pack --run {run_path} --force` first"
+            f"the packed model of run {run_path} (packed {pack.started}) predates its distilled student (distill "
+            f"ended {distill.ended}): run `ckaqad pack --run {run_path} --force` first"
         )
 
 
@@ -264,7 +262,7 @@ def plan_push(folder: Path | None, cfg: PushConfig, *, run: RunDir | None = None
     check_repo_id(cfg.repo_id)
     endpoint = resolve_endpoint(cfg.endpoint)
     manifest = run.read() if run is not None else {}
-    pack = (manifest.get("stages") or {}).get("pack") or {}
+    pack = PackRecord.of(manifest)
     packed = run.stage_output("pack", "model") if run is not None else None
     if folder is None:
         if not isinstance(packed, Path):
@@ -272,14 +270,13 @@ def plan_push(folder: Path | None, cfg: PushConfig, *, run: RunDir | None = None
             raise CkaqadError(f"{where}: run `ckaqad pack` first, or give --folder")
         folder = packed
     from_run = isinstance(packed, Path) and packed.resolve() == Path(folder).resolve()
-    check_pack_output(folder, _recorded_sizes(pack) if from_run else None)
+    check_pack_output(folder, pack.files if from_run and pack.files else None)
     if from_run:
         check_pack_is_current(manifest, run.path)
 
     fmt, scheme = _quant_description(folder)
     if from_run:
-        fmt = pack.get("outputs", {}).get("format") or fmt
-        scheme = pack.get("outputs", {}).get("scheme") or scheme
+        fmt, scheme = pack.format or fmt, pack.scheme or scheme
     base_model = cfg.base_model or base_model_from_manifest(manifest)
     plot = run.stage_output("diagnose", "plot") if run is not None else None
     plot = Path(plot) if isinstance(plot, Path) and plot.is_file() else None
@@ -356,7 +353,7 @@ def _progress() -> LoggedProgress:
     return make_progress(_console, label="push", unit="bytes")
 
 
-def _upload(api: HfApi, plan: PushPlan, cfg: PushConfig) -> dict[str, Any]:
+def _upload(api: HfApi, plan: PushPlan, cfg: PushConfig, sources: dict[str, Path]) -> dict[str, Any]:
     api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True, repo_type="model")
     if cfg.revision != "main":
         api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True)
@@ -365,7 +362,7 @@ def _upload(api: HfApi, plan: PushPlan, cfg: PushConfig) -> dict[str, Any]:
         for f in api.get_paths_info(cfg.repo_id, list(plan.files), revision=cfg.revision)
         if isinstance(f, RepoFile)
     }
-    pending = [p for p in plan.files if not _same_content(plan.folder / p, remote.get(p))]
+    pending = [p for p in plan.files if not _same_content(sources[p], remote.get(p))]
     skipped = len(plan.files) - len(pending)
     if skipped:
         where = f"{cfg.repo_id}@{cfg.revision}"
@@ -376,19 +373,29 @@ def _upload(api: HfApi, plan: PushPlan, cfg: PushConfig) -> dict[str, Any]:
         task = progress.add_task(cfg.repo_id, total=sum(plan.files[p] for p in pending))
         for i, batch in enumerate(batches, 1):
             suffix = f" (part {i}/{len(batches)})" if len(batches) > 1 else ""
-            info = api.upload_folder(
+            info = api.create_commit(
                 repo_id=cfg.repo_id,
-                folder_path=plan.folder,
+                operations=[CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(sources[p])) for p in batch],
                 revision=cfg.revision,
                 commit_message=plan.commit_message + suffix,
                 commit_description=f"Pushed with ckaqad {__version__}.",
-                allow_patterns=[glob.escape(p) for p in batch],
             )
             commit_oid = info.oid
             progress.advance(task, sum(plan.files[p] for p in batch))
     if commit_oid is None:
         commit_oid = api.repo_info(cfg.repo_id, revision=cfg.revision).sha
     return {"commit_oid": commit_oid, "uploaded": len(pending), "skipped": skipped, "commits": len(batches)}
+
+
+@contextlib.contextmanager
+def _staging(run: RunDir | None) -> Iterator[Path]:
+    """The push's own folder for the card and plot it uploads: RUN/push/ in a run (kept, as a record of what was
+    uploaded), else a temporary folder."""
+    if run is not None:
+        yield run.stage_dir("push")
+        return
+    with tempfile.TemporaryDirectory(prefix="ckaqad-push-") as tmp:
+        yield Path(tmp)
 
 
 def push_folder(
@@ -409,12 +416,12 @@ def push_folder(
     config = dataclasses.asdict(cfg) | {"folder": str(plan.folder.resolve()), "endpoint": plan.endpoint}
     inputs = {"model": str(plan.folder.resolve())}
     stage = run.stage("push", config=config, inputs=inputs, force=cfg.force) if run else contextlib.nullcontext()
-    with stage as record:
+    with stage as record, _staging(run) as staging:
         if plan.plot is not None:
-            copy_plot(plan.plot, plan.folder)
-        atomic_write_text(plan.folder / CARD_FILE, plan.card)
+            copy_plot(plan.plot, staging)
+        atomic_write_text(staging / CARD_FILE, plan.card)
         try:
-            outcome = _upload(api, plan, cfg)
+            outcome = _upload(api, plan, cfg, plan.sources(staging))
         except (HfHubHTTPError, OfflineModeIsEnabled, httpx2.HTTPError, ValueError) as e:
             raise explain_hub_error(e, endpoint=plan.endpoint, repo_id=cfg.repo_id, token=token) from None
         result.update(commit_oid=outcome["commit_oid"], url=url)

@@ -1,4 +1,4 @@
-"""Against independent implementations: compressed-tensors and NVIDIA ModelOpt (test extra; skipped without them).
+"""Against independent implementations: compressed-tensors and NVIDIA ModelOpt (both in the test extra).
 
 Decoding: each library's dequantizer applied to our bytes gives our values. Encoding: each library's own quantizer
 agrees with our codes on >= 99% of elements, and every difference is one grid step at a rounding boundary.
@@ -32,7 +32,6 @@ def _assert_codes_close(ours: torch.Tensor, theirs: torch.Tensor, r: torch.Tenso
 
 @pytest.fixture(scope="module")
 def ct():
-    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
     from compressed_tensors.compressors.nvfp4.helpers import quantize_and_pack_fp4
     from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
@@ -84,7 +83,6 @@ def test_compressed_tensors_quantizer_agrees_on_codes(ct):
 
 @pytest.fixture(scope="module")
 def nvfp4_qtensor():
-    pytest.importorskip("modelopt")
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     return NVFP4QTensor

@@ -18,7 +18,7 @@ from ckaqad_cli.cli.diagnose import parse_student
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
 from ckaqad_cli.stages.diagnose import DiagnoseConfig, capture_residuals, run_diagnose
-from tests.test_models import save_tiny_model
+from fixtures import save_tiny_model
 
 runner = CliRunner()
 SMALL = {"seq_len": 16, "max_tokens": 256, "batch_size": 4, "task_problems": 0}
@@ -239,7 +239,6 @@ def test_cli_picks_up_the_runs_distilled_student(tiny, tmp_path):
 
 
 def test_ptq_student(tiny, tmp_path):
-    pytest.importorskip("ckaqad_cli.quant")
     cfg = DiagnoseConfig(teacher=str(tiny["teacher"]), ptq=["w4a16", "w4a4"], **SMALL)
     report = run_diagnose(cfg, RunDir(tmp_path / "run"))
     w16, w4 = report["students"]["ptq-w4a16"], report["students"]["ptq-w4a4"]
@@ -250,8 +249,6 @@ def test_ptq_student(tiny, tmp_path):
 def test_builtin_teacher_reports_task_accuracy(tmp_path):
     from ckaqad_cli.builtin import TEACHER_DIR
 
-    if not (TEACHER_DIR / "config.json").exists():
-        pytest.skip("the built-in teacher is not shipped yet")
     cfg = DiagnoseConfig(students=[("self", str(TEACHER_DIR))], seq_len=32, max_tokens=128, task_problems=8)
     report = run_diagnose(cfg, RunDir(tmp_path / "run"))
     acc = report["task_accuracy"]

@@ -22,9 +22,10 @@ from ckaqad_cli.cka import Standardizer, TokenFilter, cka_loss
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import decoder_layers
 from ckaqad_cli.objective import CausalLMBody, LayerTap, Objective, ObjectiveSettings, parse_layers, sample_positions
-from ckaqad_cli.stages.distill import BUILTIN_PRESET, REAL_MODEL_PRESET, DistillConfig, split_heldout, train, train_rows
+from ckaqad_cli.stages.distill import BUILTIN_PRESET, REAL_MODEL_PRESET, DistillConfig, split_heldout, train
+from ckaqad_cli.trainer import train_rows
 from ckaqad_cli.training import NonFiniteLossError
-from tests.distill_worker import tiny_models, tiny_sequences
+from fixtures import tiny_models, tiny_sequences
 
 WORKER = Path(__file__).parent.parent / "distill_worker.py"
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from ckaqad_cli import models
 from ckaqad_cli.app import app
-from tests.test_models import save_tiny_model
+from fixtures import save_tiny_model
 from tests.test_safetensors_io import make_unwritable
 
 runner = CliRunner()

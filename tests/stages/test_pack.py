@@ -15,53 +15,30 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from ckaqad_cli.atomic import OUTPUT_MARKER
 from ckaqad_cli import formats
 from ckaqad_cli.app import app
-from ckaqad_cli.builtin.tokenizer import VOCAB_SIZE, build_tokenizer
-from ckaqad_cli.quant import QuantRecipe, apply_fake_quant, fused_groups, group_weight_global_scale
+from ckaqad_cli.quant import QuantRecipe, fused_groups, group_weight_global_scale
 from ckaqad_cli.rundir import RunDir
 from ckaqad_cli.safetensors_io import INDEX_FILE, SafetensorsSource
-from ckaqad_cli.stages.pack import MAX_CPU_WORKERS, PackConfig, pack_model, same_bits
+from ckaqad_cli.packing.verify import same_bits
+from ckaqad_cli.packing.write import MAX_CPU_WORKERS
+from ckaqad_cli.stages.pack import PackConfig, pack_model
 from ckaqad_kernels import nvfp4_ref
+from fixtures import tiny_model_dir
 
 runner = CliRunner()
-SMALL = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=128,
-)
-
-
-def _config(arch: str, *, tie: bool = False, intermediate: int = 96):
-    if arch == "llama":
-        return LlamaConfig(**SMALL, intermediate_size=intermediate, tie_word_embeddings=tie)
-    if arch == "qwen3":
-        return Qwen3Config(**SMALL, intermediate_size=intermediate, tie_word_embeddings=tie)
-    return Qwen3MoeConfig(
-        **SMALL, intermediate_size=intermediate, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-        tie_word_embeddings=tie,
-    )
 
 
 def make_model(directory: Path, arch: str = "llama", *, student: str | None = "w4a4", tie: bool = False,
                intermediate: int = 96, shard: str | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A tiny HF model directory (a distilled student with quant_recipe.json when ``student`` names a scheme)."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(arch, tie=tie, intermediate=intermediate), dtype=dtype)
-    recipe = apply_fake_quant(model, student) if student else None
-    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
-    if recipe:
-        recipe.save(directory)
-    build_tokenizer().save_pretrained(directory)
-    return directory
+    """A tiny HF model directory of ``arch`` (llama, qwen3, qwen3moe) in the fixtures' default shape (a distilled
+    student with quant_recipe.json when ``student`` names a scheme)."""
+    return tiny_model_dir(directory, {"qwen3moe": "qwen3_moe"}.get(arch, arch), student=student, shard=shard,
+                          dtype=dtype, intermediate_size=intermediate, tie_word_embeddings=tie)
 
 
 @pytest.fixture(scope="module")
@@ -433,7 +410,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from ckaqad_cli.formats import read_config
     from ckaqad_cli.safetensors_io import SafetensorsSource
-    from ckaqad_cli.stages.pack import PackConfig, build_recipe, pack_model
+    from ckaqad_cli.packing.plan import build_recipe
+    from ckaqad_cli.stages.pack import PackConfig, pack_model
     from ckaqad_kernels import nvfp4_cpu
 
     with SafetensorsSource(Path(sys.argv[1])) as src:  # fixed costs: the recipe, loading the C kernel

@@ -8,23 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from ckaqad_cli import formats
 from ckaqad_cli.quant import apply_fake_quant, recipe_for_linears
 from ckaqad_cli.safetensors_io import SafetensorsSource
-from ckaqad_cli.stages import pack
-from ckaqad_cli.stages.pack import DENSE_DECODER_TYPES, build_recipe, dense_decoder_linears
+from ckaqad_cli.packing import plan
+from ckaqad_cli.packing.plan import DENSE_DECODER_TYPES, build_recipe, dense_decoder_linears
+from fixtures import tiny_model_dir
 
 
 def _save(directory: Path, model_type: str, *, tie: bool, intermediate: int = 64, **extra) -> Path:
-    config = AutoConfig.for_model(
-        model_type, vocab_size=96, hidden_size=32, intermediate_size=intermediate, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tie, **extra,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    return directory
+    return tiny_model_dir(directory, model_type, tokenizer=False, vocab_size=96, hidden_size=32,
+                          intermediate_size=intermediate, head_dim=8, tie_word_embeddings=tie, **extra)
 
 
 def _recipes(directory: Path, exclude: list[str]):
@@ -33,7 +28,7 @@ def _recipes(directory: Path, exclude: list[str]):
         linears = dense_decoder_linears(config, src)
     assert linears is not None
     by_names = recipe_for_linears(linears, "w4a4", exclude)
-    by_model = apply_fake_quant(pack._meta_model(config), "w4a4", exclude)
+    by_model = apply_fake_quant(plan._meta_model(config), "w4a4", exclude)
     return by_names, by_model
 
 
@@ -72,8 +67,8 @@ def test_anything_outside_the_layout_builds_the_model(tmp_path, monkeypatch):
         assert dense_decoder_linears({**config, "model_type": "qwen3_moe"}, src) is None
         assert dense_decoder_linears({**config, "auto_map": {"AutoModel": "x.Y"}}, src) is None
         built = []
-        real = pack._meta_model
-        monkeypatch.setattr(pack, "_meta_model", lambda c: built.append(1) or real(c))
+        real = plan._meta_model
+        monkeypatch.setattr(plan, "_meta_model", lambda c: built.append(1) or real(c))
         build_recipe(directory, config, "w4a16", [], src)  # the meta model, which has no extra_proj: ignored
         assert built == [1]
     clean = _save(tmp_path / "clean", "llama", tie=True)

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from ckaqad_cli.app import app
 from ckaqad_cli.atomic import OUTPUT_MARKER
-from ckaqad_cli.builtin.tokenizer import VOCAB_SIZE, build_tokenizer
 from ckaqad_cli.rundir import RunDir
+from fixtures import tiny_model_dir
 from tests.hub_server import HubServer
 from tests.stages.conftest import FAKE_TOKEN
 
@@ -26,26 +25,20 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     """A tiny BF16 Llama built from a config (plain PTQ source: no quant recipe), with the built-in tokenizer."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-    )
-    folder = tmp_path_factory.mktemp("source") / "llama"
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    build_tokenizer().save_pretrained(folder)
-    return folder
+    return tiny_model_dir(tmp_path_factory.mktemp("source") / "llama", dtype=torch.bfloat16)
 
 
 def _pack_push(run: Path, model: Path, hub: HubServer, *extra: str):
     args = ["pack", "--run", str(run), "--model", str(model), "--scheme", "w4a16", "--push-to-hub", REPO]
     return runner.invoke(app, [*args, "--endpoint", hub.url, "--token", FAKE_TOKEN, *extra])
+
+
+def _uploaded_from(run: RunDir) -> dict[str, bytes]:
+    """What a push of the run's pack uploads: the packed folder (hidden files aside), but the card and plot that
+    push built in its own folder, RUN/push/ (pack's folder is left as pack wrote it)."""
+    folder = run.path / "pack" / "model"
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    return files | {p.name: p.read_bytes() for p in run.stage_dir("push").iterdir() if p.is_file()}
 
 
 def _tree_text(folder: Path) -> str:
@@ -75,7 +68,7 @@ def test_pack_then_push_uploads_the_verified_output_and_records_both(tiny_llama,
 
     folder = run.path / "pack" / "model"
     assert Path(push["inputs"]["model"]) == folder.resolve()
-    local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != OUTPUT_MARKER}
+    local = _uploaded_from(run)
     assert (folder / OUTPUT_MARKER).is_file()  # ckaqad's own mark (pack --force may replace it), never uploaded
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= local.keys()
     remote = {path: data for path, data in hub.files(REPO, "dev").items() if path != ".gitattributes"}
@@ -143,7 +136,7 @@ def test_failed_push_keeps_the_pack_and_push_resumes(tiny_llama, hub, tmp_path):
     again = runner.invoke(app, [*args, "--token", FAKE_TOKEN])
     assert again.exit_code == 0, again.output
     folder = run.path / "pack" / "model"
-    local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != OUTPUT_MARKER}
+    local = _uploaded_from(run)
     assert (folder / OUTPUT_MARKER).is_file()  # ckaqad's own mark (pack --force may replace it), never uploaded
     assert {k: v for k, v in hub.files(REPO, "dev").items() if k != ".gitattributes"} == local
 

@@ -36,7 +36,10 @@ def test_pipeline_runs_every_stage_and_writes_the_comparison(tmp_path):
     if verify["weights_reciprocal_inexact"] == 0:  # every global scale stored exactly: the student's logits exactly
         assert verify["max_abs_diff"] == 0.0 and verify["top1_agreement"] == 1.0
     assert verify["top1_agreement"] >= 0.8
-    assert (run_path / "push-dry-run" / "README.md").read_text().startswith("---")
+    card = (run_path / "push-dry-run" / "README.md").read_text()
+    assert card.startswith("---")
+    mean_lambda = manifest["stages"]["distill"]["metrics"]["mean_lambda_cka"]  # the card reads what distill writes
+    assert mean_lambda > 0 and f"balanced each step to 0.5 x KL / CKA term, mean {mean_lambda:.4g}" in card
     for stage in ("diagnose-ptq", "diagnose"):
         for key in ("report_json", "report_md", "plot"):
             assert run.stage_output(stage, key).is_file(), (stage, key)

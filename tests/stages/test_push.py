@@ -17,59 +17,16 @@ from ckaqad_cli.app import app
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
 from ckaqad_cli.stages.push import PushConfig, push_folder, redact
+from fixtures import packed_model_dir
 from tests.hub_server import HubServer
 from tests.stages.conftest import FAKE_TOKEN, READ_TOKEN
 
 runner = CliRunner()
 
 
-def _tiny_packed_model(folder: Path) -> None:
-    """A real compressed-tensors NVFP4 (W4A16) checkpoint of a tiny Llama, sharded, with a tokenizer: what pack
-    writes. Scales come from the weights' amax (compressed-tensors does the packing)."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    scheme = preset_name_to_scheme("NVFP4A16", ["Linear"])
-    apply_quantization_config(
-        model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format="nvfp4-pack-quantized")
-    )
-    for module in model.modules():
-        if hasattr(module, "weight_global_scale"):
-            w = module.weight.float()
-            g = 6 * 448 / w.abs().amax()
-            module.weight_global_scale.data.fill_(g)
-            block_amax = w.reshape(w.shape[0], -1, 16).abs().amax(-1)
-            module.weight_scale.data.copy_((block_amax / 6 * g).clamp(max=448).to(module.weight_scale.dtype))
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="nvfp4-pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(folder, max_shard_size="12KB")
-    compressor.update_config(folder)
-    vocab = {ch: i for i, ch in enumerate(["<unk>", "<s>", "</s>", *"abcdefghijklmnopqrstuvwxyz0123456789 +-="])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
-        folder
-    )
-
-
 @pytest.fixture(scope="session")
 def packed_template(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("template") / "model"
-    _tiny_packed_model(folder)
-    return folder
+    return packed_model_dir(tmp_path_factory.mktemp("template") / "model")
 
 
 @pytest.fixture
@@ -134,8 +91,11 @@ def test_push_then_download_is_byte_identical_and_loads(packed_run, hub, tmp_pat
     assert "NVFP4 W4A16" in message and "CKA-QAD" in message and "org/tiny-base" in message and "run" in message
 
     folder = packed_run.path / "pack" / "model"
-    local = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-    assert "cka_per_layer.png" in local and "README.md" in local
+    pack_files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    assert "cka_per_layer.png" not in pack_files  # push leaves the packed folder as pack wrote it ...
+    own = packed_run.stage_dir("push")  # ... and builds the card and plot it uploads in its own folder
+    local = pack_files | {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()}
+    assert "cka_per_layer.png" in local and "## How it was made" in local["README.md"].decode()
     assert sum(name.endswith(".safetensors") for name in local) >= 2  # sharded
 
     download = Path(
@@ -179,7 +139,7 @@ def test_interrupted_push_resumes_without_resending(packed_run, hub, monkeypatch
     result = push_folder(None, cfg, token=FAKE_TOKEN, run=packed_run)
     resent = hub.received[len(first) :]
     folder = packed_run.path / "pack" / "model"
-    all_files = {p.name for p in folder.iterdir()}
+    all_files = {p.name for p in folder.iterdir() if not p.name.startswith(".")} | {"README.md", "cka_per_layer.png"}
     assert first[0] not in resent
     assert sorted(resent) == sorted(all_files - set(first))
     assert result["files_skipped"] == 1 and result["files_uploaded"] == len(all_files) - 1

@@ -52,16 +52,6 @@ def config_file_callback(ctx: typer.Context, param: typer.CallbackParam, value: 
     return value
 
 
-def effective_config(ctx: typer.Context) -> dict[str, Any]:
-    """The command's resolved option values (file + flags + defaults), secrets and --config excluded."""
-    out: dict[str, Any] = {}
-    for name, val in ctx.params.items():
-        if name in NOT_CONFIG:
-            continue
-        out[name] = str(val) if isinstance(val, Path) else val
-    return out
-
-
 ConfigOption = typer.Option(
     None,
     "--config",

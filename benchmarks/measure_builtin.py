@@ -1,6 +1,6 @@
 """Task accuracy of the built-in teacher, in BF16 and under NVFP4 post-training fake quantization, per family.
 
-    python -m ckaqad_cli.builtin.measure --n 1000 --seed 0 --schemes bf16,w4a16,w4a4 --json /tmp/accuracy.json
+    python benchmarks/measure_builtin.py --n 1000 --seed 0 --schemes bf16,w4a16,w4a4 --json /tmp/accuracy.json
 
 Prints a table on stderr and the numbers as JSON on stdout (and in ``--json`` when given). This is the measurement
 behind the accuracy quoted in docs/builtin.md; it is no part of the test suite.

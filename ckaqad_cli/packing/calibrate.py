@@ -1,0 +1,76 @@
+"""pack's W4A4 calibration: the fake-quantized student as distill ran it, the max |input| of each quantized Linear
+over calibration text, and a stand-in for the modules calibration never reached (MoE experts no token was routed to).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.quant import QuantRecipe
+
+
+def load_student(source: Path, recipe: QuantRecipe, device: str, dtype: torch.dtype = torch.bfloat16):
+    """(the fake-quantized student as distill ran it, tokenizer)."""
+    from ckaqad_cli.models import RECIPE_FILE, load_model
+    from ckaqad_cli.quant import apply_recipe
+
+    model, tokenizer = load_model(source, device=device, dtype=dtype)
+    if not (source / RECIPE_FILE).is_file():
+        apply_recipe(model, recipe)
+    return model, tokenizer
+
+
+def calibrate_input_amax(model, tokenizer, data: str, tokens: int, seq_len: int, device: str) -> dict[str, float]:
+    """{module: max |input|} of every fake-quantized Linear over ``tokens`` tokens of ``data``."""
+    from ckaqad_cli.data import load_texts, pack_sequences
+    from ckaqad_cli.quant import record_input_amax
+
+    ids = pack_sequences(load_texts(data), tokenizer, seq_len, max_tokens=max(tokens, seq_len))
+    with torch.no_grad(), record_input_amax(model) as amax:
+        for row in range(0, ids.shape[0], 8):
+            model(input_ids=ids[row : row + 8].to(device))
+    return dict(amax)
+
+
+_EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.(?P<leaf>.+)$")
+
+
+def fill_input_amax(quantized: list[str], recorded: dict[str, float]) -> tuple[dict[str, float], dict[str, str]]:
+    """A finite, positive input amax for every quantized module, and {module: how it was filled} for the others.
+
+    An MoE expert that calibration never routed a token to has none (and a zero or missing input scale becomes inf,
+    then NaN, in vLLM): it takes the largest amax of the same projection over the same layer's experts; failing
+    that, of the same projection anywhere; failing that, the largest amax recorded.
+    """
+    good = {m: a for m, a in recorded.items() if math.isfinite(a) and a > 0}
+    out: dict[str, float] = {}
+    fallbacks: dict[str, str] = {}
+
+    def leaf_of(name: str) -> str:
+        return name.rpartition(".")[2]
+
+    for module in quantized:
+        if module in good:
+            out[module] = good[module]
+            continue
+        m = _EXPERT.match(module)
+        same_layer = [
+            a
+            for n, a in good.items()
+            if m and (e := _EXPERT.match(n)) and (e["layer"], e["leaf"]) == (m["layer"], m["leaf"])
+        ]
+        same_leaf = [a for n, a in good.items() if leaf_of(n) == leaf_of(module)]
+        if same_layer:
+            out[module], fallbacks[module] = max(same_layer), "max over the same layer's experts"
+        elif same_leaf:
+            out[module], fallbacks[module] = max(same_leaf), f"max over all {leaf_of(module)} modules"
+        elif good:
+            out[module], fallbacks[module] = max(good.values()), "max over all modules"
+        else:
+            raise CkaqadError("calibration recorded no input amax at all: check --calib-data")
+    return out, fallbacks
