@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ckaqad_cli.builtin import BUILTIN
 from ckaqad_cli.errors import CkaqadError
 
 if TYPE_CHECKING:
     from ckaqad_cli.quant import QuantRecipe
 
-BUILTIN = "builtin"
 RECIPE_FILE = "quant_recipe.json"  # the same name as quant.RECIPE_FILE; checked before quant is imported
 
 

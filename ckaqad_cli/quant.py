@@ -38,6 +38,12 @@ RECIPE_FILE = "quant_recipe.json"
 RECIPE_VERSION = 1
 SCHEMES = ("w4a4", "w4a16")
 
+
+def check_scheme(scheme: str, option: str = "--scheme") -> None:
+    """One line naming the option for a scheme that is not one of :data:`SCHEMES`."""
+    if scheme not in SCHEMES:
+        raise CkaqadError(f"{option} must be one of {', '.join(SCHEMES)}, not {scheme!r}")
+
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "lm_head",
     "*.lm_head",
@@ -75,8 +81,7 @@ class QuantRecipe:
     """Calibrated static input amax per module (w4a4); a module not listed quantizes its input dynamically."""
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise CkaqadError(f"unknown NVFP4 scheme {self.scheme!r}; expected one of {', '.join(SCHEMES)}")
+        check_scheme(self.scheme, "scheme")
 
     def save(self, directory: str | Path) -> Path:
         payload = {"version": RECIPE_VERSION, "block_size": BLOCK_SIZE, **asdict(self)}

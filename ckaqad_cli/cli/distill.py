@@ -115,7 +115,7 @@ def distill(
         trust_remote_code=trust_remote_code,
     )
     rundir = RunDir(run, on_message=lambda msg: console.print(msg, highlight=False))
-    summary = run_distill(rundir, cfg, console=console)
+    summary = run_distill(cfg, rundir, console=console)
     if not summary:  # a non-zero rank under torchrun: rank 0 reports
         return
     from ckaqad_cli.report import FitTable, fmt

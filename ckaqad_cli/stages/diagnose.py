@@ -34,11 +34,11 @@ from ckaqad_cli.errors import CkaqadError, StageDoneError
 from ckaqad_cli.kl import token_kl
 from ckaqad_cli.lm_eval_tasks import LmEvalPlan, harness_metrics, plan_lm_eval
 from ckaqad_cli.progress import make_progress
+from ckaqad_cli.quant import check_scheme
 from ckaqad_cli.report import write_report
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_io import ensure_writable
 
-PTQ_SCHEMES = ("w4a4", "w4a16")
 DEVICE_MAPS = ("auto",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DISTILLED_LABEL = "distilled"
@@ -123,8 +123,7 @@ def _split_students(cfg: DiagnoseConfig, run: RunDir | None) -> list[tuple[str, 
         if distilled is not None and all(Path(spec) != Path(distilled) for _, spec in students):
             students.append((DISTILLED_LABEL, str(distilled)))
     for scheme in cfg.ptq:
-        if scheme not in PTQ_SCHEMES:
-            raise CkaqadError(f"--ptq must be one of {', '.join(PTQ_SCHEMES)}; got {scheme!r}")
+        check_scheme(scheme, "--ptq")
     labels = [label for label, _ in students] + [f"ptq-{s}" for s in cfg.ptq]
     if not labels:
         raise CkaqadError("no student to diagnose: pass --student PATH, --ptq w4a4, or a --run with a distilled one")

@@ -20,16 +20,17 @@ from rich.console import Console
 
 from ckaqad_cli import distributed as D
 from ckaqad_cli.atomic import atomic_directory
+from ckaqad_cli.builtin import BUILTIN
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import check_spec
 from ckaqad_cli.objective import CausalLMBody, parse_layers
+from ckaqad_cli.quant import check_scheme
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_io import ensure_writable
 from ckaqad_cli.trainer import Models, Trainer
 from ckaqad_cli.training import warmup_steps
 
 STAGE = "distill"
-BUILTIN = "builtin"
 
 # Defaults for real models (NVIDIA's QAD recipe: lr 1e-5, cosine, 5% warmup) and for the small built-in teacher,
 # which needs a much larger learning rate to move in a few hundred steps. Options left unset take these.
@@ -119,8 +120,7 @@ class DistillConfig:
             raise CkaqadError(f"--lambda-cka must be >= 0, got {self.lambda_cka}")
         if self.cka_balance <= 0:
             raise CkaqadError(f"--cka-balance must be > 0, got {self.cka_balance}")
-        if self.scheme not in ("w4a4", "w4a16"):
-            raise CkaqadError(f"--scheme must be w4a4 or w4a16, got {self.scheme!r}")
+        check_scheme(self.scheme)
         if self.warmup < 0:
             raise CkaqadError(f"--warmup must be >= 0 (a fraction of the run below 1, steps from 1), got {self.warmup}")
         warmup_steps(self.warmup, self.steps)  # a whole number of steps, no longer than the run
@@ -234,8 +234,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def run_distill(
-    run: RunDir,
     cfg: DistillConfig,
+    run: RunDir,
     *,
     console: Console | None = None,
     on_step: Callable[[int], None] | None = None,

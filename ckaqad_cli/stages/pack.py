@@ -30,7 +30,7 @@ from ckaqad_cli.packing.calibrate import calibrate_input_amax, fill_input_amax, 
 from ckaqad_cli.packing.plan import PackPlan, build_recipe, deploy_dtype, plan_pack
 from ckaqad_cli.packing.verify import raise_if_failed, verify_logits, verify_weights
 from ckaqad_cli.packing.write import kernel_description, write_configs, write_tensors
-from ckaqad_cli.quant import SCHEMES
+from ckaqad_cli.quant import check_scheme
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_io import (
     SafetensorsSource,
@@ -91,8 +91,8 @@ class PackConfig:
         formats.format_module(self.format)
         if self.dtype not in DTYPES:
             raise CkaqadError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.scheme is not None and self.scheme not in SCHEMES:
-            raise CkaqadError(f"--scheme must be one of {', '.join(SCHEMES)}, not {self.scheme!r}")
+        if self.scheme is not None:
+            check_scheme(self.scheme)
         if self.calib_tokens < 1 or self.calib_seq_len < 2:
             raise CkaqadError("--calib-tokens must be positive and --calib-seq-len at least 2")
         if self.backend not in dispatch.BACKENDS:

@@ -20,6 +20,7 @@ from rich.console import Console
 from ckaqad_cli import report as report_io
 from ckaqad_cli.atomic import atomic_write_json, atomic_write_text
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.quant import check_scheme
 from ckaqad_cli.rundir import RunDir
 from ckaqad_cli.stages.diagnose import DiagnoseConfig, run_diagnose
 from ckaqad_cli.stages.distill import DistillConfig, run_distill
@@ -56,8 +57,7 @@ class PipelineConfig:
     """Redo every stage, finished or not."""
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("w4a4", "w4a16"):
-            raise CkaqadError(f"--scheme must be w4a4 or w4a16, got {self.scheme!r}")
+        check_scheme(self.scheme)
         for option in ("diagnose_tokens", "task_problems"):
             if getattr(self, option) < 1:
                 raise CkaqadError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(self, option)}")
@@ -141,11 +141,11 @@ def _steps(cfg: PipelineConfig, run: RunDir, console: Console) -> list[_Step]:
 
     steps = [
         _Step("diagnose-ptq", asdict(diagnose_ptq), lambda: run_diagnose(diagnose_ptq, run, console=console)),
-        _Step("distill", asdict(distill_cka.resolved()), lambda: run_distill(run, distill_cka, console=console)),
+        _Step("distill", asdict(distill_cka.resolved()), lambda: run_distill(distill_cka, run, console=console)),
     ]
     if cfg.baseline:
         steps.append(_Step("distill-kl", asdict(distill_kl.resolved()),
-                           lambda: run_distill(run, distill_kl, console=console, stage="distill-kl")))
+                           lambda: run_distill(distill_kl, run, console=console, stage="distill-kl")))
     steps += [
         _Step("diagnose", asdict(diagnose_final), lambda: run_diagnose(
             dataclasses.replace(diagnose_final, students=final_students()), run, console=console)),

@@ -468,9 +468,9 @@ def test_cka_qad_keeps_more_geometry_than_kl_only_at_similar_kl(tmp_path):
     from ckaqad_cli.stages.distill import run_distill
 
     quiet = Console(stderr=True, quiet=True)
-    kl_only = run_distill(RunDir(tmp_path / "kl"), DistillConfig(lambda_cka=0.0, **GAIN_SETTINGS), console=quiet,
+    kl_only = run_distill(DistillConfig(lambda_cka=0.0, **GAIN_SETTINGS), RunDir(tmp_path / "kl"), console=quiet,
                           show_progress=False)
-    cka_qad = run_distill(RunDir(tmp_path / "cka"), DistillConfig(**GAIN_SETTINGS), console=quiet,
+    cka_qad = run_distill(DistillConfig(**GAIN_SETTINGS), RunDir(tmp_path / "cka"), console=quiet,
                           show_progress=False)
     assert kl_only["mode"] == "kl-only" and cka_qad["mode"] == "cka-qad"
     assert kl_only["ptq_eval_kl"] == cka_qad["ptq_eval_kl"]  # the same student and held-out data at step 0
