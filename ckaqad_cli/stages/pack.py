@@ -131,6 +131,11 @@ def check_output(target: Path, source: Path, force: bool) -> None:
     """The output may not hold the source, and ``--force`` replaces only an earlier output of ckaqad's."""
     if target.resolve() == source.resolve() or target.resolve() in source.resolve().parents:
         raise CkaqadError(f"output {target} would replace the model it is packed from ({source}); choose another --out")
+    check_target(target, force)
+
+
+def check_target(target: Path, force: bool) -> None:
+    """An existing output needs ``--force``, and then must be one of ckaqad's own."""
     if target.exists() and not force:
         raise CkaqadError(f"output {target} exists; pass --force to replace it")
     check_replaceable(target)
@@ -168,9 +173,7 @@ def _files(out: Path) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _output_dir(target: Path, force: bool) -> Iterator[Path]:
-    if target.exists() and not force:
-        raise CkaqadError(f"output {target} exists; pass --force to replace it")
-    check_replaceable(target)
+    check_target(target, force)  # again: the target may have appeared while the model was calibrated
     with atomic_directory(target, overwrite=force) as tmp:
         yield tmp
 
