@@ -71,7 +71,7 @@ def builtin_layers(tokens: int, seq_len: int) -> list[tuple[str, list[torch.Tens
     the built-in test split, position 0 dropped."""
     from ckaqad_cli import models
     from ckaqad_cli.data import load_texts, pack_sequences
-    from ckaqad_cli.stages.diagnose import capture_residuals
+    from ckaqad_cli.models import capture_residuals
 
     teacher, tok = models.load_model("builtin", dtype=torch.bfloat16)
     student, _ = models.ptq_student(teacher, "w4a4")

@@ -99,7 +99,7 @@ def _best(fn, repeats: int, device: torch.device) -> float:
 @torch.no_grad()
 def overhead(args) -> None:
     from ckaqad_cli.cka import StreamingCKA
-    from ckaqad_cli.stages.diagnose import capture_residuals
+    from ckaqad_cli.models import capture_residuals
 
     torch.manual_seed(0)
     dtype, device = getattr(torch, args.dtype), torch.device(args.device)

@@ -4,9 +4,11 @@ CPU: our C kernel (what pack runs on the CPU) and our PyTorch reference against 
 and ModelOpt's NVFP4QTensor.quantize on the same bf16 matrices; each timing covers the whole job (global scale, block
 scales, codes, packing). The ratios are against the C kernel (the reference where no C compiler is found).
 GPU: the Triton kernels against a device-to-device copy of the same tensor, in GB/s of input read, and bit-exactness
-against the CPU reference.
+against the CPU reference. rules: the C kernel under each scale rule (docs/nvfp4.md, "Scale rules"), in GB/s of bf16
+input read and relative to the amax rule.
 
     python benchmarks/bench_nvfp4.py cpu --markdown benchmarks/results_nvfp4_cpu.md
+    python benchmarks/bench_nvfp4.py rules --shapes 4096x4096 --threads 1
     python benchmarks/bench_nvfp4.py gpu --shapes 8192x28672 16384x16384
 """
 
@@ -28,6 +30,7 @@ from rich.table import Table
 from ckaqad_cli.atomic import atomic_write_text
 from ckaqad_kernels import dispatch, nvfp4_cpu
 from ckaqad_kernels import nvfp4_ref as ref
+from ckaqad_kernels.nvfp4_spec import SCALE_RULES
 
 DEFAULT_SHAPES = ("4096x4096", "8192x28672")
 console = Console(stderr=True)
@@ -164,6 +167,25 @@ def bench_cpu(shapes: list[tuple[int, int]], repeats: int) -> tuple[list[dict], 
     return rows, "cpu"
 
 
+def bench_rules(shapes: list[tuple[int, int]], repeats: int) -> str:
+    """The C kernel (the reference where none is built) under each scale rule, on N(0, 0.02^2) bf16 matrices."""
+    encode = nvfp4_cpu.quantize_and_pack if nvfp4_cpu.available() else ref.quantize_and_pack
+    lines = [f"{encode.__module__}.quantize_and_pack, best of {repeats}, {torch.get_num_threads()} torch threads", "",
+             "| matrix (bf16) | " + " | ".join(f"{rule} GB/s (x amax time)" for rule in SCALE_RULES) + " |",
+             "|---|" + "---|" * len(SCALE_RULES)]
+    for rows, cols in shapes:
+        torch.manual_seed(0)
+        w = torch.randn(rows, cols, dtype=torch.bfloat16) * 0.02
+        weights = torch.rand(cols) + 0.1
+        best = _best_of({rule: (lambda rule=rule: encode(w, scale_rule=rule,
+                                                         channel_weights=weights if rule == "mse-act" else None))
+                         for rule in SCALE_RULES}, repeats)
+        cells = [f"{w.numel() * 2 / best[rule][0] / 1e9:.2f} ({best[rule][0] / best['amax'][0]:.1f}x)"
+                 for rule in SCALE_RULES]
+        lines.append(f"| {rows}x{cols} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _cuda_time(fn: Callable[[], object], repeats: int) -> float:
     fn()
     torch.cuda.synchronize()
@@ -240,8 +262,9 @@ def render(rows: list[dict], mode: str, device: str, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("cpu", "gpu", "agreement"),
-                        help="cpu / gpu: time quantize-and-pack; agreement: compare codes with the libraries")
+    parser.add_argument("mode", choices=("cpu", "gpu", "agreement", "rules"),
+                        help="cpu / gpu: time quantize-and-pack; agreement: compare codes with the libraries; "
+                             "rules: the C kernel under each scale rule")
     parser.add_argument("--seeds", type=int, default=4, help="agreement: random matrices per shape "
                         "(default: %(default)s)")
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="ROWSxCOLS (default: %(default)s)")
@@ -254,8 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python " + " ".join(["benchmarks/bench_nvfp4.py", *sys.argv[1:]])
-    if args.mode == "agreement":
-        text = f"Command: `{command}`\n\n" + agreement(shapes, args.seeds)
+    if args.mode in ("agreement", "rules"):
+        body = agreement(shapes, args.seeds) if args.mode == "agreement" else bench_rules(shapes, args.repeats)
+        text = f"Command: `{command}`\n\n" + body
         print(text)
         if args.markdown:
             atomic_write_text(args.markdown, text)

@@ -1,50 +1,62 @@
-"""Benchmark `ckaqad pack` on a synthetic bf16 Llama checkpoint: wall time against a plain copy of the same files
-and against compressed-tensors' own NVFP4 compression of the same model, and peak RSS of each (in subprocesses).
+"""Benchmark `ckaqad pack` as users run it: whole commands, each in a fresh process, against `cp -r` of the same
+checkpoint, `python -c "import torch"` (the start-up no Python tool escapes) and the peers' own NVFP4 compression of
+the same checkpoint (benchmarks/peer_compressed_tensors.py, benchmarks/peer_modelopt.py).
 
-    python benchmarks/bench_pack.py --hidden 2048 --intermediate 8192 --layers 14 --vocab 32000   # ~2 GB
+    python benchmarks/bench_pack.py --hidden 2048 --intermediate 8192 --layers 14 --vocab 32000 --with-8gb
 
-Writes benchmarks/results_pack_cpu.md (pass --results to change). The checkpoint is written one tensor at a time
-(its generation never holds the model either).
+Method: a synthetic bf16 Llama checkpoint is written once (one tensor at a time): 2.14 GB with the geometry above
+(the default); with --with-8gb, then one of 8.3 GB, timed without the peers and --verify (their models would not fit
+in memory beside the page cache). One warm-up round runs every command once, not counted (it puts the checkpoint in
+the page cache and compiles what compiles at first use), and --rounds rounds follow, each running every command once,
+in an order rotated from round to round. What a command wrote is deleted after it, untimed. For each command: median
+wall and CPU (user + sys) seconds and peak RSS (the process's maxrss; this script imports nothing heavy, so none of
+its own carries over); and for each round, its wall time over the copy's in the same round, and over the copy's plus
+`import torch`'s: median (min-max) of those ratios.
+Writes the Markdown table to --results (default benchmarks/results_pack_cpu.md) and prints it.
 """
 
-from __future__ import annotations
-
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from ckaqad_cli.atomic import atomic_write_text
 
-from ckaqad_cli.safetensors_io import SafetensorsSource, ShardedWriter, TensorSpec
-from ckaqad_cli.units import format_bytes
+HERE = Path(__file__).resolve().parent
 
 
 def write_synthetic_checkpoint(
-    directory: Path, *, hidden: int, intermediate: int, layers: int, vocab: int, shard: str = "1GB", seed: int = 0
+    directory: Path, *, hidden: int, intermediate: int, layers: int, vocab: int, shard_bytes: int = 10**9, seed: int = 0
 ) -> tuple[int, int]:
-    """A Llama checkpoint with random bf16 weights (config, tokenizer, shards); returns (total bytes, largest tensor)."""
+    """A Llama checkpoint of random bf16 weights (config, tokenizer, shards); returns (total bytes, largest tensor)."""
+    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ckaqad_cli.builtin.tokenizer import build_tokenizer
-    from ckaqad_cli.safetensors_io import parse_size
+    from ckaqad_cli.safetensors_io import ShardedWriter, TensorSpec
 
     heads = max(1, hidden // 64)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256, tie_word_embeddings=False,
-        dtype="bfloat16",
+        dtype="bfloat16", architectures=["LlamaForCausalLM"],
     )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     specs = [TensorSpec(n, torch.bfloat16, tuple(p.shape)) for n, p in model.state_dict().items()]
     directory.mkdir(parents=True, exist_ok=True)
-    writer = ShardedWriter(directory, specs, parse_size(shard))
+    writer = ShardedWriter(directory, specs, shard_bytes)
     gen = torch.Generator().manual_seed(seed)
     for spec in specs:
         scale = 1.0 if len(spec.shape) == 1 else 0.02
@@ -55,62 +67,163 @@ def write_synthetic_checkpoint(
     return sum(s.nbytes for s in specs), max(s.nbytes for s in specs)
 
 
-_PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
-"""Peak RSS of this process image (VmHWM). ru_maxrss is not used: Linux carries the parent's over fork+exec."""
-
-_PACK = """
-import json, sys, time
-from ckaqad_cli.stages.pack import PackConfig, pack_model
-t = time.perf_counter()
-pack_model(PackConfig(model=sys.argv[1], out=sys.argv[2], scheme="w4a16", format=sys.argv[3], verify=False))
-print(json.dumps({"seconds": time.perf_counter() - t, "rss": PEAK}))
-"""
-
-_COPY = """
-import json, shutil, sys, time
-t = time.perf_counter()
-shutil.copytree(sys.argv[1], sys.argv[2])
-import os; [os.fsync(os.open(os.path.join(sys.argv[2], f), os.O_RDONLY)) for f in os.listdir(sys.argv[2])]
-print(json.dumps({"seconds": time.perf_counter() - t, "rss": PEAK}))
-"""
-
-_CT = """
-import json, sys, time
-import torch
-t = time.perf_counter()
-from transformers import AutoModelForCausalLM
-from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
-from compressed_tensors.quantization.quant_scheme import NVFP4A16
-from compressed_tensors.quantization.utils import generate_gparam, calculate_qparams
-from compressed_tensors.compressors import ModelCompressor
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-qc = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], **NVFP4A16)},
-                        ignore=["lm_head"], format="nvfp4-pack-quantized")
-apply_quantization_config(model, qc)
-for name, m in model.named_modules():
-    if getattr(m, "quantization_scheme", None) is None:
-        continue
-    w = m.weight.detach()
-    amax = w.abs().amax().float()
-    gs = generate_gparam(-amax, amax)
-    blocks = w.float().reshape(w.shape[0], -1, 16)
-    lo, hi = blocks.amin(-1), blocks.amax(-1)
-    scale, zp = calculate_qparams(lo, hi, m.quantization_scheme.weights, global_scale=gs)
-    m.weight_global_scale.data.copy_(gs.reshape(m.weight_global_scale.shape))
-    m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))
-compressor = ModelCompressor.from_pretrained_model(model, quantization_format="nvfp4-pack-quantized")
-compressor.compress_model(model)
-model.save_pretrained(sys.argv[2])
-compressor.update_config(sys.argv[2])
-print(json.dumps({"seconds": time.perf_counter() - t, "rss": PEAK}))
-"""
+@dataclass
+class Command:
+    label: str
+    argv: list[str]
+    writes: list[Path]
+    """What it leaves behind, deleted after each run."""
+    peer: bool = False
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    x_copy: list[float] = field(default_factory=list)
+    """Each round's wall time over the copy's in that round."""
+    x_floor: list[float] = field(default_factory=list)
+    """Each round's wall time over the copy's plus `import torch`'s in that round."""
+    failed: str | None = None
 
 
-def _timed(script: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", script.replace("PEAK", _PEAK), *args], capture_output=True, text=True)
+def _run(cmd: Command, cwd: Path) -> float | None:
+    """Run once in a fresh process; record wall, CPU and peak RSS; return the wall seconds (None if it failed)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd.argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    for path in cmd.writes:
+        shutil.rmtree(path, ignore_errors=True)
     if proc.returncode:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        lines = stderr.decode(errors="replace").strip().splitlines() or [f"exit {proc.returncode}"]
+        cmd.failed = lines[-1][:200]
+        return None
+    cmd.wall.append(wall)
+    cmd.cpu.append(usage.ru_utime + usage.ru_stime)
+    cmd.rss.append(usage.ru_maxrss * 1024)
+    return wall
+
+
+def _ratio(values: list[float]) -> str:
+    if not values:
+        return ""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _commands(src: Path, work: Path, *, peers: bool, verify: bool) -> list[Command]:
+    ckaqad = Path(sys.executable).with_name("ckaqad")
+    ckaqad = str(ckaqad) if ckaqad.exists() else (shutil.which("ckaqad") or "ckaqad")
+    out, run = work / "out", work / "run"
+
+    def pack(fmt: str, verify: str) -> Command:
+        argv = [ckaqad, "pack", "--run", str(run), "--model", str(src), "--out", str(out), "--format", fmt,
+                "--scheme", "w4a16", verify]
+        return Command(f"`ckaqad pack --format {fmt} --scheme w4a16 {verify}`", argv, [out, run])
+
+    commands = [
+        Command("`cp -r`", ["cp", "-r", str(src), str(out)], [out]),
+        Command('`python -c "import torch"`', [sys.executable, "-c", "import torch"], []),
+        pack("compressed-tensors", "--no-verify"),
+        pack("modelopt", "--no-verify"),
+    ]
+    if verify:
+        commands.append(pack("compressed-tensors", "--verify"))
+    if peers:
+        for script, dist, what in (
+            ("peer_compressed_tensors.py", "compressed-tensors", "compressed-tensors' own compression (NVFP4A16)"),
+            ("peer_modelopt.py", "nvidia-modelopt", "ModelOpt quantize + export_hf_checkpoint (W4A16_NVFP4)"),
+        ):
+            if _version(dist) != "not installed":
+                argv = [sys.executable, str(HERE / script), str(src), str(out)]
+                commands.append(Command(f"{what}: `python benchmarks/{script}`", argv, [out], peer=True))
+    return commands
+
+
+@dataclass(frozen=True)
+class Geometry:
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+EIGHT_GB = Geometry(hidden=4096, intermediate=14336, layers=16, vocab=32000)
+"""8.3 GB of tensors (the width of an 8B Llama, half its depth): --with-8gb."""
+
+
+def _checkpoint(src: Path, geometry: Geometry) -> tuple[int, str]:
+    """Write the synthetic checkpoint in a child process (so this one stays small): (its bytes, its description)."""
+    code = (
+        "import sys, json; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from bench_pack import write_synthetic_checkpoint as w; "
+        "print(json.dumps(w(Path(sys.argv[2]), hidden=int(sys.argv[3]), intermediate=int(sys.argv[4]), "
+        "layers=int(sys.argv[5]), vocab=int(sys.argv[6]))))"
+    )
+    g = geometry
+    argv = [sys.executable, "-c", code, str(HERE), str(src), *map(str, (g.hidden, g.intermediate, g.layers, g.vocab))]
+    done = subprocess.run(argv, check=True, capture_output=True, text=True, cwd=src.parent)
+    total, largest = json.loads(done.stdout.strip().splitlines()[-1])
+    return total, (f"synthetic bf16 Llama, hidden {g.hidden}, intermediate {g.intermediate}, {g.layers} layers, "
+                   f"vocab {g.vocab}: {total / 1e9:.2f} GB of tensors (largest {largest / 1e6:.0f} MB) in 1 GB shards")
+
+
+def bench(geometry: Geometry, args: argparse.Namespace, *, peers: bool, verify: bool) -> list[str]:
+    """Time every command on a synthetic checkpoint of ``geometry``; the Markdown lines of its section."""
+    work = Path(tempfile.mkdtemp(prefix="bench_pack.", dir=args.workdir))
+    src = work / "src"
+    try:
+        t = time.perf_counter()
+        total, checkpoint = _checkpoint(src, geometry)
+        print(f"{checkpoint}; written in {time.perf_counter() - t:.0f} s", flush=True)
+        commands = _commands(src, work, peers=peers, verify=verify)
+        load_before = os.getloadavg()
+        for i in range(args.rounds + 1):  # round 0: the warm-up
+            order = commands[i % len(commands):] + commands[: i % len(commands)]
+            walls = {}
+            for cmd in order:
+                if cmd.peer and i > args.peer_rounds:
+                    continue
+                print(f"round {i}: {cmd.label}", flush=True)
+                walls[cmd.label] = _run(cmd, work)
+            if i == 0:
+                for cmd in commands:
+                    cmd.wall, cmd.cpu, cmd.rss = [], [], []
+                continue
+            copy, torch_ = walls[commands[0].label], walls[commands[1].label]
+            for cmd in commands[2:]:
+                if walls.get(cmd.label) and copy and torch_:
+                    cmd.x_copy.append(walls[cmd.label] / copy)
+                    cmd.x_floor.append(walls[cmd.label] / (copy + torch_))
+        load_after = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [
+        f"### {total / 1e9:.2f} GB checkpoint",
+        "",
+        textwrap.fill(f"Checkpoint: {checkpoint}. Load average (1/5/15 min) "
+                      f"{' / '.join(f'{x:.1f}' for x in load_before)} before, "
+                      f"{' / '.join(f'{x:.1f}' for x in load_after)} after.", 120),
+        "",
+        "| command | runs | wall (s) | CPU (s) | peak RSS (MB) | x copy | x (copy + torch) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cmd in commands:
+        if not cmd.wall:
+            lines.append(f"| {cmd.label} | 0 | failed: {cmd.failed} | | | | |")
+            continue
+        lines.append(
+            f"| {cmd.label} | {len(cmd.wall)} | {statistics.median(cmd.wall):.2f} | {statistics.median(cmd.cpu):.2f} | "
+            f"{max(cmd.rss) / 1e6:.0f} | {_ratio(cmd.x_copy)} | {_ratio(cmd.x_floor)} |"
+        )
+    lines += [f"- {c.label} failed in some run: {c.failed}" for c in commands if c.failed and c.wall]
+    return lines + [""]
 
 
 def main() -> None:
@@ -119,51 +232,37 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--workdir", type=Path, default=None, help="Where to write (default: a temp dir, removed after).")
-    ap.add_argument("--skip-ct", action="store_true", help="Skip compressed-tensors' own compression.")
-    ap.add_argument("--results", type=Path, default=Path(__file__).with_name("results_pack_cpu.md"))
+    ap.add_argument("--with-8gb", action="store_true",
+                    help="Then the same on an 8.3 GB checkpoint, without the peers and --verify (needs 20 GB of disk).")
+    ap.add_argument("--rounds", type=int, default=5, help="Counted rounds of every command (default 5).")
+    ap.add_argument("--peer-rounds", type=int, default=3,
+                    help="Counted rounds that also run the peers (the first ones; default 3; they take minutes).")
+    ap.add_argument("--skip-peers", action="store_true", help="Leave out the peers' own compression.")
+    ap.add_argument("--skip-verify", action="store_true", help="Leave out `ckaqad pack --verify`.")
+    ap.add_argument("--workdir", type=Path, default=None, help="Where to write (default: the temp dir; removed after).")
+    ap.add_argument("--results", type=Path, default=HERE / "results_pack_cpu.md")
     args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_pack."))
-    try:
-        src = work / "src"
-        t = time.perf_counter()
-        total, largest = write_synthetic_checkpoint(
-            src, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, vocab=args.vocab
-        )
-        print(f"synthetic checkpoint {format_bytes(total)} (largest tensor {format_bytes(largest)}) in {time.perf_counter() - t:.1f}s")
-        rows = {"plain copy": _timed(_COPY, str(src), str(work / "copy"))}
-        shutil.rmtree(work / "copy", ignore_errors=True)
-        for fmt in ("compressed-tensors", "modelopt"):
-            rows[f"ckaqad pack --format {fmt} --scheme w4a16"] = _timed(_PACK, str(src), str(work / fmt), fmt)
-            shutil.rmtree(work / fmt, ignore_errors=True)
-        if not args.skip_ct:
-            rows["compressed-tensors ModelCompressor (NVFP4A16)"] = _timed(_CT, str(src), str(work / "ct"))
-        with SafetensorsSource(src) as s:
-            n_tensors = len(s)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
-    copy_s = rows["plain copy"].get("seconds")
     lines = [
-        "# `ckaqad pack` on the CPU",
+        "## `ckaqad pack` as a command",
         "",
-        f"Synthetic bf16 Llama: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab "
-        f"{args.vocab}: {format_bytes(total)} in {n_tensors} tensors, largest {format_bytes(largest)}. "
-        f"Machine: {os.cpu_count()} CPU cores (shared), torch {torch.__version__}.",
+        textwrap.fill(f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}, {datetime.date.today()}. torch "
+                      f"{_version('torch')}, transformers {_version('transformers')}, compressed-tensors "
+                      f"{_version('compressed-tensors')}, nvidia-modelopt {_version('nvidia-modelopt')}.", 120),
         "",
         "Command: `python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) + "`",
         "",
-        "| what | wall time (s) | x copy | peak RSS |",
-        "|---|---|---|---|",
+        textwrap.fill(f"Whole commands in fresh processes, checkpoint in the page cache, after a warm-up round; "
+                      f"{args.rounds} rounds ({args.peer_rounds} for the peers); medians. x copy: each round's wall "
+                      "time over `cp -r`'s in that round; x (copy + torch): over `cp -r`'s plus `python -c \"import "
+                      "torch\"`'s; median (min-max) over the rounds.", 120),
+        "",
     ]
-    for label, r in rows.items():
-        if "error" in r:
-            lines.append(f"| {label} | failed: {r['error']} | | |")
-            continue
-        ratio = f"{r['seconds'] / copy_s:.2f}" if copy_s else "-"
-        lines.append(f"| {label} | {r['seconds']:.1f} | {ratio} | {format_bytes(r['rss'])} |")
-    text = "\n".join(lines) + "\n"
-    args.results.write_text(text)
+    geometry = Geometry(args.hidden, args.intermediate, args.layers, args.vocab)
+    lines += bench(geometry, args, peers=not args.skip_peers, verify=not args.skip_verify)
+    if args.with_8gb:
+        lines += bench(EIGHT_GB, args, peers=False, verify=False)
+    text = "\n".join(lines)
+    atomic_write_text(args.results, text)
     print(text)
 
 

@@ -17,6 +17,7 @@ from ckaqad_cli.cli.diagnose import diagnose
 from ckaqad_cli.cli.distill import distill
 from ckaqad_cli.cli.pack import pack
 from ckaqad_cli.cli.pipeline import pipeline
+from ckaqad_cli.cli.plan import plan
 from ckaqad_cli.cli.push import push
 from ckaqad_cli.cli.status import status
 
@@ -53,7 +54,7 @@ def _root(
     common.state.debug = debug
 
 
-for _command in (diagnose, distill, pack, push, pipeline, status):
+for _command in (diagnose, plan, distill, pack, push, pipeline, status):
     app.command(cls=common.Command)(_command)
 
 

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ckaqad_cli.errors import CkaqadError
 
 OUTPUT_MARKER = ".ckaqad-output"
 """An empty file that ckaqad leaves in every output directory it writes: ``--force`` replaces only a directory that
@@ -90,25 +89,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def check_replaceable(target: str | os.PathLike) -> None:
-    """Refuse to replace ``target`` unless it is absent, an empty directory, or a directory ckaqad wrote (it holds
-    :data:`OUTPUT_MARKER`): ``--force`` must never delete a user's files."""
-    target = Path(target)
-    if not target.exists() and not target.is_symlink():
-        return
-    if target.is_dir() and not target.is_symlink() and ((target / OUTPUT_MARKER).is_file() or not any(target.iterdir())):
-        return
-    what = "a directory ckaqad did not write" if target.is_dir() and not target.is_symlink() else "not a directory"
-    raise CkaqadError(f"{target} is {what}; --force replaces only ckaqad's own outputs: choose another output path")
-
-
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it is renamed to ``target``.
 
     On any exception the temporary directory is removed and ``target`` is untouched. With ``overwrite`` an existing
     ``target`` is replaced (it is moved aside first, then deleted once the new one is in place); a caller replacing
-    a path the user named checks it with :func:`check_replaceable` first. The new directory carries
+    a path the user named checks it first (pack's ``check_replaceable``). The new directory carries
     :data:`OUTPUT_MARKER`.
     """
     target = Path(target)

@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from ckaqad_cli import formats, units
 from ckaqad_cli.atomic import atomic_write_bytes
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.records import DiagnoseRecord, DistillRecord
+from ckaqad_cli.records import DiagnoseRecord, DistillRecord, PackRecord
+from ckaqad_cli.settings.push import CARD_MODES, CardMode
 
-CardMode = Literal["keep", "replace", "merge"]
-CARD_MODES: tuple[str, ...] = ("keep", "replace", "merge")
 CARD_FILE = "README.md"
 PLOT_FILE = "cka_per_layer.png"
 SECTIONS = ("summary", "method", "evaluation", "usage")
@@ -131,10 +130,15 @@ def _section_method(manifest: dict | None, scheme: str) -> str:
     lines = ["## How it was made", ""]
     if distill is None:
         lines.append("The run that produced this model recorded no distillation stage (post-training quantization).")
+        pack = PackRecord.of(manifest)
+        if pack is not None and pack.scale_rule is not None:
+            lines += ["", f"Weight block scales: the `{pack.scale_rule}` rule (ckaqad's docs/nvfp4.md)."]
         return "\n".join(lines)
     rows = [
         ("teacher", distill.teacher),
         ("scheme", distill.scheme),
+        ("weight scale rule", distill.scale_rule),
+        ("activation arithmetic", distill.activation_arithmetic if distill.scheme == "w4a4" else None),
         ("data", distill.data),
         ("tokens seen", distill.tokens_seen),
         ("steps", distill.steps),

@@ -4,21 +4,26 @@ Notation (docs/cka.md): X (n x d1) and Y (n x d2) are the features of the same n
 Linear CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on features centered over tokens (Kornblith et al. 2019).
 Debiased CKA puts the unbiased HSIC estimator (HSIC1, Song et al. 2012) in numerator and denominator.
 
-Every function computes in float32, or float64 when an input is float64, whatever the model's dtype; features are
-scaled to unit Frobenius norm before any fourth-power term, so bf16-scale activations cannot overflow. Nothing
-detaches or changes the caller's tensors in place, so all of it is differentiable.
+Every function computes in float32, or float64 when an input is float64, whatever the model's dtype (and with
+autocast off: an autocast region does not turn its products into bf16 ones); features are scaled to unit Frobenius
+norm before any fourth-power term, so bf16-scale activations cannot overflow. The streaming statistics also have a
+bf16 arithmetic for the GPU (:data:`CKA_PRECISIONS`). Nothing detaches or changes the caller's tensors in place, so
+all of it is differentiable.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.settings import CKA_PRECISIONS
 
 _EPS = 1e-12
 FORMS = ("auto", "feature", "gram")
@@ -74,11 +79,24 @@ def u_center(k: Tensor) -> Tensor:
     return _zero_diagonal(k)
 
 
+def _autocast_off(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Run ``fn(x, y, ...)`` with autocast off on ``x``'s device: under distill's bf16 autocast on a GPU its matmuls
+    would otherwise take bf16 operands and round their products to bf16."""
+
+    @functools.wraps(fn)
+    def wrapper(x: Tensor, y: Tensor, **kwargs) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, y, **kwargs)
+
+    return wrapper
+
+
 def _cka_from_hsic(xy: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
     return xy / torch.sqrt((xx * yy).clamp_min(_EPS * _EPS))
 
 
 # -- linear CKA ------------------------------------------------------------------------------------------------
+@_autocast_off
 def linear_cka(x: Tensor, y: Tensor, *, form: str = "auto") -> Tensor:
     """Linear CKA of two feature matrices [n, d1], [n, d2] (or [..., d]); a 0-d tensor in [0, 1].
 
@@ -102,6 +120,7 @@ def _hsic1_feature(x: Tensor, y: Tensor) -> Tensor:
     return (y.T @ x).square().sum() - n / (n - 2) * (rx @ ry) + rx.sum() * ry.sum() / ((n - 1) * (n - 2))
 
 
+@_autocast_off
 def debiased_cka(x: Tensor, y: Tensor, *, form: str = "auto") -> Tensor:
     """Debiased linear CKA (HSIC1 in numerator and denominator); about 0 for independent features, can be < 0."""
     x, y = _prepare(x, y)
@@ -138,6 +157,13 @@ def cka_loss(
 
 
 # -- streaming (exact over any number of tokens) ---------------------------------------------------------------
+# CKA_PRECISIONS (ckaqad_cli.settings), the arithmetic of the streaming statistics' d x d products
+# (--cka-precision). float32: rows shifted by the first batch's mean, float32 products. bf16: rows shifted so that
+# they stay exact in bf16 (_bf16_shift), then bf16 operands with a float32 product on CUDA
+# (torch.mm(..., out_dtype=torch.float32)); elsewhere the same bf16 values in float32 GEMMs, an exact emulation (the
+# product of two bf16 numbers is exact in float32).
+_SHIFT_STDS = 4.0  # bf16 precision shifts a channel whose |mean| is above this many standard deviations ...
+_SHIFT_REACH = 3.0  # ... by a multiple of the bf16 spacing at |mean| + this many standard deviations
 _MIN_BLOCK = 64  # columns per block of a symmetric product; narrower blocks lose more GEMM speed than they save
 _MAX_BLOCKS = 8  # 8 blocks compute 36 of 64 blocks (56%) of a Gram matrix
 FLUSH_TOKENS = 8192  # on the CPU, tokens summed in the compute dtype before they go into the float64 totals
@@ -148,19 +174,50 @@ def _block_bounds(d: int) -> list[int]:
     return [round(i * d / blocks) for i in range(blocks + 1)]
 
 
+def _bf16_shift(z: Tensor) -> Tensor:
+    """Per-channel shift of bf16 precision, from a first batch ``z`` [n, d]: exact in bf16, and such that shifted
+    bf16 values stay exact in bf16 (docs/cka.md, "bf16 precision").
+
+    A channel whose |mean| is above 4 standard deviations is shifted by its mean rounded to a multiple of the bf16
+    spacing at |mean| + 3 standard deviations: its values and the shift are then multiples of that spacing and their
+    differences, small against |mean|, need no more than bf16's 8 significant bits. Other channels are not shifted:
+    their bf16 values are exact as they are, while a shift would add low bits to them.
+    """
+    z = z.float()
+    mean, std = z.mean(dim=0), z.std(dim=0, correction=0)
+    reach = (mean.abs() + _SHIFT_REACH * std).clamp_min(torch.finfo(torch.float32).tiny)
+    spacing = torch.exp2(torch.floor(torch.log2(reach)) - 7)  # 2^(e - 7) for values in [2^e, 2^(e+1))
+    return torch.where(mean.abs() > _SHIFT_STDS * std, torch.round(mean / spacing) * spacing, 0.0)
+
+
+def _bf16_products(device: torch.device) -> bool:
+    """Whether torch multiplies bf16 operands into a float32 product on ``device`` (``torch.mm(..., out_dtype=)``:
+    CUDA only in torch 2.13)."""
+    return device.type == "cuda"
+
+
+def _mm_into(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b``, accumulated inside the GEMM; bf16 operands (CUDA only) give a float32 product."""
+    if a.dtype == torch.bfloat16:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:
+        acc.addmm_(a, b)
+
+
 def _add_upper_gram(acc: Tensor | None, z: Tensor) -> Tensor:
-    """``acc`` (created as zeros of ``z``'s dtype when None) plus the upper block triangle of ``z^T z``, in place.
+    """``acc`` (created as zeros when None: float32 for bf16 ``z``, else ``z``'s dtype) plus the upper block
+    triangle of ``z^T z``, in place.
 
     A Gram matrix is symmetric, so only the column blocks on and right of the diagonal are multiplied (about 56% of
     the arithmetic at 8 blocks); the blocks left of the diagonal stay zero until :func:`_full_gram`. The products
-    accumulate inside the GEMM (``addmm_``), with no temporary d x d result.
+    accumulate inside the GEMM (``addmm_``), with no temporary d x d result (bf16 operands: one block at a time).
     """
     d = z.shape[1]
     if acc is None:
-        acc = torch.zeros(d, d, dtype=z.dtype, device=z.device)
+        acc = torch.zeros(d, d, dtype=torch.float32 if z.dtype == torch.bfloat16 else z.dtype, device=z.device)
     bounds = _block_bounds(d)
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        acc[lo:hi, lo:].addmm_(z[:, lo:hi].T, z[:, lo:])
+        _mm_into(acc[lo:hi, lo:], z[:, lo:hi].T, z[:, lo:])
     return acc
 
 
@@ -211,15 +268,25 @@ class _Sum:
         return self.total
 
 
+class _Rows(NamedTuple):
+    """One batch of one side, as the statistics take it."""
+
+    rows: Tensor  # [n, d] shifted, float32 (float64 for float64 features)
+    operand: Tensor  # the rows as the d x d products take them (bf16 precision: rounded to bf16, and bf16 on CUDA)
+    norms: Tensor  # squared row norms a_i = ||rows_i||^2
+
+
 class _Moments:
     """Streaming moments of one side: count, shifted sum and Gram, and row-norm statistics for the debiased term.
 
-    Rows are shifted by the first batch's mean before the products (covariance does not change under a shift), so
-    per-batch products in float32 stay accurate when the mean is large; the sums are kept in float64. Scalars stay
-    tensors on the features' device, so a GPU never waits for them.
+    Rows are shifted before the products (covariance does not change under a shift), by the first batch's mean in
+    float32 precision, so per-batch products in float32 stay accurate when the mean is large, and by
+    :func:`_bf16_shift` in bf16 precision. The sums are kept in float64. Scalars stay tensors on the features'
+    device, so a GPU never waits for them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, precision: str) -> None:
+        self.precision = precision
         self.n = 0
         self.shift: Tensor | None = None
         self.sum = _Sum()  # sum of shifted rows z'
@@ -228,25 +295,29 @@ class _Moments:
         self.sum_aa = _Sum()  # sum of a_i^2
         self.sum_az = _Sum()  # sum of a_i z'_i
 
-    def shifted(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """The rows shifted by this side's reference (set on first use) and their squared norms."""
+    def prepared(self, z: Tensor) -> _Rows:
+        """The rows of a batch shifted by this side's reference (set on first use), as the statistics take them."""
         z = _flatten(z.detach())
         dtype = _compute_dtype(z)
         if self.shift is None:
-            self.shift = z.to(dtype).mean(dim=0)
+            self.shift = _bf16_shift(z) if self.precision == "bf16" else z.to(dtype).mean(dim=0)
         zs = torch.sub(z, self.shift.to(z.device)).to(dtype)  # one pass: the subtraction promotes bf16 rows to float32
-        return zs, torch.linalg.vector_norm(zs, dim=1).square()
+        operand = zs
+        if self.precision == "bf16":
+            operand = zs.to(torch.bfloat16)
+            operand = operand if _bf16_products(operand.device) else operand.to(dtype)
+        return _Rows(zs, operand, torch.linalg.vector_norm(zs, dim=1).square())
 
-    def update(self, zs: Tensor, a: Tensor) -> None:
-        d = zs.shape[1]
-        _add_upper_gram(self.upper_gram.partial(zs, (d, d)), zs)
-        self.sum.add(zs.sum(dim=0))
-        self.sum_az.add(a @ zs)
-        self.sum_a.add(a.sum())
-        self.sum_aa.add(a.square().sum())
+    def update(self, z: _Rows) -> None:
+        d = z.rows.shape[1]
+        _add_upper_gram(self.upper_gram.partial(z.rows, (d, d)), z.operand)
+        self.sum.add(z.rows.sum(dim=0))
+        self.sum_az.add(z.norms @ z.rows)
+        self.sum_a.add(z.norms.sum())
+        self.sum_aa.add(z.norms.square().sum())
         for part in (self.upper_gram, self.sum, self.sum_az, self.sum_a, self.sum_aa):
-            part.counted(zs.shape[0])
-        self.n += zs.shape[0]
+            part.counted(z.rows.shape[0])
+        self.n += z.rows.shape[0]
 
 
 class _Cross:
@@ -259,14 +330,16 @@ class _Cross:
         self.sum_ay = _Sum()  # sum of a_i y'_i
         self.sum_bx = _Sum()  # sum of b_i x'_i
 
-    def update(self, xs: Tensor, a: Tensor, ys: Tensor, b: Tensor) -> None:
-        self.cross.partial(xs, (xs.shape[1], ys.shape[1])).addmm_(xs.T, ys)
-        self.sum_ay.add(a @ ys)
-        self.sum_bx.add(b @ xs)
-        self.sum_ab.add(a @ b)
+    def update(self, x: _Rows, y: _Rows) -> None:
+        ys, b = y.rows.to(x.rows.dtype), y.norms.to(x.rows.dtype)  # a float64 student against a float32 teacher
+        partial = self.cross.partial(x.rows, (x.rows.shape[1], ys.shape[1]))
+        _mm_into(partial, x.operand.T, y.operand.to(x.operand.dtype))
+        self.sum_ay.add(x.norms @ ys)
+        self.sum_bx.add(b @ x.rows)
+        self.sum_ab.add(x.norms @ b)
         for part in (self.cross, self.sum_ab, self.sum_ay, self.sum_bx):
-            part.counted(xs.shape[0])
-        self.n += xs.shape[0]
+            part.counted(x.rows.shape[0])
+        self.n += x.rows.shape[0]
 
 
 def _centered_row_norm_dot(
@@ -299,10 +372,14 @@ class StreamingCKA:
     Memory is O(d^2) per student whatever the number of tokens (X^T X, Y^T Y, Y^T X and O(d) sums, in float64).
     Per batch call :meth:`update_teacher` with the teacher's features, then :meth:`update_student` for each student
     with its features of the same tokens and the same teacher features; :meth:`update` does both for one pair.
+    ``precision`` is one of :data:`CKA_PRECISIONS`.
     """
 
-    def __init__(self) -> None:
-        self.teacher = _Moments()
+    def __init__(self, precision: str = "float32") -> None:
+        if precision not in CKA_PRECISIONS:
+            raise CkaqadError(f"--cka-precision must be one of {', '.join(CKA_PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.teacher = _Moments(precision)
         self._students: dict[str, tuple[_Moments, _Cross]] = {}
 
     @property
@@ -310,25 +387,26 @@ class StreamingCKA:
         return list(self._students)
 
     def update_teacher(self, y: Tensor) -> None:
-        self.teacher.update(*self.teacher.shifted(y))
+        self.teacher.update(self.teacher.prepared(y))
 
     def update_student(self, name: str, x: Tensor, y: Tensor) -> None:
-        if self.teacher.shift is None:
+        if self.teacher.n == 0:
             raise ValueError("update_teacher must see a batch before update_student")
-        self._update_student(name, x, *self.teacher.shifted(y))
+        self._update_student(name, x, self.teacher.prepared(y))
 
     def update(self, x: Tensor, y: Tensor, name: str = "student") -> None:
-        ys, b = self.teacher.shifted(y)
-        self.teacher.update(ys, b)
-        self._update_student(name, x, ys, b)
+        teacher = self.teacher.prepared(y)
+        self.teacher.update(teacher)
+        self._update_student(name, x, teacher)
 
-    def _update_student(self, name: str, x: Tensor, ys: Tensor, b: Tensor) -> None:
-        moments, cross = self._students.setdefault(name, (_Moments(), _Cross()))
-        xs, a = moments.shifted(x)
-        if xs.shape[0] != ys.shape[0]:
-            raise ValueError(f"student and teacher batches differ in tokens: {xs.shape[0]} vs {ys.shape[0]}")
-        moments.update(xs, a)
-        cross.update(xs, a, ys.to(xs.dtype), b.to(xs.dtype))
+    def _update_student(self, name: str, x: Tensor, teacher: _Rows) -> None:
+        moments, cross = self._students.setdefault(name, (_Moments(self.precision), _Cross()))
+        student = moments.prepared(x)
+        if student.rows.shape[0] != teacher.rows.shape[0]:
+            raise ValueError(f"student and teacher batches differ in tokens: {student.rows.shape[0]} vs "
+                             f"{teacher.rows.shape[0]}")
+        moments.update(student)
+        cross.update(student, teacher)
 
     def _terms(self, name: str) -> tuple[tuple[float, float], tuple[float, float], tuple[float, float]]:
         if name not in self._students:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ckaqad_cli.builtin import BUILTIN
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.settings import BUILTIN
 
 BUILTIN_TEXTS = 4096  # built-in problems drawn per call (about 25 characters each)
 

@@ -3,16 +3,19 @@ when the files are local, and finding a model's decoder layers for hooks."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ckaqad_cli.builtin import BUILTIN
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.settings import BUILTIN
+from ckaqad_kernels.nvfp4_spec import DEFAULT_ACTIVATION_ARITHMETIC, DEFAULT_SCALE_RULE
 
 if TYPE_CHECKING:
     from ckaqad_cli.quant import QuantRecipe
@@ -244,23 +247,83 @@ def ptq_student(
     *,
     exclude: tuple[str, ...] = (),
     dtype: torch.dtype | None = None,
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
 ) -> tuple[nn.Module, QuantRecipe]:
     """A deep copy of ``teacher`` with NVFP4 fake quantization (``scheme`` "w4a4" or "w4a16") on its Linears, in eval
     mode without gradients; the teacher is left untouched.
 
     ``exclude`` globs stay in high precision on top of ``quant.DEFAULT_EXCLUDE``; ``dtype`` casts the copy before it
-    is wrapped (distill trains float32 master weights). Returns (student, its ``QuantRecipe``): the recipe to save
-    with it, so that pack and load_model apply the same exclusions.
+    is wrapped (distill trains float32 master weights); ``scale_rule`` and ``activation_arithmetic`` as in
+    docs/nvfp4.md (an mse-act student needs :func:`fit_channel_weights` before its weights are quantized with it).
+    Returns (student, its ``QuantRecipe``): the recipe to save with it, so that pack and load_model apply the same
+    exclusions and rules.
     """
     from ckaqad_cli.quant import apply_fake_quant
 
     student = copy.deepcopy(teacher)
     if dtype is not None:
         student.to(dtype)
-    recipe = apply_fake_quant(student, scheme=scheme, exclude=exclude)
+    recipe = apply_fake_quant(student, scheme=scheme, exclude=exclude, scale_rule=scale_rule,
+                              activation_arithmetic=activation_arithmetic)
     student.eval()
     student.requires_grad_(False)
     return student, recipe
+
+
+def fit_channel_weights(model: nn.Module, sequences: torch.Tensor, *, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """The mse-act scale rule's calibration: every quantized module's per-input-channel E[x^2] over ``sequences``
+    (token ids), installed as its channel weights, and returned (to be saved beside the model,
+    ``quant.save_second_moments``, for pack)."""
+    from ckaqad_cli.quant import record_inputs, set_channel_weights
+
+    device = next(model.parameters()).device
+    with torch.no_grad(), record_inputs(model) as record:
+        for row in range(0, sequences.shape[0], batch_size):
+            model(input_ids=sequences[row : row + batch_size].to(device))
+    moments = record.second_moments()
+    set_channel_weights(model, moments)
+    return moments
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--dtype of diagnose and plan: auto is bfloat16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise CkaqadError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+@contextlib.contextmanager
+def capture_residuals(model: nn.Module, device: torch.device | None = None) -> Iterator[list[torch.Tensor]]:
+    """Yield a list that each forward fills with [embeddings, layer 1 output, ..., layer L output, final hidden].
+
+    The last entry is the input of the output head (after the final norm), used to make logits later. With
+    ``device`` every entry is moved there (a model spread over several devices by a device map).
+    """
+    out: list[torch.Tensor] = []
+
+    def store(hidden: torch.Tensor) -> None:
+        out.append(hidden if device is None else hidden.to(device))
+
+    def keep(_module, _inputs, output):
+        store(output[0] if isinstance(output, (tuple, list)) else output)
+
+    def keep_head_input(_module, inputs):
+        store(inputs[0])
+
+    modules = [model.get_input_embeddings(), *decoder_layers(model)]
+    handles = [m.register_forward_hook(keep) for m in modules]
+    handles.append(model.get_output_embeddings().register_forward_pre_hook(keep_head_input))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckaqad_cli.atomic import atomic_write_json
+from ckaqad_cli.atomic import atomic_write_bytes, atomic_write_json
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.quant_moe import (
     NVFP4Experts,
@@ -28,21 +28,33 @@ from ckaqad_cli.quant_moe import (
     fused_experts_problem,
     is_fused_experts,
     num_experts,
+    weight_scale_rule,
     wrap_experts,
 )
+from ckaqad_cli.settings import check_scheme
+from ckaqad_kernels import nvfp4_spec
 from ckaqad_kernels.fake_quant import fake_quantize_ste
 from ckaqad_kernels.nvfp4_ref import global_scale_from_amax, tensor_amax
-from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
+from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE, DEFAULT_ACTIVATION_ARITHMETIC, DEFAULT_SCALE_RULE
 
 RECIPE_FILE = "quant_recipe.json"
 RECIPE_VERSION = 1
-SCHEMES = ("w4a4", "w4a16")
+SECOND_MOMENTS_FILE = "input_second_moments.safetensors"
+"""Beside quant_recipe.json when the recipe's scale rule is mse-act: {module: float32 [in_features] E[x^2]}."""
 
 
-def check_scheme(scheme: str, option: str = "--scheme") -> None:
-    """One line naming the option for a scheme that is not one of :data:`SCHEMES`."""
-    if scheme not in SCHEMES:
-        raise CkaqadError(f"{option} must be one of {', '.join(SCHEMES)}, not {scheme!r}")
+def check_scale_rule(rule: str, option: str = "--scale-rule") -> None:
+    """One line naming the option for a scale rule that is not one of nvfp4_spec.SCALE_RULES."""
+    if rule not in nvfp4_spec.SCALE_RULES:
+        raise CkaqadError(f"{option} must be one of {', '.join(nvfp4_spec.SCALE_RULES)}, not {rule!r}")
+
+
+def check_activation_arithmetic(arithmetic: str, option: str = "--activation-arithmetic") -> None:
+    """One line naming the option for an activation arithmetic not in nvfp4_spec.ACTIVATION_ARITHMETICS."""
+    if arithmetic not in nvfp4_spec.ACTIVATION_ARITHMETICS:
+        raise CkaqadError(
+            f"{option} must be one of {', '.join(nvfp4_spec.ACTIVATION_ARITHMETICS)}, not {arithmetic!r}"
+        )
 
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "lm_head",
@@ -79,9 +91,17 @@ class QuantRecipe:
     fused_groups: list[list[str]] = field(default_factory=list)
     input_amax: dict[str, float] = field(default_factory=dict)
     """Calibrated static input amax per module (w4a4); a module not listed quantizes its input dynamically."""
+    scale_rule: str = DEFAULT_SCALE_RULE
+    """How weight block scales are chosen (nvfp4_spec.SCALE_RULES); mse-act reads SECOND_MOMENTS_FILE beside the
+    recipe. Recipes written before this field existed read as "amax"."""
+    activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC
+    """How W4A4 inputs are fake-quantized (nvfp4_spec.ACTIVATION_ARITHMETICS): "divide" or the engines'
+    "reciprocal"."""
 
     def __post_init__(self) -> None:
         check_scheme(self.scheme, "scheme")
+        check_scale_rule(self.scale_rule, "scale_rule")
+        check_activation_arithmetic(self.activation_arithmetic, "activation_arithmetic")
 
     def save(self, directory: str | Path) -> Path:
         payload = {"version": RECIPE_VERSION, "block_size": BLOCK_SIZE, **asdict(self)}
@@ -102,6 +122,29 @@ class QuantRecipe:
             return cls(**data)
         except TypeError as e:
             raise CkaqadError(f"{path} is malformed: {e}") from None
+
+
+def save_second_moments(directory: str | Path, moments: dict[str, torch.Tensor]) -> Path:
+    """Write {module: E[x^2] per input channel} as float32 tensors to SECOND_MOMENTS_FILE in ``directory``."""
+    from safetensors.torch import save
+
+    tensors = {name: m.detach().to("cpu", torch.float32).clone() for name, m in moments.items()}  # none shared
+    return atomic_write_bytes(Path(directory) / SECOND_MOMENTS_FILE, save(tensors))
+
+
+def load_second_moments(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Read SECOND_MOMENTS_FILE from ``directory``; a missing or unreadable file is a CkaqadError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory) / SECOND_MOMENTS_FILE
+    if not path.is_file():
+        raise CkaqadError(f"no {SECOND_MOMENTS_FILE} in {directory}: the mse-act scale rule needs the calibration "
+                          f"inputs' second moments")
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise CkaqadError(f"cannot read {path}: {e}") from None
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -160,7 +203,15 @@ class NVFP4Linear(nn.Linear):
     calibrated (a non-persistent buffer: it lives in the recipe, not the state dict).
     """
 
-    def __init__(self, linear: nn.Linear, *, quantize_input: bool, quantize_weight: bool = True):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        quantize_input: bool,
+        quantize_weight: bool = True,
+        scale_rule: str = DEFAULT_SCALE_RULE,
+        activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
+    ):
         nn.Module.__init__(self)
         if linear.in_features % BLOCK_SIZE:
             raise ValueError(f"NVFP4Linear needs in_features divisible by {BLOCK_SIZE}, got {linear.in_features}")
@@ -171,6 +222,12 @@ class NVFP4Linear(nn.Linear):
         self.quantize_weight = quantize_weight
         self.quantize_input = quantize_input
         self.register_buffer("input_amax", None, persistent=False)
+        self.scale_rule = scale_rule
+        self.register_buffer("channel_weights", None, persistent=False)
+        """E[x^2] per input channel for the mse-act scale rule (from the recipe's SECOND_MOMENTS_FILE)."""
+        self.activation_arithmetic = activation_arithmetic
+        self.calibrating = False
+        """Set by record_inputs: an mse-act weight without its channel weights yet is quantized with mse meanwhile."""
         self.fused_group: _FusedGroup | None = None
 
     def weight_global_scale(self) -> torch.Tensor:
@@ -178,17 +235,20 @@ class NVFP4Linear(nn.Linear):
             return self.fused_group.global_scale()
         return group_weight_global_scale([self.weight])
 
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight (straight-through gradient), with the module's scale rule."""
+        rule, weights = weight_scale_rule(self.scale_rule, self.channel_weights, self.calibrating)
+        return fake_quantize_ste(self.weight, self.weight_global_scale(), scale_rule=rule, channel_weights=weights)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if self.quantize_weight:
-            weight = fake_quantize_ste(weight, self.weight_global_scale())
+        weight = self.quantized_weight() if self.quantize_weight else self.weight
         if self.quantize_input:
             g_in = None if self.input_amax is None else global_scale_from_amax(self.input_amax)
-            x = fake_quantize_ste(x, g_in)
+            x = fake_quantize_ste(x, g_in, arithmetic=self.activation_arithmetic)
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
-        parts = [super().extra_repr(), f"weight={'nvfp4' if self.quantize_weight else 'off'}"]
+        parts = [super().extra_repr(), f"weight={'nvfp4 ' + self.scale_rule if self.quantize_weight else 'off'}"]
         if self.quantize_input:
             parts.append("input=nvfp4 " + ("dynamic" if self.input_amax is None else "static"))
         return ", ".join(parts)
@@ -205,7 +265,7 @@ def freeze_quantized_weights(model: nn.Module) -> None:
     linears = [m for m in model.modules() if isinstance(m, NVFP4Linear) and m.quantize_weight]
     experts = [m for m in model.modules() if isinstance(m, NVFP4Experts) and m.quantize_weight]
     # every value first: a fused group's global scale reads its members' weights
-    values = [(m.weight, fake_quantize_ste(m.weight, m.weight_global_scale())) for m in linears]
+    values = [(m.weight, m.quantized_weight()) for m in linears]
     values += [(m._parameters[p], getattr(m, p)) for m in experts for p in ("gate_up_proj", "down_proj")]
     for parameter, quantized in values:
         parameter.copy_(quantized)
@@ -224,18 +284,26 @@ def _matches(name: str, patterns: Iterable[str]) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
 
 
-def _wrap(model: nn.Module, names: Sequence[str], groups: Sequence[Sequence[str]], scheme: str) -> None:
+def _wrap(
+    model: nn.Module,
+    names: Sequence[str],
+    groups: Sequence[Sequence[str]],
+    scheme: str,
+    scale_rule: str,
+    activation_arithmetic: str,
+) -> None:
     """Wrap the named Linears and, for per-expert names (``M.E.gate_proj``...), their fused experts module ``M``."""
     experts = {e for n in names if (e := expert_of(n)) is not None and is_fused_experts(model, e)}
     for name in sorted(experts):
-        wrap_experts(model.get_submodule(name), scheme)
+        wrap_experts(model.get_submodule(name), scheme, scale_rule, activation_arithmetic)
     groups = [g for g in groups if not any(expert_of(n) in experts for n in g)]
     names = [n for n in names if expert_of(n) not in experts]
     wrapped: dict[str, NVFP4Linear] = {}
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        wrapped[name] = NVFP4Linear(getattr(parent, leaf), quantize_input=scheme == "w4a4")
+        wrapped[name] = NVFP4Linear(getattr(parent, leaf), quantize_input=scheme == "w4a4", scale_rule=scale_rule,
+                                    activation_arithmetic=activation_arithmetic)
         setattr(parent, leaf, wrapped[name])
     for group in groups:
         shared = _FusedGroup([wrapped[n] for n in group])
@@ -276,27 +344,41 @@ def _group_recipe(recipe: QuantRecipe) -> None:
 
 
 def recipe_for_linears(
-    linears: Iterable[tuple[str, int]], scheme: str = "w4a4", exclude: Iterable[str] = ()
+    linears: Iterable[tuple[str, int]],
+    scheme: str = "w4a4",
+    exclude: Iterable[str] = (),
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
 ) -> QuantRecipe:
     """The recipe apply_fake_quant would make for a model whose only quantizable modules are these
     (name, in_features) Linears, in module order: for pack, which knows some layouts without building the model."""
-    recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude])
+    recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude], scale_rule=scale_rule,
+                         activation_arithmetic=activation_arithmetic)
     for name, in_features in linears:
         _select_linear(recipe, name, in_features)
     _group_recipe(recipe)
     return recipe
 
 
-def apply_fake_quant(model: nn.Module, scheme: str = "w4a4", exclude: Iterable[str] = ()) -> QuantRecipe:
+def apply_fake_quant(
+    model: nn.Module,
+    scheme: str = "w4a4",
+    exclude: Iterable[str] = (),
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
+) -> QuantRecipe:
     """Wrap every nn.Linear not excluded (DEFAULT_EXCLUDE plus ``exclude``) in an NVFP4Linear, and fake-quantize
     every fused MoE experts module per expert (NVFP4Experts), in place.
 
     The recipe names fused experts by their per-expert checkpoint Linears (``M.E.gate_proj``, ``M.E.up_proj``,
     ``M.E.down_proj``; gate/up of each expert one fused group), so pack packs exactly what was trained. Linears whose
     in_features is not a multiple of 16 stay as they are and are listed in ``recipe.skipped``, as are excluded
-    modules and fused experts in a layout fused_experts_problem refuses.
+    modules and fused experts in a layout fused_experts_problem refuses. ``scale_rule`` (weights) and
+    ``activation_arithmetic`` (W4A4 inputs) are recorded in the recipe; an mse-act model needs set_channel_weights
+    (after calibrating with record_inputs) before it runs outside calibration.
     """
-    recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude])
+    recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude], scale_rule=scale_rule,
+                         activation_arithmetic=activation_arithmetic)
     for name, module in model.named_modules():
         if isinstance(module, (NVFP4Linear, NVFP4Experts)):
             raise CkaqadError(f"{name} is already fake-quantized; apply_fake_quant runs once per model")
@@ -310,12 +392,15 @@ def apply_fake_quant(model: nn.Module, scheme: str = "w4a4", exclude: Iterable[s
             else:
                 recipe.quantized += expert_module_names(name, num_experts(module))
     _group_recipe(recipe)
-    _wrap(model, recipe.quantized, recipe.fused_groups, scheme)
+    _wrap(model, recipe.quantized, recipe.fused_groups, scheme, scale_rule, activation_arithmetic)
     return recipe
 
 
-def apply_recipe(model: nn.Module, recipe: QuantRecipe) -> None:
-    """Re-apply a saved recipe: the same modules, fused groups and calibrated input amaxes."""
+def apply_recipe(
+    model: nn.Module, recipe: QuantRecipe, second_moments: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Re-apply a saved recipe: the same modules, fused groups, scale rule and calibrated input amaxes; for the
+    mse-act rule, the channel weights from ``second_moments`` (load_second_moments) when given."""
     listed = set(recipe.quantized)
     experts: set[str] = set()
     for name in recipe.quantized:
@@ -343,8 +428,11 @@ def apply_recipe(model: nn.Module, recipe: QuantRecipe) -> None:
     for group in recipe.fused_groups:
         if not set(group) <= listed:
             raise CkaqadError(f"fused group {group} of the quantization recipe has unquantized members")
-    _wrap(model, recipe.quantized, recipe.fused_groups, recipe.scheme)
+    _wrap(model, recipe.quantized, recipe.fused_groups, recipe.scheme, recipe.scale_rule,
+          recipe.activation_arithmetic)
     set_input_amax(model, recipe.input_amax)
+    if second_moments is not None:
+        set_channel_weights(model, second_moments)
 
 
 def _amax_tensor(name: str, amax: float, device: torch.device) -> torch.Tensor:
@@ -386,34 +474,69 @@ def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+class InputRecord:
+    """What record_inputs collects: ``amax`` {module: max |input|} and the per-channel sums behind
+    :meth:`second_moments`."""
+
+    def __init__(self) -> None:
+        self.amax: dict[str, float] = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, int] = {}
+        self._aliases: dict[str, str] = {}
+        """Per-expert name -> the key its layer's projection is accumulated under (one input for all experts)."""
+
+    def add(self, key: str, x: torch.Tensor) -> None:
+        """Account one input of ``key`` (its rows, last dimension the input channels)."""
+        seen = float(tensor_amax(x))
+        self.amax[key] = max(self.amax.get(key, seen), seen)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        square_sum = rows.float().square().sum(0).double()  # float32 per call, float64 across calls
+        if key in self._sums:
+            self._sums[key] += square_sum
+        else:
+            self._sums[key] = square_sum
+        self._rows[key] = self._rows.get(key, 0) + rows.shape[0]
+
+    def alias(self, names: Iterable[str], key: str) -> None:
+        self._aliases.update(dict.fromkeys(names, key))
+
+    def second_moments(self) -> dict[str, torch.Tensor]:
+        """{module: E[x^2] per input channel, float32 [in_features]} over every recorded input (mse-act's weights)."""
+        means = {key: (total / max(self._rows[key], 1)).to(torch.float32).cpu() for key, total in self._sums.items()}
+        out = {key: m for key, m in means.items() if key not in self._aliases.values()}
+        out.update({name: means[key].clone() for name, key in self._aliases.items() if key in means})
+        return out
+
+
 @contextlib.contextmanager
-def record_input_amax(model: nn.Module) -> Iterator[dict[str, float]]:
-    """Within the block, collect the largest |input| each NVFP4Linear sees: {module name: amax}, for calibration.
+def record_inputs(model: nn.Module) -> Iterator[InputRecord]:
+    """Within the block, collect what each NVFP4Linear and fused experts module sees as input: the largest |input|
+    (``record.amax``, the static input scale) and its per-channel mean square (``record.second_moments()``, the
+    mse-act channel weights).
 
-    Fused experts are recorded under their per-expert names, every expert of a module with the module's amax (the
-    largest over all routed tokens): their inputs share one global scale per projection.
+    Fused experts are recorded under their per-expert names, every expert of a module with the module's values (over
+    all routed tokens): their inputs share one global scale per projection. During the block, mse-act weights
+    without channel weights yet are quantized with mse.
     """
-    amax: dict[str, float] = {}
+    record = InputRecord()
     handles = []
-    observed: list[NVFP4Experts] = []
-
-    def record(names: Iterable[str], seen: float) -> None:
-        for name in names:
-            amax[name] = max(amax.get(name, seen), seen)
+    observed: list[nn.Module] = []
 
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            record([name], float(tensor_amax(args[0])))
+            record.add(name, args[0])
 
         return hook
 
     def observer_for(name: str, module: NVFP4Experts):
         members = expert_module_names(name, num_experts(module))
         by_projection = {"gate_up": [m for m in members if not m.endswith(".down_proj")], "down": members[2::3]}
+        for projection, names in by_projection.items():
+            record.alias(names, f"{name}:{projection}")
 
         def observe(projection: str, x: torch.Tensor) -> None:
             if x.numel():
-                record(by_projection[projection], float(tensor_amax(x)))
+                record.add(f"{name}:{projection}", x)
 
         return observe
 
@@ -422,11 +545,54 @@ def record_input_amax(model: nn.Module) -> Iterator[dict[str, float]]:
             handles.append(module.register_forward_pre_hook(hook_for(name)))
         elif isinstance(module, NVFP4Experts):
             module.input_observer = observer_for(name, module)
-            observed.append(module)
+        else:
+            continue
+        module.calibrating = True
+        observed.append(module)
     try:
-        yield amax
+        yield record
     finally:
         for handle in handles:
             handle.remove()
         for module in observed:
-            module.input_observer = None
+            module.calibrating = False
+            if isinstance(module, NVFP4Experts):
+                module.input_observer = None
+        for name, key in record._aliases.items():
+            if key in record.amax:
+                record.amax[name] = record.amax[key]
+        for key in set(record._aliases.values()):
+            record.amax.pop(key, None)
+
+
+@contextlib.contextmanager
+def record_input_amax(model: nn.Module) -> Iterator[dict[str, float]]:
+    """Within the block, collect the largest |input| each NVFP4Linear sees: {module name: amax}, for calibration
+    (record_inputs' ``amax``, filled in when the block ends)."""
+    with record_inputs(model) as record:
+        yield record.amax
+
+
+def set_channel_weights(model: nn.Module, second_moments: dict[str, torch.Tensor]) -> None:
+    """Give every mse-act NVFP4Linear and fused experts module its channel weights (E[x^2] per input channel) from
+    ``second_moments`` (InputRecord.second_moments / load_second_moments). A module without an entry is an error."""
+    for name, module in model.named_modules():
+        if isinstance(module, NVFP4Linear) and module.scale_rule == "mse-act":
+            module.channel_weights = _channel_weights(second_moments, name, module.in_features, module.weight.device)
+        elif isinstance(module, NVFP4Experts) and module.scale_rule == "mse-act":
+            members = expert_module_names(name, num_experts(module))
+            device = module._parameters["down_proj"].device
+            hidden, inter = module._parameters["gate_up_proj"].shape[-1], module._parameters["down_proj"].shape[-1]
+            module.gate_up_channel_weights = torch.stack(
+                [_channel_weights(second_moments, m, hidden, device) for m in members[0::3]])
+            module.down_channel_weights = torch.stack(
+                [_channel_weights(second_moments, m, inter, device) for m in members[2::3]])
+
+
+def _channel_weights(moments: dict[str, torch.Tensor], name: str, width: int, device: torch.device) -> torch.Tensor:
+    if name not in moments:
+        raise CkaqadError(f"no input second moments for {name}: the mse-act scale rule needs them for every module")
+    w = moments[name].detach().to(device=device, dtype=torch.float32)
+    if w.shape != (width,) or not bool((torch.isfinite(w) & (w >= 0)).all()):
+        raise CkaqadError(f"the input second moments of {name} are not {width} finite non-negative numbers")
+    return w

@@ -16,7 +16,7 @@ from torch import nn
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_kernels.fake_quant import fake_quantize_ste
 from ckaqad_kernels.nvfp4_ref import global_scale_from_amax
-from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
+from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE, DEFAULT_ACTIVATION_ARITHMETIC, DEFAULT_SCALE_RULE
 
 EXPERT_LEAVES = ("gate_proj", "up_proj", "down_proj")
 """Per-expert checkpoint Linears of a fused experts module ``M``: ``M.E.gate_proj`` and ``M.E.up_proj`` are the
@@ -46,11 +46,33 @@ def expert_module_names(experts_name: str, num_experts: int) -> list[str]:
     return [f"{experts_name}.{e}.{leaf}" for e in range(num_experts) for leaf in EXPERT_LEAVES]
 
 
-def _per_expert_fake_quant(weight: torch.Tensor) -> torch.Tensor:
+def weight_scale_rule(
+    scale_rule: str, channel_weights: torch.Tensor | None, calibrating: bool
+) -> tuple[str, torch.Tensor | None]:
+    """(rule, channel weights) a module quantizes its weight with: mse-act needs the calibrated channel weights, and
+    while calibration records them (``calibrating``) a module without them yet uses mse."""
+    if scale_rule != "mse-act":
+        return scale_rule, None
+    if channel_weights is not None:
+        return scale_rule, channel_weights
+    if not calibrating:
+        raise CkaqadError("the mse-act scale rule needs the calibration inputs' second moments: calibrate "
+                          "(quant.record_inputs) and set_channel_weights before the forward")
+    return "mse", None
+
+
+def _per_expert_fake_quant(
+    weight: torch.Tensor, scale_rule: str = DEFAULT_SCALE_RULE, channel_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Fake-quantize a fused [E, out, in] weight expert by expert: blocks along ``in``, one global scale per expert
-    from the expert's whole slice (for gate_up_proj: gate and up together, one fused group, as pack does it)."""
+    from the expert's whole slice (for gate_up_proj: gate and up together, one fused group, as pack does it), the
+    scale rule's block scales (mse-act: channel_weights [E, in], each expert's inputs' E[x^2])."""
     amax = weight.detach().abs().amax(dim=(1, 2)).to(torch.float32)
-    return torch.stack([fake_quantize_ste(weight[e], global_scale_from_amax(amax[e])) for e in range(weight.shape[0])])
+    return torch.stack([
+        fake_quantize_ste(weight[e], global_scale_from_amax(amax[e]), scale_rule=scale_rule,
+                          channel_weights=None if channel_weights is None else channel_weights[e])
+        for e in range(weight.shape[0])
+    ])
 
 
 class NVFP4Experts(nn.Module):
@@ -70,33 +92,46 @@ class NVFP4Experts(nn.Module):
     quantize_input: bool
     input_amax: torch.Tensor | None
     down_input_amax: torch.Tensor | None
+    gate_up_channel_weights: torch.Tensor | None
+    down_channel_weights: torch.Tensor | None
     input_observer: Any
 
-    def _init_fake_quant(self, *, quantize_input: bool) -> None:
+    def _init_fake_quant(self, *, quantize_input: bool, scale_rule: str, activation_arithmetic: str) -> None:
         self.quantize_weight = True
         self.quantize_input = quantize_input
+        self.scale_rule = scale_rule
+        self.activation_arithmetic = activation_arithmetic
+        self.calibrating = False
+        """Set during calibration: mse-act weights without channel weights yet are quantized with mse meanwhile."""
         self.register_buffer("input_amax", None, persistent=False)
         self.register_buffer("down_input_amax", None, persistent=False)
+        self.register_buffer("gate_up_channel_weights", None, persistent=False)  # [E, H], mse-act
+        self.register_buffer("down_channel_weights", None, persistent=False)  # [E, I], mse-act
         self.input_observer = None
         """Called as observer(projection, tensor) with each unquantized input ("gate_up" / "down"): calibration."""
         self._gate_applied = False
 
+    def _quantized(self, name: str, channel_weights: torch.Tensor | None) -> torch.Tensor:
+        weight = self._parameters[name]
+        if not self.quantize_weight:
+            return weight
+        return _per_expert_fake_quant(weight, *weight_scale_rule(self.scale_rule, channel_weights, self.calibrating))
+
     @property
     def gate_up_proj(self) -> torch.Tensor:
-        weight = self._parameters["gate_up_proj"]
-        return _per_expert_fake_quant(weight) if self.quantize_weight else weight
+        return self._quantized("gate_up_proj", self.gate_up_channel_weights)
 
     @property
     def down_proj(self) -> torch.Tensor:
-        weight = self._parameters["down_proj"]
-        return _per_expert_fake_quant(weight) if self.quantize_weight else weight
+        return self._quantized("down_proj", self.down_channel_weights)
 
     def _quantize_input(self, projection: str, x: torch.Tensor, amax: torch.Tensor | None) -> torch.Tensor:
         if self.input_observer is not None:
             self.input_observer(projection, x)
         if not self.quantize_input:
             return x
-        return fake_quantize_ste(x, None if amax is None else global_scale_from_amax(amax))
+        g = None if amax is None else global_scale_from_amax(amax)
+        return fake_quantize_ste(x, g, arithmetic=self.activation_arithmetic)
 
     def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
         self._gate_applied = True
@@ -115,7 +150,7 @@ class NVFP4Experts(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        parts = [f"weight={'nvfp4 per expert' if self.quantize_weight else 'off'}"]
+        parts = [f"weight={'nvfp4 per expert ' + self.scale_rule if self.quantize_weight else 'off'}"]
         if self.quantize_input:
             parts.append("input=nvfp4 " + ("dynamic" if self.input_amax is None else "static"))
         return ", ".join(parts)
@@ -124,12 +159,18 @@ class NVFP4Experts(nn.Module):
 _EXPERTS_CLASSES: dict[type, type] = {}
 
 
-def wrap_experts(module: nn.Module, scheme: str) -> None:
+def wrap_experts(
+    module: nn.Module,
+    scheme: str,
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
+) -> None:
     cls = type(module)
     if cls not in _EXPERTS_CLASSES:
         _EXPERTS_CLASSES[cls] = type(f"NVFP4{cls.__name__}", (NVFP4Experts, cls), {})
     module.__class__ = _EXPERTS_CLASSES[cls]
-    module._init_fake_quant(quantize_input=scheme == "w4a4")
+    module._init_fake_quant(quantize_input=scheme == "w4a4", scale_rule=scale_rule,
+                            activation_arithmetic=activation_arithmetic)
 
 
 def num_experts(module: nn.Module) -> int:

@@ -1,20 +1,43 @@
-"""Typed views of the stage records in run.json that other modules read.
+"""Typed records of run.json: what distill, pack and diagnose write there (``write``) and what others read (``of``).
 
-run.json is the one contract between stages (see rundir.py). A module that needs what another stage recorded reads it
-through these dataclasses, not by string keys: the fields below are the keys the writing stage records (distill's
-``summary`` and config, pack's outputs, diagnose's outputs and metrics), in one place, and a renamed key breaks here
-and in the tests, not silently in a model card. Each ``of`` returns None unless the stage finished.
+run.json is the one contract between stages (see rundir.py). The stage records its outputs and metrics through the
+``write`` of its class below, and a module that needs them reads them through ``of``: the keys are written here once,
+for both sides, and a renamed key breaks here and in the tests, not silently in a model card. Each ``of`` returns
+None unless the stage finished.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ckaqad_cli.rundir import StageRecord
 
 
-def _done(manifest: dict[str, Any] | None, stage: str) -> dict[str, Any] | None:
+def _done(manifest: dict[str, Any] | None, stage: str) -> _Sections | None:
+    """The record of a finished ``stage`` and its config, metrics and outputs (each {} when absent), else None."""
     entry = ((manifest or {}).get("stages") or {}).get(stage)
-    return entry if isinstance(entry, dict) and entry.get("status") == "done" else None
+    if not (isinstance(entry, dict) and entry.get("status") == "done"):
+        return None
+    return _Sections(entry, entry.get("config") or {}, entry.get("metrics") or {}, entry.get("outputs") or {})
+
+
+@dataclass(frozen=True)
+class _Sections:
+    entry: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    outputs: dict[str, Any]
+
+    def teacher_input(self) -> dict[str, Any]:
+        return (self.entry.get("inputs") or {}).get("teacher") or {}
+
+
+def _file_sizes(files: Any) -> dict[str, int]:
+    if isinstance(files, list):  # an older record: [{"path": ..., "size": ...}]
+        files = {f["path"]: f["size"] for f in files if isinstance(f, dict) and "path" in f and "size" in f}
+    return files if isinstance(files, dict) else {}
 
 
 @dataclass(frozen=True)
@@ -26,6 +49,8 @@ class DistillRecord:
     """describe_input() of the teacher: {"hub_id": ...}, {"path": ...} or {"builtin": ...}."""
     data: str | None
     scheme: str | None
+    scale_rule: str | None
+    activation_arithmetic: str | None
     lr: float | None
     seq_len: int | None
     lambda_cka: float | None
@@ -40,31 +65,29 @@ class DistillRecord:
     student: str | None
     ended: str | None
 
+    @staticmethod
+    def write(rec: StageRecord, *, student: str, metrics_file: str, summary: dict[str, Any]) -> None:
+        """Distill's outputs (the student's folder, metrics.jsonl) and its summary (steps, tokens_seen, mode,
+        mean_lambda_cka, held-out KL and CKA, ...), paths relative to the run."""
+        rec.outputs.update(student=student, metrics=metrics_file)
+        rec.metrics.update(summary)
+
     @property
     def kl_only(self) -> bool:
         return self.lambda_cka == 0
 
     @classmethod
     def of(cls, manifest: dict[str, Any] | None, stage: str = "distill") -> DistillRecord | None:
-        entry = _done(manifest, stage)
-        if entry is None:
+        if (r := _done(manifest, stage)) is None:
             return None
-        config, metrics = entry.get("config") or {}, entry.get("metrics") or {}
         return cls(
-            teacher=config.get("teacher"),
-            teacher_input=(entry.get("inputs") or {}).get("teacher") or {},
-            data=config.get("data"),
-            scheme=config.get("scheme"),
-            lr=config.get("lr"),
-            seq_len=config.get("seq_len"),
-            lambda_cka=config.get("lambda_cka"),
-            cka_balance=config.get("cka_balance"),
-            steps=metrics.get("steps", config.get("steps")),
-            tokens_seen=metrics.get("tokens_seen"),
-            mean_lambda_cka=metrics.get("mean_lambda_cka"),
-            mode=metrics.get("mode"),
-            student=(entry.get("outputs") or {}).get("student"),
-            ended=entry.get("ended"),
+            **{key: r.config.get(key) for key in ("teacher", "data", "scheme", "scale_rule", "activation_arithmetic",
+                                                  "lr", "seq_len", "lambda_cka", "cka_balance")},
+            **{key: r.metrics.get(key) for key in ("tokens_seen", "mean_lambda_cka", "mode")},
+            teacher_input=r.teacher_input(),
+            steps=r.metrics.get("steps", r.config.get("steps")),
+            student=r.outputs.get("student"),
+            ended=r.entry.get("ended"),
         )
 
 
@@ -76,27 +99,25 @@ class PackRecord:
     format: str | None
     scheme: str | None
     files: dict[str, int] = field(default_factory=dict)
+    scale_rule: str | None = None
+    """The weights' block-scale rule (None in records written before it was recorded: amax)."""
     from_model: str | None = None
     """The --model it packed, None when it packed the run's distilled student."""
     started: str | None = None
 
+    @staticmethod
+    def write(rec: StageRecord, *, model: str, format: str, scheme: str, scale_rule: str,
+              files: dict[str, int]) -> None:
+        """Pack's outputs: the packed folder (relative to the run), its format, scheme, scale rule and file sizes."""
+        rec.outputs.update(model=model, format=format, scheme=scheme, scale_rule=scale_rule, files=files)
+
     @classmethod
     def of(cls, manifest: dict[str, Any] | None) -> PackRecord | None:
-        entry = _done(manifest, "pack")
-        if entry is None:
+        if (r := _done(manifest, "pack")) is None:
             return None
-        outputs = entry.get("outputs") or {}
-        files = outputs.get("files")
-        if isinstance(files, list):  # an older record: [{"path": ..., "size": ...}]
-            files = {f["path"]: f["size"] for f in files if isinstance(f, dict) and "path" in f and "size" in f}
-        return cls(
-            model=outputs.get("model"),
-            format=outputs.get("format"),
-            scheme=outputs.get("scheme"),
-            files=files if isinstance(files, dict) else {},
-            from_model=(entry.get("config") or {}).get("model"),
-            started=entry.get("started"),
-        )
+        return cls(**{key: r.outputs.get(key) for key in ("model", "format", "scheme", "scale_rule")},
+                   files=_file_sizes(r.outputs.get("files")), from_model=r.config.get("model"),
+                   started=r.entry.get("started"))
 
 
 @dataclass(frozen=True)
@@ -109,17 +130,21 @@ class DiagnoseRecord:
     teacher_input: dict[str, Any]
     students: dict[str, dict[str, Any]]
 
+    @staticmethod
+    def write(rec: StageRecord, *, report_json: str, report_md: str, plot: str,
+              students: dict[str, dict[str, Any]]) -> None:
+        """Diagnose's report files (relative to the run) and its summary per student."""
+        rec.outputs.update(report_json=report_json, report_md=report_md, plot=plot)
+        rec.metrics.update(students)
+
     @classmethod
     def of(cls, manifest: dict[str, Any] | None, stage: str = "diagnose") -> DiagnoseRecord | None:
-        entry = _done(manifest, stage)
-        if entry is None:
+        if (r := _done(manifest, stage)) is None:
             return None
-        outputs = entry.get("outputs") or {}
-        metrics = entry.get("metrics") or {}
         return cls(
-            report_json=outputs.get("report_json"),
-            plot=outputs.get("plot"),
-            teacher=(entry.get("config") or {}).get("teacher"),
-            teacher_input=(entry.get("inputs") or {}).get("teacher") or {},
-            students={label: m for label, m in metrics.items() if isinstance(m, dict)},
+            report_json=r.outputs.get("report_json"),
+            plot=r.outputs.get("plot"),
+            teacher=r.config.get("teacher"),
+            teacher_input=r.teacher_input(),
+            students={label: m for label, m in r.metrics.items() if isinstance(m, dict)},
         )

@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,19 +73,36 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def describe_input(value: str | os.PathLike | None) -> dict[str, Any] | None:
-    """Record an input: a local file or directory with content hashes of its files, or a hub id / builtin name."""
+def _file_digest(path: Path) -> str:
+    """A directory file's digest in run.json: ``tensors-sha256:<hex>`` for a safetensors file (computed a tensor at a
+    time; safetensors_io.tensors_sha256 says what it fixes), else the SHA-256 of its bytes (hex)."""
+    if path.suffix == ".safetensors":
+        from ckaqad_cli.safetensors_io import tensors_sha256  # imports torch: only for a directory of weights
+
+        digest = tensors_sha256(path)
+        if digest is not None:
+            return digest
+    return sha256_file(path)
+
+
+def describe_input(
+    value: str | os.PathLike | None, *, digests: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
+    """Record an input: a local file with its SHA-256, a directory with a digest of each of its files (see
+    _file_digest), or a hub id / builtin name. ``digests``: {file relative to the directory: digest} already taken
+    (pack's, of the weights it read), used as they are instead of reading those files again."""
     if value is None:
         return None
     path = Path(value)
     if path.is_file():
         return {"path": str(path.resolve()), "sha256": sha256_file(path)}
     if path.is_dir():
-        files = {
-            str(p.relative_to(path)): sha256_file(p)
-            for p in sorted(path.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        }
+        given = digests or {}
+        files = {}
+        for p in sorted(path.rglob("*")):
+            name = p.relative_to(path)
+            if p.is_file() and not any(part.startswith(".") for part in name.parts):
+                files[name.as_posix()] = given.get(name.as_posix()) or _file_digest(p)
         return {"path": str(path.resolve()), "files": files}
     if str(value) == "builtin":
         return {"builtin": "builtin"}
@@ -99,6 +116,8 @@ class StageRecord:
     name: str
     outputs: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """Inputs described while the stage ran (pack hashes its weights as it reads them), added to those given."""
 
 
 class RunDir:
@@ -315,6 +334,7 @@ class RunDir:
         data = self.read()
         entry = data["stages"][name]
         entry.update(status=status, ended=now())
+        entry["inputs"].update(record.inputs)
         entry["outputs"].update(record.outputs)
         entry["metrics"].update(record.metrics)
         entry.pop("pid", None)

@@ -27,13 +27,13 @@ from ckaqad_cli.cka import Standardizer, TokenFilter
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.objective import CausalLMBody, Objective, ObjectiveSettings, parse_layers
 from ckaqad_cli.progress import make_progress
+from ckaqad_cli.settings.distill import warmup_steps
 from ckaqad_cli.training import (
     MetricsLog,
     StopRequest,
     build_optimizer,
     check_finite,
     peak_memory_bytes,
-    warmup_steps,
 )
 
 
@@ -45,6 +45,8 @@ class Models:
     teacher: torch.nn.Module  # frozen
     tokenizer: Any
     recipe: Any  # quant.QuantRecipe
+    second_moments: dict[str, torch.Tensor] | None = None
+    """The mse-act channel weights the student was calibrated with (saved beside it for pack)."""
 
 
 # -- data order ------------------------------------------------------------------------------------------------

@@ -24,21 +24,6 @@ class NonFiniteLossError(CkaqadError):
 
 
 # -- optimizer and schedule ------------------------------------------------------------------------------------
-def warmup_steps(warmup: float, total_steps: int) -> int:
-    """``warmup`` below 1 is a fraction of the run, 1 or more a whole number of steps, at most ``total_steps``."""
-    if warmup < 0:
-        raise CkaqadError(f"--warmup must be >= 0, got {warmup}")
-    if warmup < 1:
-        return int(round(warmup * total_steps))
-    if warmup != int(warmup):
-        raise CkaqadError(f"--warmup {warmup:g}: from 1 up it counts steps, so it must be a whole number "
-                          "(below 1 it is a fraction of the run)")
-    if warmup > total_steps:
-        raise CkaqadError(f"--warmup {warmup:g} steps is longer than the run (--steps {total_steps}): give at most "
-                          f"{total_steps} steps, or a fraction of the run below 1")
-    return int(warmup)
-
-
 def cosine_factor(step: int, *, warmup: int, total: int, floor: float = 0.0) -> float:
     """Learning-rate multiplier at ``step`` (0-based): linear warmup to 1, then cosine decay to ``floor``."""
     if step < warmup:

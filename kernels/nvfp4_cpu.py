@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import nvfp4_ref as ref
-from .nvfp4_spec import BLOCK_SIZE
+from .nvfp4_spec import BLOCK_SIZE, DEFAULT_SCALE_RULE, SCALE_RULES
 
 SOURCE = Path(__file__).with_name("nvfp4_cpu.c")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -89,8 +89,8 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     except (OSError, subprocess.SubprocessError) as err:
         return None, str(err)
     fn = lib.nvfp4_quantize_pack
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
-                   ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return lib, ""
 
@@ -105,22 +105,31 @@ def unavailable_reason() -> str:
     return _library()[1]
 
 
-def _run_rows(x2: torch.Tensor, g: float, packed: torch.Tensor, scales: torch.Tensor) -> bool:
+def _run_rows(
+    x2: torch.Tensor, g: float, rule: int, weights: torch.Tensor | None, packed: torch.Tensor, scales: torch.Tensor
+) -> bool:
     """Quantize rows x2 [R, K] into packed [R, K/2] and scales [R, K/16] (contiguous); True if NaN/Inf was seen."""
     if x2.dtype == torch.float16:
         x2 = x2.to(torch.float32)
     lib = _library()[0]
     rows, k = x2.shape
-    return bool(lib.nvfp4_quantize_pack(x2.data_ptr(), _KIND[x2.dtype], rows, k, g, packed.data_ptr(),
+    w = None if weights is None else weights.data_ptr()
+    return bool(lib.nvfp4_quantize_pack(x2.data_ptr(), _KIND[x2.dtype], rows, k, g, rule, w, packed.data_ptr(),
                                         scales.data_ptr()))
 
 
 def quantize_and_pack(
-    x: torch.Tensor, global_scale: torch.Tensor | float | None = None, *, name: str | None = None
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    *,
+    name: str | None = None,
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    channel_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """nvfp4_ref.quantize_and_pack, in C: the same (packed uint8 [..., K/2], E4M3 scales [..., K/16], g) bit for bit.
 
-    x must be a CPU tensor of a dtype in DTYPES. NaN or Inf in x raises a ValueError naming ``name``.
+    x must be a CPU tensor of a dtype in DTYPES. NaN or Inf in x raises a ValueError naming ``name``. ``scale_rule``
+    and ``channel_weights`` as in nvfp4_ref.quantize.
     """
     if not available():
         raise RuntimeError(f"the NVFP4 C kernel is not available: {unavailable_reason()}")
@@ -128,10 +137,13 @@ def quantize_and_pack(
         raise ValueError(f"the NVFP4 C kernel takes CPU tensors of {', '.join(map(str, DTYPES))}, got {x.dtype} "
                          f"on {x.device}")
     ref.check_last_dim(x)
+    k = x.shape[-1]
+    weights = ref.resolve_channel_weights(scale_rule, channel_weights, k, x.device)
+    weights = None if weights is None else weights.reshape(k).contiguous()
+    rule = SCALE_RULES.index(scale_rule)
     g = ref.resolve_global_scale(x, global_scale)
     if not bool(torch.isfinite(g)):
         raise ref.nonfinite_error(name)
-    k = x.shape[-1]
     x2 = x.detach().reshape(-1, k).contiguous()
     rows = x2.shape[0]
     packed = torch.empty(rows, k // 2, dtype=torch.uint8)
@@ -142,7 +154,7 @@ def quantize_and_pack(
     gf = float(g)
 
     def run(rs: slice) -> bool:
-        return _run_rows(x2[rs], gf, packed[rs], scales[rs])
+        return _run_rows(x2[rs], gf, rule, weights, packed[rs], scales[rs])
 
     if threads > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -12,16 +12,25 @@ import torch.nn.functional as F
 
 from .nvfp4_spec import (
     BLOCK_SIZE,
+    DEFAULT_ACTIVATION_ARITHMETIC,
+    DEFAULT_SCALE_RULE,
     E2M1_VALUES,
     E4M3_MAX,
+    E4M3_MAX_BYTE,
     E4M3_MIN_SCALE,
+    FOUR_OVER_SIX_FACTOR,
     FP4_MAX,
     GLOBAL_SCALE_DIVISOR,
+    MSE_MAX_CANDIDATES,
+    MSE_STEPS_ABOVE,
+    MSE_STEPS_BELOW,
     SIGN_BIT,
     SWIZZLE_COLS,
     SWIZZLE_ROWS,
     ZERO_BLOCK_SCALE,
     ZERO_TENSOR_GLOBAL_SCALE,
+    check_activation_arithmetic,
+    check_scale_rule,
 )
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 18
@@ -98,6 +107,94 @@ def block_scales_e4m3(block_amax: torch.Tensor, global_scale: torch.Tensor) -> t
     return s.to(torch.float8_e4m3fn)
 
 
+def resolve_channel_weights(
+    scale_rule: str, channel_weights: torch.Tensor | None, k: int, device: torch.device
+) -> torch.Tensor | None:
+    """Check a scale rule and its channel weights: float32 [K/16, 16] for mse-act, None for the other rules.
+
+    mse-act needs one finite, non-negative weight per input channel (the calibration inputs' E[x^2]); the other
+    rules take none.
+    """
+    check_scale_rule(scale_rule)
+    if scale_rule != "mse-act":
+        if channel_weights is not None:
+            raise ValueError(f"scale rule {scale_rule!r} takes no channel weights (only 'mse-act' does)")
+        return None
+    if channel_weights is None:
+        raise ValueError("scale rule 'mse-act' needs channel_weights: the calibration inputs' E[x^2] per channel")
+    w = torch.as_tensor(channel_weights).detach().to(device=device, dtype=torch.float32)
+    if w.shape != (k,):
+        raise ValueError(f"channel weights must have shape ({k},), one per input channel, got {tuple(w.shape)}")
+    if not bool((torch.isfinite(w) & (w >= 0)).all()):
+        raise ValueError("channel weights must be finite and non-negative")
+    return w.reshape(k // BLOCK_SIZE, BLOCK_SIZE)
+
+
+def e4m3_byte_values(codes: torch.Tensor) -> torch.Tensor:
+    """float32 value of E4M3 bytes held in an integer tensor (0..127)."""
+    return codes.to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def tree_sum16(t: torch.Tensor) -> torch.Tensor:
+    """Sum over a last dimension of 16 in the pinned order: fold halves, t[i] + t[i + 8], then + 4, + 2, + 1."""
+    while t.shape[-1] > 1:
+        half = t.shape[-1] // 2
+        t = t[..., :half] + t[..., half:]
+    return t.squeeze(-1)
+
+
+def block_errors(xb: torch.Tensor, d: torch.Tensor, channel_weights: torch.Tensor | None) -> torch.Tensor:
+    """Per block, sum over its 16 elements of [w *] (x - E2M1(x / d) * d)**2, float32 in the pinned order.
+
+    xb [..., NB, 16] float32, d [..., NB] the block divisors, channel_weights None or [NB, 16].
+    """
+    dd = d.unsqueeze(-1)
+    err = xb - _e2m1_values(xb / dd).mul_(dd)
+    err = err.mul_(err)
+    if channel_weights is not None:
+        err = err.mul_(channel_weights)
+    return tree_sum16(err)
+
+
+def search_block_scales(
+    xb: torch.Tensor,
+    block_amax: torch.Tensor,
+    g: torch.Tensor,
+    scales: torch.Tensor,
+    scale_rule: str,
+    channel_weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """The E4M3 scales [..., NB] a searching scale rule picks (docs/nvfp4.md, "Scale rules").
+
+    ``scales`` are the amax rule's (block_scales_e4m3). Candidates are visited in ascending byte order (for
+    four-over-six: the amax scale, then the 1.5x one); one replaces the best so far when its block error is strictly
+    smaller, or equal while it is the amax scale. A block that is not finite keeps the NaN scale.
+    """
+    s = block_amax / (FP4_MAX * g)
+    s = torch.where(s == 0, torch.full_like(s, ZERO_BLOCK_SCALE), s)
+    four = (s * FOUR_OVER_SIX_FACTOR).clamp(E4M3_MIN_SCALE, E4M3_MAX).to(torch.float8_e4m3fn)
+    amax_byte = scales.view(torch.uint8).to(torch.int32)
+    four_byte = four.view(torch.uint8).to(torch.int32)
+    if scale_rule == "four-over-six":
+        candidates = [(amax_byte, None), (four_byte, None)]
+    else:
+        low = (amax_byte - MSE_STEPS_BELOW).clamp_(min=1)
+        high = (four_byte + MSE_STEPS_ABOVE).clamp_(max=E4M3_MAX_BYTE)
+        candidates = [(low + j, low + j <= high) for j in range(MSE_MAX_CANDIDATES)]
+    best = amax_byte
+    best_err = torch.full_like(s, float("inf"))
+    for byte, valid in candidates:
+        byte = byte.clamp(max=E4M3_MAX_BYTE)
+        err = block_errors(xb, e4m3_byte_values(byte) * g, channel_weights)
+        better = (err < best_err) | ((err == best_err) & (byte == amax_byte))
+        if valid is not None:
+            better &= valid
+        best = torch.where(better, byte, best)
+        best_err = torch.where(better, err, best_err)
+    best = best.to(torch.uint8).view(torch.float8_e4m3fn)
+    return torch.where(torch.isfinite(block_amax), best, scales)
+
+
 _FLOAT32_EXPONENT_BITS = 0x7F800000
 _ONE_BITS = 0x3F800000  # float32 1.0
 _TWO_POW_22_BITS = 0x4A800000  # float32 2**22
@@ -153,21 +250,40 @@ def _e2m1_values(r: torch.Tensor) -> torch.Tensor:
     return shifted.sub_(m_bits.view(torch.float32)).copysign_(_sign_source(r))
 
 
-def _scales_and_ratios(
-    x2: torch.Tensor, g: torch.Tensor, *, name: str | None, check_finite: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x2 [R, K] in its own dtype -> (E4M3 scales [R, K/16], r = x / d float32 [R, K], d float32 [R, K/16, 1]).
+def _float32_and_block_amax(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [R, K] -> (a float32 copy, to be scaled in place; its block maxima [R, K/16]).
 
     The block max is a max-pool (NaN-propagating, and faster than amax over a 16-wide last dimension).
     """
     rows, k = x2.shape
-    xf = x2.to(torch.float32, copy=True, memory_format=torch.contiguous_format)  # divided in place below
+    xf = x2.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
     block_amax = F.max_pool1d(xf.abs().unsqueeze(1), BLOCK_SIZE).squeeze(1) if rows else xf.new_empty(0, k // 16)
+    return xf, block_amax
+
+
+def _scales_and_ratios(
+    x2: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    name: str | None,
+    check_finite: bool,
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    channel_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x2 [R, K] in its own dtype -> (E4M3 scales [R, K/16], r = x / d float32 [R, K], d float32 [R, K/16, 1]).
+
+    channel_weights: as resolve_channel_weights returns them.
+    """
+    rows, k = x2.shape
+    xf, block_amax = _float32_and_block_amax(x2)
     if check_finite and not bool(torch.isfinite(block_amax).all()):
         raise nonfinite_error(name)
     scales = block_scales_e4m3(block_amax, g)
+    xb = xf.view(rows, k // BLOCK_SIZE, BLOCK_SIZE)
+    if scale_rule != "amax":
+        scales = search_block_scales(xb, block_amax, g, scales, scale_rule, channel_weights)
     d = block_divisors(scales, g).unsqueeze(-1)
-    return scales, xf.view(rows, k // BLOCK_SIZE, BLOCK_SIZE).div_(d).view(rows, k), d
+    return scales, xb.div_(d).view(rows, k), d
 
 
 def _row_chunks(rows: int, k: int) -> list[slice]:
@@ -180,10 +296,21 @@ def block_divisors(block_scales: torch.Tensor, global_scale: torch.Tensor) -> to
     return block_scales.to(torch.float32) * global_scale
 
 
-def scaled_blocks(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """r = x / d as float32 [..., K/16, 16]: the values rounded onto the E2M1 grid (|r| > 6 saturates)."""
+def scaled_blocks(
+    x: torch.Tensor,
+    global_scale: torch.Tensor,
+    *,
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    channel_weights: torch.Tensor | None = None,
+    arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
+) -> torch.Tensor:
+    """r as float32 [..., K/16, 16] (x / d, or x times the engines' reciprocal): the values rounded onto the E2M1
+    grid (|r| > 6 saturates). Parameters as fake_quantize's."""
     check_last_dim(x)
-    r = _scales_and_ratios(x.detach().reshape(-1, x.shape[-1]), global_scale, name=None, check_finite=False)[1]
+    check_activation_arithmetic(arithmetic)
+    k = x.shape[-1]
+    w = resolve_channel_weights(scale_rule, channel_weights, k, x.device)
+    r = _fake_quant_ratios(x.detach().reshape(-1, k), global_scale, scale_rule, w, arithmetic)[1]
     return r.reshape(*x.shape[:-1], -1, BLOCK_SIZE)
 
 
@@ -193,19 +320,27 @@ def _check_global_scale(g: torch.Tensor, name: str | None) -> None:
 
 
 def _encode(
-    x: torch.Tensor, global_scale: torch.Tensor | float | None, name: str | None, *, pack: bool
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float | None,
+    name: str | None,
+    *,
+    pack: bool,
+    scale_rule: str,
+    channel_weights: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_last_dim(x)
+    k = x.shape[-1]
+    w = resolve_channel_weights(scale_rule, channel_weights, k, x.device)
     g = resolve_global_scale(x, global_scale)
     _check_global_scale(g, name)
-    k = x.shape[-1]
     x2 = x.detach().reshape(-1, k)
     rows = x2.shape[0]
     width = k // 2 if pack else k
     codes = torch.empty(rows, width, dtype=torch.uint8, device=x.device)
     scales = torch.empty(rows, k // BLOCK_SIZE, dtype=torch.float8_e4m3fn, device=x.device)
     for rows_slice in _row_chunks(rows, k):
-        scales[rows_slice], r, _ = _scales_and_ratios(x2[rows_slice], g, name=name, check_finite=True)
+        scales[rows_slice], r, _ = _scales_and_ratios(x2[rows_slice], g, name=name, check_finite=True,
+                                                      scale_rule=scale_rule, channel_weights=w)
         chunk = _e2m1_codes(r)
         codes[rows_slice] = _pack_int32_codes(chunk) if pack else chunk
     lead = x.shape[:-1]
@@ -213,13 +348,19 @@ def _encode(
 
 
 def quantize(
-    x: torch.Tensor, global_scale: torch.Tensor | float | None = None, *, name: str | None = None
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    *,
+    name: str | None = None,
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    channel_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., K] -> (codes uint8 [..., K] = sign << 3 | index, block scales float8_e4m3fn [..., K/16], g float32 0-d).
 
-    global_scale None computes g from amax(x). NaN or Inf in x raises a ValueError naming ``name``.
+    global_scale None computes g from amax(x). NaN or Inf in x raises a ValueError naming ``name``. ``scale_rule``
+    is one of nvfp4_spec.SCALE_RULES; "mse-act" needs ``channel_weights`` [K] (the inputs' E[x^2] per channel).
     """
-    return _encode(x, global_scale, name, pack=False)
+    return _encode(x, global_scale, name, pack=False, scale_rule=scale_rule, channel_weights=channel_weights)
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
@@ -237,13 +378,18 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_and_pack(
-    x: torch.Tensor, global_scale: torch.Tensor | float | None = None, *, name: str | None = None
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    *,
+    name: str | None = None,
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    channel_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., K] -> (packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], g float32 0-d).
 
-    The bytes of pack_fp4(quantize(x)[0]), made chunk by chunk of rows to bound memory.
+    The bytes of pack_fp4(quantize(x)[0]) (same parameters), made chunk by chunk of rows to bound memory.
     """
-    return _encode(x, global_scale, name, pack=True)
+    return _encode(x, global_scale, name, pack=True, scale_rule=scale_rule, channel_weights=channel_weights)
 
 
 def _decode(codes: torch.Tensor, scales: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -270,22 +416,71 @@ def dequantize(
     return _decode(codes, block_scales, g, dtype)
 
 
-def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor | float | None = None) -> torch.Tensor:
-    """Quantize-dequantize in x's dtype; equals dequantize(*quantize_and_pack(x, g), dtype=x.dtype) exactly.
+def fake_quantize(
+    x: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    *,
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    channel_weights: torch.Tensor | None = None,
+    arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
+) -> torch.Tensor:
+    """Quantize-dequantize in x's dtype; equals dequantize(*quantize_and_pack(x, g, ...), dtype=x.dtype) exactly.
 
     NaN/Inf propagate instead of raising: a block holding one dequantizes to NaN, and with the dynamic global scale
-    (global_scale None) the whole tensor does.
+    (global_scale None) the whole tensor does. ``arithmetic="reciprocal"`` (activations; amax rule only) computes
+    codes and scales as the engines' CUDA kernels do (engine_scales_and_ratios).
     """
     check_last_dim(x)
-    g = resolve_global_scale(x, global_scale)
+    check_activation_arithmetic(arithmetic)
     k = x.shape[-1]
+    w = resolve_channel_weights(scale_rule, channel_weights, k, x.device)
+    if arithmetic != "divide" and scale_rule != "amax":
+        raise ValueError(f"activation arithmetic {arithmetic!r} takes the amax scale rule, not {scale_rule!r}")
+    g = resolve_global_scale(x, global_scale)
     x2 = x.detach().reshape(-1, k)
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     for rows_slice in _row_chunks(x2.shape[0], k):
-        _, r, d = _scales_and_ratios(x2[rows_slice], g, name=None, check_finite=False)
+        _, r, d = _fake_quant_ratios(x2[rows_slice], g, scale_rule, w, arithmetic)
         rows = r.shape[0]
         out[rows_slice] = _e2m1_values(r).view(rows, -1, BLOCK_SIZE).mul_(d).view(rows, k)
     return out.reshape(x.shape)
+
+
+def _fake_quant_ratios(
+    x2: torch.Tensor, g: torch.Tensor, scale_rule: str, channel_weights: torch.Tensor | None, arithmetic: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scales, r, d) of rows x2 without the NaN/Inf check: by the definition, or as the engines compute them."""
+    if arithmetic == "divide":
+        return _scales_and_ratios(x2, g, name=None, check_finite=False, scale_rule=scale_rule,
+                                  channel_weights=channel_weights)
+    return engine_scales_and_ratios(x2, g)
+
+
+_RECIPROCAL_OF_FP4_MAX = 1.0 / FP4_MAX
+"""The engines' rcp(6.0), taken as float32(1/6) (docs/nvfp4.md: reciprocals are modelled as correctly rounded)."""
+
+
+def engine_scales_and_ratios(
+    x2: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Activation quantization as vLLM's and TensorRT-LLM's CUDA kernels compute it (cvt_warp_fp16_to_fp4).
+
+    With G = 1 / g (the engine's SFScale) and v the block max: SF = G * (v * rcp(6)); s = e4m3(SF), saturating,
+    no lower clamp (a tiny or zero SF gives scale 0 and all codes 0); r = x * rcp(s * rcp(G)), 0 where s is 0.
+    Every rcp is the correctly rounded float32 reciprocal. Returns what _scales_and_ratios does: (E4M3 scales
+    [R, K/16], r [R, K], d = s * g [R, K/16, 1]); NaN or Inf in a block makes its scale NaN (training propagates it).
+    """
+    rows, k = x2.shape
+    xf, block_amax = _float32_and_block_amax(x2)
+    one = torch.ones((), dtype=torch.float32, device=xf.device)
+    big_g = one / g
+    sf = big_g * (block_amax * torch.tensor(_RECIPROCAL_OF_FP4_MAX, dtype=torch.float32, device=xf.device))
+    sf = torch.where(torch.isfinite(block_amax), sf.clamp(max=E4M3_MAX), torch.full_like(sf, float("nan")))
+    scales = sf.to(torch.float8_e4m3fn)
+    s = scales.to(torch.float32)
+    out_scale = torch.where(s != 0, one / (s * (one / big_g)), torch.zeros_like(s)).unsqueeze(-1)
+    r = xf.view(rows, k // BLOCK_SIZE, BLOCK_SIZE).mul_(out_scale).view(rows, k)
+    return scales, r, block_divisors(scales, g).unsqueeze(-1)
 
 
 def swizzle_block_scales(block_scales: torch.Tensor) -> torch.Tensor:

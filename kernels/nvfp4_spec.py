@@ -12,6 +12,8 @@ Summary of the pinned float32 order (x is the input, upcast exactly to float32):
     r      = x / d
     code   = (r < 0) << 3 | idx(|r|)       idx: round half to even on E2M1_VALUES, saturating at 6
     value  = E2M1(code) * d                (cast to the output dtype last)
+
+A scale rule other than "amax" replaces s_q by the candidate of least block error (docs/nvfp4.md, "Scale rules").
 """
 
 from __future__ import annotations
@@ -47,6 +49,40 @@ or inclusively (|r| >= b) where the upper one has; that is round half to even on
 """
 
 SIGN_BIT = 0x8
+
+SCALE_RULES: tuple[str, ...] = ("amax", "four-over-six", "mse", "mse-act")
+"""How a weight block's E4M3 scale is chosen: from the block max (block max -> 6), or the candidate of least error
+among {block max -> 6, block max -> 4} (four-over-six), a range of E4M3 scales around them (mse), or that range
+scored by the error weighted with per-input-channel weights, the calibration inputs' E[x^2] (mse-act)."""
+DEFAULT_SCALE_RULE = "amax"
+FOUR_OVER_SIX_FACTOR = 1.5
+"""The Four-over-Six candidate is e4m3(clamp(s * 1.5, 2**-9, 448)): the block max maps to 4 instead of 6."""
+MSE_STEPS_BELOW = 2
+"""mse / mse-act candidates start this many E4M3 steps (bytes) below the amax rule's scale byte ..."""
+MSE_STEPS_ABOVE = 2
+"""... and end this many steps above the Four-over-Six candidate's byte (clamped to bytes 1..126)."""
+MSE_MAX_CANDIDATES = 11
+"""At most this many bytes lie in an mse range: the Four-over-Six byte is at most 6 above the amax byte."""
+E4M3_MAX_BYTE = 0x7E
+"""The byte of 448, the largest finite E4M3 value (byte 1 is the smallest positive one, 2**-9)."""
+
+ACTIVATION_ARITHMETICS: tuple[str, ...] = ("divide", "reciprocal")
+"""How activations are quantized: "divide" is the definition above (r = x / d); "reciprocal" is what vLLM's and
+TensorRT-LLM's CUDA kernels compute (docs/nvfp4.md, "Activations as engines quantize them")."""
+DEFAULT_ACTIVATION_ARITHMETIC = "divide"
+
+
+def check_scale_rule(rule: str) -> None:
+    """One line naming the bad value."""
+    if rule not in SCALE_RULES:
+        raise ValueError(f"scale rule must be one of {', '.join(SCALE_RULES)}, not {rule!r}")
+
+
+def check_activation_arithmetic(arithmetic: str) -> None:
+    """One line naming the bad value."""
+    if arithmetic not in ACTIVATION_ARITHMETICS:
+        choices = ", ".join(ACTIVATION_ARITHMETICS)
+        raise ValueError(f"activation arithmetic must be one of {choices}, not {arithmetic!r}")
 
 SWIZZLE_ROWS = 128
 SWIZZLE_COLS = 4

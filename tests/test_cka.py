@@ -283,3 +283,112 @@ def test_streaming_float32_partials_flush_into_float64(monkeypatch, flush_tokens
     acc.update_student("s", x[:250], y[:250])
     x2, y2 = torch.cat([x, x[:250]]), torch.cat([y, y[:250]])
     assert acc.linear("s") == pytest.approx(ref_linear(x2, y2), abs=2e-6)
+
+
+# -- bf16 precision (docs/cka.md): bf16 operands, float32 products; on the CPU the exact emulation --------------------
+def _streamed(precision: str, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[float, float]:
+    acc = StreamingCKA(precision)
+    for x, y in zip(xs, ys, strict=True):
+        acc.update(x, y)
+    return acc.linear(), acc.debiased()
+
+
+def _float64(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> tuple[float, float]:
+    exact = StreamingCKA()  # float64 features: equal to the references to rounding (tests above)
+    exact.update(torch.cat(xs).double(), torch.cat(ys).double())
+    return exact.linear(), exact.debiased()
+
+
+@pytest.fixture(scope="module")
+def builtin_features() -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Per decoder layer, (student batches, teacher batches): the built-in teacher in bf16 against its W4A4 PTQ copy
+    on the built-in test split, 16 x 128 tokens, position 0 dropped."""
+    from ckaqad_cli import models
+    from ckaqad_cli.data import load_texts, pack_sequences
+    from ckaqad_cli.models import capture_residuals
+
+    teacher, tok = models.load_model("builtin", dtype=torch.bfloat16)
+    student, _ = models.ptq_student(teacher, "w4a4")
+    ids = pack_sequences(load_texts("builtin", split="test"), tok, 128, max_tokens=16 * 128)
+    layers: dict[int, tuple[list, list]] = {}
+    with torch.no_grad(), capture_residuals(teacher) as ht, capture_residuals(student) as hs:
+        for batch in ids.split(8):
+            ht.clear(), hs.clear()
+            teacher(input_ids=batch), student(input_ids=batch)
+            for i, (s, t) in enumerate(zip(hs[1:-1], ht[1:-1], strict=True)):
+                xs, ys = layers.setdefault(i, ([], []))
+                xs.append(s[:, 1:].reshape(-1, s.shape[-1]))
+                ys.append(t[:, 1:].reshape(-1, t.shape[-1]))
+    return list(layers.values())
+
+
+def test_bf16_precision_matches_float64_on_the_builtin_teacher(builtin_features):
+    for xs, ys in builtin_features:
+        assert xs[0].dtype == torch.bfloat16
+        want = _float64(xs, ys)
+        assert _streamed("bf16", xs, ys) == pytest.approx(want, abs=1e-6)
+
+
+def test_bf16_precision_matches_float64_with_channel_means_100x_the_spread():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(4096, 192, generator=g) + 100 * torch.randn(192, generator=g)
+    x = y + 0.3 * torch.randn(4096, 192, generator=g)
+    x[::97, :3] += 1e3  # a few massive activations on top
+    xs, ys = list(x.bfloat16().split(1016)), list(y.bfloat16().split(1016))
+    want = _float64(xs, ys)
+    assert _streamed("bf16", xs, ys) == pytest.approx(want, abs=1e-5)
+    # the shift keeps the shifted rows exact in bf16, so the products round nothing
+    shift = cka._bf16_shift(xs[0])
+    shifted = xs[1].float() - shift
+    assert (shifted.bfloat16().float() == shifted).float().mean() > 0.999
+    assert torch.equal(shift.bfloat16().float(), shift)
+
+
+def test_bf16_precision_multiplies_bf16_values():
+    """On the CPU the products take the shifted rows rounded to bf16, as float32 (the exact emulation of a bf16 GEMM
+    with a float32 product); the O(n d) sums take the unrounded rows."""
+    x = features(300, 40, 24, seed=5)[0].float()
+    rows = cka._Moments("bf16").prepared(x)
+    assert rows.operand.dtype == torch.float32 and torch.equal(rows.operand, rows.rows.bfloat16().float())
+    assert not torch.equal(rows.operand, rows.rows)
+    plain = cka._Moments("float32").prepared(x)
+    assert plain.operand is plain.rows
+
+
+def test_bf16_operands_take_the_cuda_path(monkeypatch):
+    """The CUDA branch on the CPU: operands kept bf16 and multiplied by torch.mm(..., out_dtype=torch.float32)
+    (emulated here, as CPU torch lacks it); the same CKA as the CPU's emulation, to float32 rounding."""
+    real_mm = torch.mm
+    calls = []
+
+    def mm(a, b, *, out_dtype=None):
+        assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
+        calls.append(a.shape)
+        return real_mm(a.float(), b.float())
+
+    x, y = features(600, 200, 72, seed=4)
+    x, y = (x + 50).bfloat16(), y.bfloat16()
+    emulated = _streamed("bf16", list(x.split(200)), list(y.split(200)))
+    monkeypatch.setattr(cka, "_bf16_products", lambda device: True)
+    monkeypatch.setattr(torch, "mm", mm)
+    assert _streamed("bf16", list(x.split(200)), list(y.split(200))) == pytest.approx(emulated, abs=1e-6)
+    assert len(calls) == 3 * (3 + 1 + 1)  # per batch: 3 + 1 column blocks of the two Grams (200 and 72 wide), the cross
+
+
+def test_unknown_precision_is_one_line_error():
+    from ckaqad_cli.errors import CkaqadError
+
+    with pytest.raises(CkaqadError, match="--cka-precision must be one of float32, bf16"):
+        StreamingCKA("fp8")
+
+
+def test_cka_under_autocast_stays_float32():
+    """Distill runs its objective under bf16 autocast on a GPU: the CKA products must not become bf16 ones there."""
+    x, y = features(64, 48, 40, seed=2)
+    x, y = x.float(), y.float()
+    want = linear_cka(x, y), debiased_cka(x, y), cka_loss([x], [y])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cka(x, y), debiased_cka(x, y), cka_loss([x], [y])
+        assert (x.T @ y).dtype == torch.bfloat16  # what autocast does to a plain product
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and torch.equal(a, b)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ckaqad_cli import formats
 from ckaqad_cli.formats import compressed_tensors as ct
+from ckaqad_cli.formats import layout
 from ckaqad_cli.formats import modelopt as mo
 from ckaqad_kernels import nvfp4_ref
 
@@ -47,18 +48,18 @@ def test_modelopt_configs_match_modelopts_own_conversion(scheme):
 @given(finite_scales)
 def test_compressed_tensors_reciprocal_decodes_back_exactly_when_possible(g_value):
     g = torch.tensor(g_value, dtype=torch.float32)
-    stored = ct.encode("m", torch.zeros(1, 8, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.float8_e4m3fn), g, g)
+    stored = layout.encode(ct, "m", torch.zeros(1, 8, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.float8_e4m3fn), g, g)
     r = stored["m.weight_global_scale"]
     assert r.shape == (1,) and r.dtype == torch.float32
     assert torch.equal(stored["m.input_global_scale"], r)
     # within a float32 ulp of 1/g: what compressed-tensors and vLLM expect
     assert abs(float(r) * g_value - 1.0) < 2.5e-7
-    back = ct.global_scale(r)
-    if ct.reciprocal_is_exact(g):
+    back = ct.load_scale(r)
+    if formats.scale_is_exact(ct, g):
         assert torch.equal(back, g)
     else:  # no float32 has a reciprocal rounding to g: nothing could be stored exactly
         near = [torch.nextafter(r, torch.tensor(d)) for d in (float("inf"), float("-inf"))]
-        assert all(not torch.equal(ct.global_scale(c), g) for c in [r, *near])
+        assert all(not torch.equal(ct.load_scale(c), g) for c in [r, *near])
 
 
 @settings(max_examples=20, deadline=None)
@@ -66,18 +67,18 @@ def test_compressed_tensors_reciprocal_decodes_back_exactly_when_possible(g_valu
 def test_modelopt_encode_decode_is_bit_exact(rows, blocks, amax_scale, seed):
     x = torch.randn(rows, blocks * 16, generator=torch.Generator().manual_seed(seed)) * amax_scale
     packed, scales, g = nvfp4_ref.quantize_and_pack(x)
-    tensors = mo.encode("m", packed, scales, g, None)
+    tensors = layout.encode(mo, "m", packed, scales, g, None)
     assert tensors["m.weight_scale_2"].shape == () and "m.input_scale" not in tensors
-    for spec in mo.module_specs("m", rows, blocks * 16, "w4a16"):
+    for spec in layout.module_specs(mo, "m", rows, blocks * 16, "w4a16"):
         assert tensors[spec.name].dtype == spec.dtype and tuple(tensors[spec.name].shape) == spec.shape
-    assert torch.equal(mo.decode(tensors, "m", torch.float32), nvfp4_ref.fake_quantize(x))
+    assert torch.equal(layout.decode(mo, tensors, "m", torch.float32), nvfp4_ref.fake_quantize(x))
 
 
 def test_compressed_tensors_specs_match_encode():
     x = torch.randn(3, 32)
     packed, scales, g = nvfp4_ref.quantize_and_pack(x)
-    tensors = ct.encode("a.b", packed, scales, g, torch.tensor(0.5))
-    specs = ct.module_specs("a.b", 3, 32, "w4a4")
+    tensors = layout.encode(ct, "a.b", packed, scales, g, torch.tensor(0.5))
+    specs = layout.module_specs(ct, "a.b", 3, 32, "w4a4")
     assert [s.name for s in specs] == list(tensors)
     for spec in specs:
         assert tensors[spec.name].dtype == spec.dtype and tuple(tensors[spec.name].shape) == spec.shape
@@ -100,7 +101,7 @@ def test_detect_format(tmp_path):
 def test_every_format_keeps_the_protocol(name, scheme):
     """What pack, verify and the packed loader use of a format (formats/__init__.py): one module answers it all."""
     fmt = formats.FORMATS[name]
-    assert fmt.NAME == name and fmt.WEIGHT in fmt.PARAMS and fmt.BLOCK_SCALE in fmt.PARAMS
+    assert fmt.NAME == name and len(fmt.PARAMS) == len(set(fmt.PARAMS)) == 4
     ignore = ["lm_head"]
     config = formats.packed_config({"model_type": "llama", "compression_config": {}}, fmt, scheme, ignore)
     assert list(config) == ["model_type", fmt.CONFIG_KEYS[0]] and fmt.is_format(config)
@@ -109,11 +110,11 @@ def test_every_format_keeps_the_protocol(name, scheme):
     assert set(fmt.extra_files(scheme, ignore)) == set(fmt.EXTRA_FILES)
     x = torch.randn(2, 32)
     packed, scales, g = nvfp4_ref.quantize_and_pack(x)
-    tensors = fmt.encode("m", packed, scales, g, g if scheme == "w4a4" else None)
-    assert [s.name for s in fmt.module_specs("m", 2, 32, scheme)] == list(tensors)
-    want = nvfp4_ref.dequantize(packed, scales, fmt.decoded_global_scale(g), dtype=torch.float32)
-    assert torch.equal(fmt.decode(tensors, "m", torch.float32), want)
-    assert formats.scale_is_exact(fmt, g) == bool(fmt.decoded_global_scale(g) == g)
+    tensors = layout.encode(fmt, "m", packed, scales, g, g if scheme == "w4a4" else None)
+    assert [s.name for s in layout.module_specs(fmt, "m", 2, 32, scheme)] == list(tensors)
+    want = nvfp4_ref.dequantize(packed, scales, layout.decoded_global_scale(fmt, g), dtype=torch.float32)
+    assert torch.equal(layout.decode(fmt, tensors, "m", torch.float32), want)
+    assert formats.scale_is_exact(fmt, g) == bool(layout.decoded_global_scale(fmt, g) == g)
 
 
 def test_extra_files_alone_identify_a_format(tmp_path):

@@ -143,3 +143,91 @@ def test_moe_router_excluded_and_fused_experts_reported():
     assert "model.layers.0.mlp.experts.3.down_proj" in recipe.quantized
     assert recipe.fused_groups[0] == [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
     assert ["model.layers.0.mlp.experts.0.gate_proj", "model.layers.0.mlp.experts.0.up_proj"] in recipe.fused_groups
+
+
+@pytest.mark.parametrize("rule", ["four-over-six", "mse"])
+def test_the_scale_rule_reaches_the_student_and_its_frozen_weights_are_the_packed_ones(rule):
+    from ckaqad_kernels import dispatch
+
+    model = tiny_llama()
+    recipe = quant.apply_fake_quant(model, scheme="w4a16", scale_rule=rule)
+    assert recipe.scale_rule == rule
+    q = model.model.layers[0].self_attn.q_proj
+    g = q.weight_global_scale()
+    weight = q.weight.detach().clone()
+    want = ref.fake_quantize(weight, g, scale_rule=rule)
+    assert torch.equal(q.quantized_weight().detach(), want)
+    assert not torch.equal(want, ref.fake_quantize(weight, g))  # the rule changes some scales
+    packed, scales, gs = dispatch.quantize_and_pack(weight, g, scale_rule=rule)
+    assert torch.equal(ref.dequantize(packed, scales, gs), want)
+    quant.freeze_quantized_weights(model)
+    assert torch.equal(q.weight.detach(), want)
+
+
+def test_recipe_scale_rule_round_trip_old_recipes_and_bad_values(tmp_path):
+    recipe = quant.QuantRecipe(scheme="w4a4", scale_rule="mse", activation_arithmetic="reciprocal")
+    recipe.save(tmp_path)
+    assert quant.QuantRecipe.load(tmp_path) == recipe
+    data = json.loads((tmp_path / quant.RECIPE_FILE).read_text())
+    del data["scale_rule"], data["activation_arithmetic"]  # a recipe written before the fields existed
+    (tmp_path / quant.RECIPE_FILE).write_text(json.dumps(data))
+    old = quant.QuantRecipe.load(tmp_path)
+    assert (old.scale_rule, old.activation_arithmetic) == ("amax", "divide")
+    with pytest.raises(CkaqadError, match=r"^scale_rule must be one of amax, four-over-six, mse, mse-act, not 'x'$"):
+        quant.QuantRecipe(scale_rule="x")
+    with pytest.raises(CkaqadError, match=r"^--scale-rule must be one of .* not 'best'$"):
+        quant.check_scale_rule("best")
+    with pytest.raises(CkaqadError, match=r"^--activation-arithmetic must be one of divide, reciprocal, not 'rcp'$"):
+        quant.check_activation_arithmetic("rcp")
+
+
+def test_mse_act_needs_the_calibrated_second_moments(tmp_path):
+    model = tiny_llama()
+    recipe = quant.apply_fake_quant(model, scheme="w4a4", scale_rule="mse-act")
+    with pytest.raises(CkaqadError, match="second moments"):
+        model(IDS)
+    q = model.model.layers[0].self_attn.q_proj
+    seen = []
+    hook = q.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, 32)))
+    with torch.no_grad(), quant.record_inputs(model) as record:
+        model(IDS)
+        model(IDS[:, :5])
+    hook.remove()
+    moments = record.second_moments()
+    assert set(moments) == set(recipe.quantized) == set(record.amax)
+    name = "model.layers.0.self_attn.q_proj"
+    inputs = torch.cat(seen).double()
+    torch.testing.assert_close(moments[name], inputs.square().mean(0).float())
+    assert torch.equal(moments[name], moments["model.layers.0.self_attn.k_proj"])  # one input
+    assert record.amax[name] == float(inputs.abs().max())
+    quant.set_channel_weights(model, moments)
+    g = q.weight_global_scale()
+    want = ref.fake_quantize(q.weight.detach(), g, scale_rule="mse-act", channel_weights=moments[name])
+    assert torch.equal(q.quantized_weight().detach(), want)
+    logits = model(IDS).logits
+    quant.save_second_moments(tmp_path, moments)
+    loaded = quant.load_second_moments(tmp_path)
+    assert loaded.keys() == moments.keys() and all(torch.equal(loaded[k], moments[k]) for k in moments)
+    fresh = tiny_llama()
+    quant.apply_recipe(fresh, recipe, loaded)
+    assert torch.equal(fresh(IDS).logits, logits)
+    with pytest.raises(CkaqadError, match="no input second moments for model.layers.0.self_attn.k_proj"):
+        quant.set_channel_weights(tiny_llama_quantized("mse-act"), {name: moments[name]})
+    with pytest.raises(CkaqadError, match="no input_second_moments.safetensors"):
+        quant.load_second_moments(tmp_path / "elsewhere")
+
+
+def tiny_llama_quantized(rule: str):
+    model = tiny_llama()
+    quant.apply_fake_quant(model, scheme="w4a16", scale_rule=rule)
+    return model
+
+
+def test_w4a4_inputs_follow_the_activation_arithmetic():
+    model = tiny_llama()
+    quant.apply_fake_quant(model, scheme="w4a4", activation_arithmetic="reciprocal")
+    up = model.model.layers[0].mlp.up_proj
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 32)
+    w = ref.fake_quantize(up.weight.detach(), up.weight_global_scale())
+    assert torch.equal(up(x), F.linear(ref.fake_quantize(x, arithmetic="reciprocal"), w))

@@ -128,7 +128,7 @@ def test_fused_fake_quant_is_bit_identical_to_packed_per_expert_tensors(tmp_path
             for leaf, tensor in want.items():
                 got = decoded[f"{prefix}.{leaf}.weight"]
                 g = quant.group_weight_global_scale([scales[leaf]])
-                if fmt == "modelopt" or formats.compressed_tensors.reciprocal_is_exact(g):
+                if fmt == "modelopt" or formats.scale_is_exact(formats.compressed_tensors, g):
                     assert same_bits(got, tensor), f"{prefix}.{leaf}"
                 else:  # compressed-tensors stores 1/g; some g have no exactly invertible float32 (docs/nvfp4.md)
                     torch.testing.assert_close(got, tensor, rtol=torch.finfo(got.dtype).eps, atol=0)
@@ -227,3 +227,58 @@ def test_packed_moe_directory_loads_with_its_experts(tmp_path):
     with torch.no_grad():
         assert same_bits(packed.model.layers[0].mlp.experts.down_proj, model.model.layers[0].mlp.experts.down_proj)
         assert torch.equal(packed(input_ids=_ids()).logits, student(input_ids=_ids()).logits)
+
+
+def test_mse_act_experts_use_their_layers_second_moments():
+    model = tiny_moe()
+    recipe = quant.apply_fake_quant(model, scheme="w4a16", scale_rule="mse-act")
+    with torch.no_grad(), quant.record_inputs(model) as record:
+        model(input_ids=_ids())
+    moments = record.second_moments()
+    assert set(moments) == set(recipe.quantized)
+    name = EXPERTS_OF.format(0)
+    assert torch.equal(moments[f"{name}.0.gate_proj"], moments[f"{name}.3.up_proj"])  # one input per projection
+    assert moments[f"{name}.1.down_proj"].shape == (INTER,)
+    assert record.amax[f"{name}.2.down_proj"] > 0
+    quant.set_channel_weights(model, moments)
+    experts = model.get_submodule(name)
+    with torch.no_grad():
+        got = experts.gate_up_proj
+    raw = experts._parameters["gate_up_proj"].detach()
+    for e in range(EXPERTS):
+        g = quant.group_weight_global_scale([raw[e]])
+        w = moments[f"{name}.{e}.gate_proj"]
+        want = nvfp4_ref.fake_quantize(raw[e], g, scale_rule="mse-act", channel_weights=w)
+        assert same_bits(got[e], want)
+
+
+def test_pack_writes_the_students_scale_rule(tmp_path):
+    model = tiny_moe()
+    recipe = quant.apply_fake_quant(model, scheme="w4a16", scale_rule="mse")
+    source = _save_student(model, recipe, tmp_path / "student")
+    out = tmp_path / "packed"
+    pack_model(PackConfig(model=str(source), out=str(out), format="modelopt", verify=False))
+    decoded = formats.load_dequantized_state_dict(out)
+    experts = model.get_submodule(EXPERTS_OF.format(1))
+    with torch.no_grad():
+        down = experts.down_proj
+    for e in range(EXPERTS):
+        assert same_bits(decoded[f"{EXPERTS_OF.format(1)}.{e}.down_proj.weight"], down[e])
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        assert same_bits(decoded["model.layers.0.self_attn.q_proj.weight"], q.quantized_weight())
+
+
+def test_an_mse_act_student_loads_with_its_second_moments(tmp_path):
+    from ckaqad_cli.packing.calibrate import load_student
+
+    model = tiny_moe()
+    recipe = quant.apply_fake_quant(model, scheme="w4a16", scale_rule="mse-act")
+    with torch.no_grad(), quant.record_inputs(model) as record:
+        model(input_ids=_ids())
+    quant.set_channel_weights(model, record.second_moments())
+    source = _save_student(model, recipe, tmp_path / "student")
+    quant.save_second_moments(source, record.second_moments())
+    loaded, _ = load_student(source, recipe, "cpu", torch.bfloat16)
+    with torch.no_grad():
+        assert same_bits(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)

@@ -106,6 +106,37 @@ def test_describe_input_hashes_local_files(tmp_path):
     assert describe_input("Qwen/Qwen3-4B") == {"hub_id": "Qwen/Qwen3-4B"}
 
 
+def test_describe_input_records_safetensors_by_their_tensors_digest_and_takes_given_digests(tmp_path, monkeypatch):
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    import ckaqad_cli.safetensors_io as sio
+
+    model = tmp_path / "m"
+    (model / "sub").mkdir(parents=True)
+    save_file({"w": torch.ones(4, 4)}, str(model / "model.safetensors"))
+    (model / "sub" / "broken.safetensors").write_bytes(b"not safetensors")
+    (model / ".hidden").write_text("skipped")
+    files = describe_input(model)["files"]
+    assert files == {
+        "model.safetensors": sio.tensors_sha256(model / "model.safetensors"),
+        "sub/broken.safetensors": hashlib.sha256(b"not safetensors").hexdigest(),  # not one: its plain SHA-256
+    }
+    monkeypatch.setattr(sio, "tensors_sha256", lambda path: pytest.fail(f"{path} read again"))
+    given = describe_input(model, digests={"model.safetensors": "tensors-sha256:given", "sub/broken.safetensors": "x"})
+    assert given["files"] == {"model.safetensors": "tensors-sha256:given", "sub/broken.safetensors": "x"}
+
+
+def test_inputs_described_while_the_stage_ran_are_recorded_with_the_given_ones(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with run.stage("pack", config={}, inputs={"model": {"path": "/m"}, "data": "d"}) as rec:
+        assert run.stage_entry("pack")["inputs"] == {"model": {"path": "/m"}, "data": "d"}
+        rec.inputs["model"] = described = {"path": "/m", "files": {"model.safetensors": "tensors-sha256:ab"}}
+    assert run.stage_entry("pack")["inputs"] == {"model": described, "data": "d"}
+
+
 def test_crash_mid_write_leaves_a_parseable_manifest_never_done(tmp_path):
     """SIGKILL a process that rewrites run.json in a tight loop: the manifest always parses, the stage is not done."""
     run_path = tmp_path / "run"

@@ -21,9 +21,9 @@ from ckaqad_cli.safetensors_io import (
     check_file,
     ensure_disk_space,
     ensure_writable,
-    parse_size,
     plan_shards,
 )
+from ckaqad_cli.settings.pack import parse_size
 
 DTYPES = [torch.bfloat16, torch.float32, torch.float16, torch.uint8, torch.float8_e4m3fn, torch.int64]
 
@@ -233,3 +233,98 @@ def test_ensure_writable_names_the_path_and_leaves_nothing(tmp_path, monkeypatch
     (tmp_path / "file").write_text("x")
     with pytest.raises(CkaqadError, match="is not a directory"):
         ensure_writable(tmp_path / "file" / "run", "--run")
+
+
+# -- digests taken while reading (run.json's record of pack's input) ----------------------------------------------
+
+
+def test_digests_taken_while_reading_in_any_order_equal_the_files_digests(tmp_path):
+    from ckaqad_cli.safetensors_io import tensors_sha256
+
+    tensors = {f"t{i}": _tensor(d, s, i) for i, (d, s) in enumerate(
+        [(torch.bfloat16, (7, 5)), (torch.float32, (0,)), (torch.uint8, (300,)), (torch.int64, ()),
+         (torch.float16, (9,))]
+    )}
+    for directory in (tmp_path / "ours", tmp_path / "lib"):
+        directory.mkdir()
+    _write_all(tmp_path / "ours", tensors, 100)  # sharded, in plan order
+    save_file(tensors, str(tmp_path / "lib" / "model.safetensors"))  # in the library's order
+    for directory in (tmp_path / "ours", tmp_path / "lib"):
+        with SafetensorsSource(directory, digest=True) as src:
+            names = src.names()
+            scratch = torch.empty(4096, dtype=torch.uint8)
+            for i, name in enumerate(reversed(names[1:])):  # out of file order, into a scratch buffer or not
+                src.get(name, scratch if i % 2 else None)
+            partial = src.digests()
+            src.get(names[0])
+            src.get(names[1])  # read again: the digest is the first read's
+            digests = src.digests()
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        assert sorted(digests) == files and len(partial) < len(files)
+        for name, digest in digests.items():
+            assert digest == tensors_sha256(directory / name)
+            assert digest.startswith("tensors-sha256:") and len(digest) == len("tensors-sha256:") + 64
+    with SafetensorsSource(tmp_path / "lib") as src:
+        with pytest.raises(ValueError, match="without digest"):
+            src.digests()
+
+
+def test_the_digest_fixes_every_byte_and_is_none_for_a_file_its_tensors_do_not_fill(tmp_path):
+    from ckaqad_cli.safetensors_io import tensors_sha256
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(3, 3)}, str(path), metadata={"k": "v"})
+    data = path.read_bytes()
+    digest = tensors_sha256(path)
+    for where in (3, 20, len(data) - 40, len(data) - 1):  # the header's length, its JSON, tensor a, tensor b
+        changed = bytearray(data)
+        changed[where] ^= 1
+        path.write_bytes(changed)
+        assert tensors_sha256(path) != digest
+    path.write_bytes(data + b"\0")  # a byte the tensors do not cover
+    assert tensors_sha256(path) is None
+    path.write_text("not safetensors")
+    assert tensors_sha256(path) is None
+
+
+# -- the writer's uncached writes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refused", ["nothing", "at open", "at a write"])
+def test_writer_bytes_are_the_same_with_or_without_o_direct(tmp_path, monkeypatch, refused):
+    import errno
+    import fcntl
+    import os
+
+    import ckaqad_cli.safetensors_io as sio
+
+    monkeypatch.setattr(sio, "_STAGING_BYTES", 8192)  # several full buffers, and a tail that is no whole block
+    tensors = {f"t{i}": _tensor(torch.bfloat16, (n,), i) for i, n in enumerate([3000, 1, 9000, 77])}
+    (tmp_path / "want").mkdir()
+    (tmp_path / "got").mkdir()
+    _write_all(tmp_path / "want", tensors, 10**6)
+    real_open, real_write = os.open, os.write
+    direct = getattr(os, "O_DIRECT", 0)
+    refusals = []
+
+    def refusing_open(path, flags, *args):
+        if refused == "at open" and flags & direct:
+            refusals.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    def refusing_write(fd, data):
+        if refused == "at a write" and fcntl.fcntl(fd, fcntl.F_GETFL) & direct:
+            refusals.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(sio.os, "open", refusing_open)
+    monkeypatch.setattr(sio.os, "write", refusing_write)
+    _write_all(tmp_path / "got", tensors, 10**6)
+    monkeypatch.undo()
+    assert len(refusals) == (0 if refused == "nothing" or not direct else 1)
+    got, want = (tmp_path / d / "model.safetensors" for d in ("got", "want"))
+    assert got.read_bytes() == want.read_bytes()
+    loaded = load_file(got)
+    assert all(torch.equal(_bytes(loaded[n]), _bytes(t)) for n, t in tensors.items())

@@ -10,6 +10,7 @@ import torch
 
 from ckaqad_cli import checkpoints
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.settings.distill import warmup_steps
 from ckaqad_cli.training import (
     MetricsLog,
     NonFiniteLossError,
@@ -19,7 +20,6 @@ from ckaqad_cli.training import (
     check_finite,
     cosine_factor,
     restore_rng_state,
-    warmup_steps,
 )
 
 

@@ -3,6 +3,4 @@
 
 from pathlib import Path
 
-BUILTIN = "builtin"
-"""The name that selects the built-in teacher (--teacher) and its task texts (--data)."""
 TEACHER_DIR = Path(__file__).resolve().parent / "teacher"

@@ -39,15 +39,17 @@ def config_file_callback(ctx: typer.Context, param: typer.CallbackParam, value: 
     if value is None:
         return None
     data = read_config_file(value)
-    known = {p.name: p for p in ctx.command.params if p.name and p.name not in NOT_CONFIG}
+    params = [p for p in ctx.command.params if p.name and p.name not in NOT_CONFIG]
+    known = {p.name: p for p in params}
+    known.update({flag.lstrip("-").replace("-", "_"): p for p in params for flag in p.opts})  # --student: students
     defaults: dict[str, Any] = {}
     for key, val in data.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name not in known:
-            options = ", ".join(sorted(n.replace("_", "-") for n in known))
+            options = ", ".join(sorted({p.opts[0].lstrip("-") for p in params}))
             raise typer.BadParameter(f"unknown key {key!r} in {value} (known: {options})")
         repeatable = getattr(known[name], "multiple", False)
-        defaults[name] = [val] if repeatable and isinstance(val, (str, int, float)) else val  # `exclude: "x"`
+        defaults[known[name].name] = [val] if repeatable and isinstance(val, (str, int, float)) else val  # `exclude: "x"`
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 

@@ -5,17 +5,16 @@ use; a third format is one new module with these names plus its line in FORMATS)
 
 Names and tensors (per quantized Linear ``M``)
     ``NAME``                  the format's name (``--format``)
-    ``WEIGHT``                the packed uint8 weight's parameter (``M.<WEIGHT>``, two E2M1 codes per byte)
-    ``BLOCK_SCALE``           the float8_e4m3fn block scales' parameter
-    ``PARAMS``                every parameter a quantized Linear stores (the weight and its scales)
-    ``module_specs(module, out_features, in_features, scheme)``  the tensors written for ``M``, in write order
+    ``PARAMS``                the names of what a quantized Linear stores, in the order packed weight, block
+                              scales, global scale, input scale (W4A4)
+    ``SCALE_SHAPE``           the shape of the two stored scales
 Scale conventions
-    ``encode(module, packed, block_scales, global_scale, input_global_scale)``  our tensors -> the stored ones;
-                              ours: global scale = amax / (6 * 448), the kernels' convention
-    ``decode(tensors, module, dtype)``  the stored tensors -> the dense weight (our unpacker, the kernels'
-                              dequantize)
-    ``decoded_global_scale(global_scale)``  the 0-d float32 a reader decodes from what encode stores; the stored
-                              scale is exact when it equals ``global_scale`` (:func:`scale_is_exact`)
+    ``store_scale(scale)``    our global scale (amax / (6 * 448), the kernels' convention) -> the stored tensor
+    ``load_scale(stored)``    the stored tensor -> the 0-d float32 a reader decodes; the stored scale is exact when
+                              that equals ours (:func:`scale_is_exact`)
+    From these, :mod:`ckaqad_cli.formats.layout` writes and reads every format alike: ``module_specs`` (the tensors
+    written for ``M``, in write order), ``encode`` (our tensors -> the stored ones), ``decode`` (the stored tensors
+    -> the dense weight, through the kernels' dequantize) and ``decoded_global_scale``.
 Config keys and extra files
     ``CONFIG_KEYS``           config.json keys the format reads; the first is the one written
     ``quantization_config(scheme, ignore)``  config.json's ``quantization_config``
@@ -42,11 +41,10 @@ from typing import Any
 import torch
 
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.formats import compressed_tensors, modelopt
+from ckaqad_cli.formats import compressed_tensors, layout, modelopt
 from ckaqad_cli.safetensors_io import SafetensorsSource
 
 FORMATS: dict[str, ModuleType] = {compressed_tensors.NAME: compressed_tensors, modelopt.NAME: modelopt}
-DEFAULT_FORMAT = compressed_tensors.NAME
 CONFIG_KEYS = tuple(dict.fromkeys(key for fmt in FORMATS.values() for key in fmt.CONFIG_KEYS))
 """config.json keys that describe a quantized model in any format (a dense model's config has none of them)."""
 
@@ -89,7 +87,7 @@ def detect_format(directory: str | os.PathLike) -> str | None:
 def scale_is_exact(fmt: ModuleType, scale: torch.Tensor) -> bool:
     """True when format ``fmt`` stores the global scale ``scale`` so that readers decode exactly ``scale``."""
     g = scale.detach().to(torch.float32).reshape(())
-    return bool(fmt.decoded_global_scale(g) == g)
+    return bool(layout.decoded_global_scale(fmt, g) == g)
 
 
 def packed_config(config: dict[str, Any], fmt: ModuleType, scheme: str, ignore: list[str]) -> dict[str, Any]:
@@ -115,9 +113,9 @@ def model_dtype(config: dict[str, Any]) -> torch.dtype:
 
 def quantized_modules(fmt: ModuleType, source: SafetensorsSource) -> list[str]:
     """Modules stored packed in a directory of format ``fmt``."""
-    suffix = f".{fmt.WEIGHT}"
+    suffix = f".{fmt.PARAMS[0]}"
     modules = [n[: -len(suffix)] for n in source.names() if n.endswith(suffix) and source.spec(n).dtype == torch.uint8]
-    return [m for m in modules if f"{m}.{fmt.BLOCK_SCALE}" in source]
+    return [m for m in modules if f"{m}.{fmt.PARAMS[1]}" in source]
 
 
 def load_dequantized_state_dict(
@@ -139,7 +137,7 @@ def load_dequantized_state_dict(
         scale_names = {f"{m}.{p}" for m in modules for p in fmt.PARAMS}
         for module in modules:
             tensors = {f"{module}.{p}": source.get(f"{module}.{p}") for p in fmt.PARAMS if f"{module}.{p}" in source}
-            out[f"{module}.weight"] = fmt.decode(tensors, module, dtype)
+            out[f"{module}.weight"] = layout.decode(fmt, tensors, module, dtype)
         for tensor_name in source.names():
             if tensor_name not in scale_names:
                 out[tensor_name] = source.get(tensor_name)

@@ -17,16 +17,13 @@ from typing import Any
 
 import torch
 
-from ckaqad_cli.safetensors_io import TensorSpec
-from ckaqad_kernels import nvfp4_ref
 from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
 
 NAME = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"
 QUANT_METHOD = "compressed-tensors"
-WEIGHT = "weight_packed"
-BLOCK_SCALE = "weight_scale"
 PARAMS = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+SCALE_SHAPE = (1,)
 CONFIG_KEYS = ("quantization_config", "compression_config")
 """config.json keys read (older writers spell it compression_config); the first is the one written."""
 EXTRA_FILES: tuple[str, ...] = ()
@@ -88,41 +85,11 @@ def scheme_of(config: dict[str, Any]) -> str:
     return "w4a4" if any(isinstance(g, dict) and g.get("input_activations") for g in groups) else "w4a16"
 
 
-def module_specs(module: str, out_features: int, in_features: int, scheme: str) -> list[TensorSpec]:
-    """The tensors written for one quantized Linear, in write order."""
-    specs = [
-        TensorSpec(f"{module}.weight_packed", torch.uint8, (out_features, in_features // 2)),
-        TensorSpec(f"{module}.weight_scale", torch.float8_e4m3fn, (out_features, in_features // BLOCK_SIZE)),
-        TensorSpec(f"{module}.weight_global_scale", torch.float32, (1,)),
-    ]
-    if scheme == "w4a4":
-        specs.append(TensorSpec(f"{module}.input_global_scale", torch.float32, (1,)))
-    return specs
-
-
-def encode(
-    module: str,
-    packed: torch.Tensor,
-    block_scales: torch.Tensor,
-    global_scale: torch.Tensor,
-    input_global_scale: torch.Tensor | None,
-) -> dict[str, torch.Tensor]:
-    """Tensors for :func:`module_specs`, from our convention (global scale = amax / (6 * 448))."""
-    out = {
-        f"{module}.weight_packed": packed,
-        f"{module}.weight_scale": block_scales,
-        f"{module}.weight_global_scale": stored_reciprocal(global_scale),
-    }
-    if input_global_scale is not None:
-        out[f"{module}.input_global_scale"] = stored_reciprocal(input_global_scale)
-    return out
-
-
-def stored_reciprocal(scale: torch.Tensor) -> torch.Tensor:
+def store_scale(scale: torch.Tensor) -> torch.Tensor:
     """The float32 nearest 1/scale whose own reciprocal rounds back to ``scale`` exactly, when one exists.
 
     Readers divide by the stored value, so this keeps decoding bit-exact. About one float32 in seven is no
-    float32's rounded reciprocal; those keep the plain 1/scale (see :func:`reciprocal_is_exact`).
+    float32's rounded reciprocal; those keep the plain 1/scale (``formats.scale_is_exact`` is False for them).
     """
     g = scale.detach().to(torch.float32).reshape(())
     r = 1.0 / g
@@ -139,28 +106,6 @@ def stored_reciprocal(scale: torch.Tensor) -> torch.Tensor:
 _RECIPROCAL_SEARCH_ULPS = 2
 
 
-def reciprocal_is_exact(scale: torch.Tensor) -> bool:
-    """True when the stored reciprocal of ``scale`` decodes back to exactly ``scale``."""
-    g = scale.detach().to(torch.float32).reshape(())
-    return bool(decoded_global_scale(g) == g)
-
-
-def decoded_global_scale(scale: torch.Tensor) -> torch.Tensor:
-    """The global scale a reader decodes from what :func:`encode` stores for ``scale``: ``scale`` itself unless it
-    is one of the float32s that are no float32's rounded reciprocal (:func:`reciprocal_is_exact`)."""
-    return global_scale(stored_reciprocal(scale))
-
-
-def global_scale(stored: torch.Tensor) -> torch.Tensor:
+def load_scale(stored: torch.Tensor) -> torch.Tensor:
     """Our global scale (0-d float32) from a stored reciprocal ``weight_global_scale`` / ``input_global_scale``."""
     return (1.0 / stored.to(torch.float32)).reshape(())
-
-
-def decode(tensors: dict[str, torch.Tensor], module: str, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight of ``module`` from its packed tensors (our own unpacker, the kernels' dequantize)."""
-    return nvfp4_ref.dequantize(
-        tensors[f"{module}.weight_packed"],
-        tensors[f"{module}.weight_scale"],
-        global_scale(tensors[f"{module}.weight_global_scale"]),
-        dtype=dtype,
-    )

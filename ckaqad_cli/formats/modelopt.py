@@ -19,16 +19,13 @@ from typing import Any
 import torch
 
 from ckaqad_cli import __version__
-from ckaqad_cli.safetensors_io import TensorSpec
-from ckaqad_kernels import nvfp4_ref
 from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
 
 NAME = "modelopt"
 QUANT_METHOD = "modelopt"
 HF_QUANT_CONFIG = "hf_quant_config.json"
-WEIGHT = "weight"
-BLOCK_SCALE = "weight_scale"
 PARAMS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
+SCALE_SHAPE = ()
 CONFIG_KEYS = ("quantization_config",)
 EXTRA_FILES = (HF_QUANT_CONFIG,)
 TRANSFORMERS_LIBRARY = None
@@ -81,46 +78,10 @@ def scheme_of(config: dict[str, Any]) -> str:
     return next((scheme for scheme, name in QUANT_ALGO.items() if name == algo), "w4a16")
 
 
-def module_specs(module: str, out_features: int, in_features: int, scheme: str) -> list[TensorSpec]:
-    """The tensors written for one quantized Linear, in write order."""
-    specs = [
-        TensorSpec(f"{module}.weight", torch.uint8, (out_features, in_features // 2)),
-        TensorSpec(f"{module}.weight_scale", torch.float8_e4m3fn, (out_features, in_features // BLOCK_SIZE)),
-        TensorSpec(f"{module}.weight_scale_2", torch.float32, ()),
-    ]
-    if scheme == "w4a4":
-        specs.append(TensorSpec(f"{module}.input_scale", torch.float32, ()))
-    return specs
-
-
-def encode(
-    module: str,
-    packed: torch.Tensor,
-    block_scales: torch.Tensor,
-    global_scale: torch.Tensor,
-    input_global_scale: torch.Tensor | None,
-) -> dict[str, torch.Tensor]:
-    """Tensors for :func:`module_specs`; ModelOpt's scale convention is ours, stored as 0-d float32."""
-    out = {
-        f"{module}.weight": packed,
-        f"{module}.weight_scale": block_scales,
-        f"{module}.weight_scale_2": global_scale.detach().to(torch.float32).reshape(()),
-    }
-    if input_global_scale is not None:
-        out[f"{module}.input_scale"] = input_global_scale.detach().to(torch.float32).reshape(())
-    return out
-
-
-def decoded_global_scale(scale: torch.Tensor) -> torch.Tensor:
-    """The global scale a reader decodes from what :func:`encode` stores for ``scale``: always ``scale`` (exact)."""
+def store_scale(scale: torch.Tensor) -> torch.Tensor:
+    """ModelOpt stores our global scale as it is, a 0-d float32 (exact)."""
     return scale.detach().to(torch.float32).reshape(())
 
 
-def decode(tensors: dict[str, torch.Tensor], module: str, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight of ``module`` from its packed tensors (our own unpacker, the kernels' dequantize)."""
-    return nvfp4_ref.dequantize(
-        tensors[f"{module}.weight"],
-        tensors[f"{module}.weight_scale"],
-        tensors[f"{module}.weight_scale_2"].to(torch.float32).reshape(()),
-        dtype=dtype,
-    )
+def load_scale(stored: torch.Tensor) -> torch.Tensor:
+    return stored.to(torch.float32).reshape(())

@@ -11,30 +11,37 @@ from pathlib import Path
 import torch
 
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.quant import QuantRecipe
+from ckaqad_cli.quant import InputRecord, QuantRecipe
 
 
-def load_student(source: Path, recipe: QuantRecipe, device: str, dtype: torch.dtype = torch.bfloat16):
-    """(the fake-quantized student as distill ran it, tokenizer)."""
+def load_student(source: Path, recipe: QuantRecipe, device: str, dtype: torch.dtype = torch.bfloat16,
+                 second_moments: dict[str, torch.Tensor] | None = None):
+    """(the fake-quantized student as distill ran it, tokenizer). An mse-act student gets ``second_moments`` as
+    channel weights, else those its directory holds; without either it runs only under calibration."""
     from ckaqad_cli.models import RECIPE_FILE, load_model
-    from ckaqad_cli.quant import apply_recipe
+    from ckaqad_cli.quant import SECOND_MOMENTS_FILE, apply_recipe, load_second_moments, set_channel_weights
 
     model, tokenizer = load_model(source, device=device, dtype=dtype)
     if not (source / RECIPE_FILE).is_file():
         apply_recipe(model, recipe)
+    if recipe.scale_rule == "mse-act" and second_moments is not None:
+        set_channel_weights(model, second_moments)
+    elif recipe.scale_rule == "mse-act" and (source / SECOND_MOMENTS_FILE).is_file():
+        set_channel_weights(model, load_second_moments(source))
     return model, tokenizer
 
 
-def calibrate_input_amax(model, tokenizer, data: str, tokens: int, seq_len: int, device: str) -> dict[str, float]:
-    """{module: max |input|} of every fake-quantized Linear over ``tokens`` tokens of ``data``."""
+def calibrate_inputs(model, tokenizer, data: str, tokens: int, seq_len: int, device: str) -> InputRecord:
+    """What every fake-quantized module sees over ``tokens`` tokens of ``data``: ``.amax`` {module: max |input|}
+    and ``.second_moments()`` {module: E[x^2] per input channel} (the mse-act channel weights)."""
     from ckaqad_cli.data import load_texts, pack_sequences
-    from ckaqad_cli.quant import record_input_amax
+    from ckaqad_cli.quant import record_inputs
 
     ids = pack_sequences(load_texts(data), tokenizer, seq_len, max_tokens=max(tokens, seq_len))
-    with torch.no_grad(), record_input_amax(model) as amax:
+    with torch.no_grad(), record_inputs(model) as record:
         for row in range(0, ids.shape[0], 8):
             model(input_ids=ids[row : row + 8].to(device))
-    return dict(amax)
+    return record
 
 
 _EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.(?P<leaf>.+)$")

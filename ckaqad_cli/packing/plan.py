@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ckaqad_cli import formats
+from ckaqad_cli.formats import layout
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.quant import QuantRecipe, fused_groups
 from ckaqad_cli.safetensors_io import SafetensorsSource, TensorSpec
@@ -40,6 +41,8 @@ class PackPlan:
     """("copy", tensor name) or ("quantize", group) in write order."""
     dtype: torch.dtype
     """dtype of the floating tensors copied unquantized, and of config.json."""
+    second_moments: dict[str, torch.Tensor] | None = None
+    """The mse-act channel weights ({module: E[x^2] per input channel}); None for the other scale rules."""
 
 
 # -- recipe ----------------------------------------------------------------------------------------------------
@@ -106,23 +109,29 @@ def deploy_dtype(choice: str, source: Path, config: dict[str, Any]) -> torch.dty
 
 
 def build_recipe(
-    source: Path, config: dict[str, Any], scheme: str | None, exclude: list[str], src: SafetensorsSource
+    source: Path, config: dict[str, Any], scheme: str | None, exclude: list[str], src: SafetensorsSource,
+    scale_rule: str | None = None,
 ) -> QuantRecipe:
     """The student's recorded recipe, or quant's own selection (DEFAULT_EXCLUDE + ``exclude``) for plain PTQ: from
     the checkpoint's names for the dense decoders of DENSE_DECODER_TYPES, else from the model built on the meta
-    device."""
+    device. ``scale_rule``: the weights' (None: the student's, else amax); a student is packed with its own."""
     from ckaqad_cli.quant import RECIPE_FILE, apply_fake_quant, recipe_for_linears
 
     if (source / RECIPE_FILE).is_file():
         recipe = QuantRecipe.load(source)
         if exclude:
             raise CkaqadError(f"{source} is a distilled student: its recipe fixes the modules; drop --exclude")
+        if scale_rule not in (None, recipe.scale_rule):
+            raise CkaqadError(f"{source} was trained with the {recipe.scale_rule} scale rule and is packed with it; "
+                              f"drop --scale-rule {scale_rule}")
     elif (linears := dense_decoder_linears(config, src)) is not None:
         recipe = recipe_for_linears(linears, scheme=scheme or "w4a4", exclude=exclude)
     else:
         recipe = apply_fake_quant(_meta_model(config), scheme=scheme or "w4a4", exclude=exclude)
     if scheme is not None and scheme != recipe.scheme:
         recipe = QuantRecipe(**{**asdict(recipe), "scheme": scheme})
+    if scale_rule is not None and scale_rule != recipe.scale_rule:
+        recipe = QuantRecipe(**{**asdict(recipe), "scale_rule": scale_rule})
     return recipe
 
 
@@ -184,7 +193,7 @@ def plan_pack(
             groups.append(unit)
             steps.append(("quantize", unit))
             for m in unit:
-                specs += fmt.module_specs(m, *shapes[m], scheme)
+                specs += layout.module_specs(fmt, m, *shapes[m], scheme)
         else:
             steps.append(("copy", name))
             spec = src.spec(name)

@@ -12,10 +12,12 @@ from typing import Any
 import torch
 
 from ckaqad_cli import formats
+from ckaqad_cli.formats import layout
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import is_moe, load_packed_pretrained
 from ckaqad_cli.packing.calibrate import load_student
 from ckaqad_cli.packing.plan import PackPlan
+from ckaqad_cli.packing.write import scale_rule_args
 from ckaqad_cli.quant import QuantRecipe, group_weight_global_scale
 from ckaqad_cli.safetensors_io import SafetensorsSource
 from ckaqad_kernels import nvfp4_ref
@@ -47,9 +49,9 @@ def verify_weights(plan: PackPlan, src: SafetensorsSource, out: Path) -> dict[st
                 # the source's rounding hides: a global scale that the format cannot store exactly)
                 if plan.dtype != w.dtype:
                     w = w.float()
-                names = [spec.name for spec in plan.fmt.module_specs(m, *plan.shapes[m], plan.scheme)]
-                got = plan.fmt.decode({n: packed.get(n) for n in names}, m, w.dtype)
-                want = nvfp4_ref.fake_quantize(w, g)
+                names = [spec.name for spec in layout.module_specs(plan.fmt, m, *plan.shapes[m], plan.scheme)]
+                got = layout.decode(plan.fmt, {n: packed.get(n) for n in names}, m, w.dtype)
+                want = nvfp4_ref.fake_quantize(w, g, **scale_rule_args(plan, m, plan.second_moments, "cpu"))
                 if same_bits(got, want):
                     exact += 1
                     continue
@@ -58,7 +60,7 @@ def verify_weights(plan: PackPlan, src: SafetensorsSource, out: Path) -> dict[st
                 representable = formats.scale_is_exact(plan.fmt, g)
                 # The stored scale decodes to g' != g (compressed-tensors' reciprocal): each value may move by the
                 # relative error of g' plus one rounding step of the dtype, and by no more.
-                g_decoded = plan.fmt.decoded_global_scale(g)
+                g_decoded = layout.decoded_global_scale(plan.fmt, g)
                 rel = float((g_decoded.double() - g.double()).abs() / g.double()) + torch.finfo(w.dtype).eps
                 if not representable and bool((diff <= want.float().abs() * rel).all()):
                     inexact_scale.append(m)
@@ -124,10 +126,11 @@ def _set_activation_quant(student, packed, on: bool, through_transformers: bool)
 def _compare(student, packed, ids: torch.Tensor, scheme: str, through_transformers: bool) -> dict[str, float]:
     """Weights-only max |diff| of the logits, then (W4A4 activations on, for that scheme) max |diff| and top-1."""
     _set_activation_quant(student, packed, False, through_transformers)
-    weights_only = float((_logits(packed, ids) - _logits(student, ids)).abs().max())
+    want, got = _logits(student, ids), _logits(packed, ids)
+    weights_only = float((got - want).abs().max())
     if scheme == "w4a4":
         _set_activation_quant(student, packed, True, through_transformers)
-    want, got = _logits(student, ids), _logits(packed, ids)
+        want, got = _logits(student, ids), _logits(packed, ids)
     return {
         "weights_only_max_abs_diff": weights_only,
         "max_abs_diff": float((got - want).abs().max()),
@@ -165,16 +168,18 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
     from ckaqad_cli.quant import freeze_quantized_weights, set_input_amax, stop_weight_quantization
 
     with SafetensorsSource(plan.source) as src:  # the dtype the weights were quantized from
-        source_dtype = src.get(f"{next(iter(plan.shapes))}.weight").dtype
-    student, tokenizer = load_student(plan.source, plan.recipe, device, plan.dtype)
+        source_dtype = src.spec(f"{next(iter(plan.shapes))}.weight").dtype
+    student, tokenizer = load_student(plan.source, plan.recipe, device, plan.dtype, plan.second_moments)
     if plan.dtype != source_dtype:
         # Deployed in another dtype: the weights quantized in float32 (what the checkpoint decodes from), each
         # rounded once into plan.dtype as the checkpoint decodes; the model itself loaded as the packed one is.
-        reference, _ = load_student(plan.source, plan.recipe, device, torch.float32)
+        reference, _ = load_student(plan.source, plan.recipe, device, torch.float32, plan.second_moments)
         freeze_quantized_weights(reference)
         student.load_state_dict(reference.state_dict())
         stop_weight_quantization(student)
         del reference
+    else:
+        freeze_quantized_weights(student)  # quantized once, not again in each forward below: the same values
     if plan.scheme == "w4a4":
         set_input_amax(student, plan.input_amax)
     ids = _verify_ids(tokenizer, int(student.config.vocab_size)).to(device)

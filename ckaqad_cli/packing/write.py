@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 
 from ckaqad_cli import formats
+from ckaqad_cli.formats import layout
 from ckaqad_cli.atomic import atomic_write_json
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.packing.plan import PackPlan, ignore_list
@@ -44,9 +45,17 @@ def input_global_scale(amax: float) -> torch.Tensor:
 
 
 def _prepare_step(
-    plan: PackPlan, src: SafetensorsSource, kind: str, item: Any, backend: str, device: str
+    plan: PackPlan,
+    src: SafetensorsSource,
+    kind: str,
+    item: Any,
+    backend: str,
+    device: str,
+    channel_weights: dict[str, torch.Tensor] | None,
 ) -> tuple[list[tuple[str, torch.Tensor]], int]:
-    """One step of the plan made ready to write: ([(name, tensor), ...] in plan order, source bytes it covers)."""
+    """One step of the plan made ready to write: ([(name, tensor), ...] in plan order, source bytes it covers).
+
+    Weights are quantized with the recipe's scale rule; mse-act reads each module's ``channel_weights``."""
     if kind == "copy":
         tensor = src.get(item)
         if tensor.is_floating_point():
@@ -59,10 +68,23 @@ def _prepare_step(
     g = group_global_scale_from_amaxes([_checked_amax(f"{m}.weight", w) for m, w in weights.items()])
     out: list[tuple[str, torch.Tensor]] = []
     for m, w in weights.items():
-        packed, scales, gs = dispatch.quantize_and_pack(w.to(device), g.to(device), backend=backend, name=f"{m}.weight")
+        packed, scales, gs = dispatch.quantize_and_pack(w.to(device), g.to(device), backend=backend, name=f"{m}.weight",
+                                                        **scale_rule_args(plan, m, channel_weights, device))
         g_in = input_global_scale(plan.input_amax[m]) if plan.scheme == "w4a4" else None
-        out += plan.fmt.encode(m, packed.cpu(), scales.cpu(), gs.cpu(), g_in).items()
+        out += layout.encode(plan.fmt, m, packed.cpu(), scales.cpu(), gs.cpu(), g_in).items()
     return out, sum(w.numel() * w.element_size() for w in weights.values())
+
+
+def scale_rule_args(
+    plan: PackPlan, module: str, channel_weights: dict[str, torch.Tensor] | None, device: str
+) -> dict[str, Any]:
+    """The scale-rule arguments of one module's quantize-and-pack: the recipe's rule and, for mse-act, its weights."""
+    rule = plan.recipe.scale_rule
+    if rule != "mse-act":
+        return {"scale_rule": rule}
+    if channel_weights is None or module not in channel_weights:
+        raise CkaqadError(f"the mse-act scale rule needs the input second moments of {module} (calibration)")
+    return {"scale_rule": rule, "channel_weights": channel_weights[module].to(device)}
 
 
 _SCRATCH = threading.local()
@@ -100,8 +122,16 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def write_tensors(plan: PackPlan, src: SafetensorsSource, writer: ShardedWriter, backend: str, device: str) -> None:
-    """Stream every step of the plan into ``writer``, in plan order.
+def write_tensors(
+    plan: PackPlan,
+    src: SafetensorsSource,
+    writer: ShardedWriter,
+    backend: str,
+    device: str,
+    channel_weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Stream every step of the plan into ``writer``, in plan order. ``channel_weights`` ({module: E[x^2] per input
+    channel}, quant.load_second_moments or calibration) are needed when the recipe's scale rule is mse-act.
 
     On the CPU, steps (read, check, quantize) run on a pool of worker threads (as many as torch had, at most
     MAX_CPU_WORKERS), which share torch's threads between them (single-threaded on a small machine), while this
@@ -125,7 +155,7 @@ def write_tensors(plan: PackPlan, src: SafetensorsSource, writer: ShardedWriter,
 
         try:
             for kind, item in plan.steps:
-                pending.append(pool.submit(_prepare_step, plan, src, kind, item, backend, device))
+                pending.append(pool.submit(_prepare_step, plan, src, kind, item, backend, device, channel_weights))
                 if len(pending) > workers:
                     write_oldest()
             while pending:

@@ -19,7 +19,7 @@ import copy
 import importlib.util
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -34,49 +34,27 @@ from ckaqad_cli.errors import CkaqadError, StageDoneError
 from ckaqad_cli.kl import token_kl
 from ckaqad_cli.lm_eval_tasks import LmEvalPlan, harness_metrics, plan_lm_eval
 from ckaqad_cli.progress import make_progress
-from ckaqad_cli.quant import check_scheme
 from ckaqad_cli.report import write_report
+from ckaqad_cli.records import DiagnoseRecord
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_io import ensure_writable
+from ckaqad_cli.settings import MSE_ACT_CALIBRATION_TOKENS
+from ckaqad_cli.settings.diagnose import DiagnoseConfig
 
 DEVICE_MAPS = ("auto",)
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DISTILLED_LABEL = "distilled"
 TEACHER_LABEL = "teacher"
 
 
-@dataclass
-class DiagnoseConfig:
-    teacher: str = "builtin"
-    students: list[tuple[str, str]] = field(default_factory=list)  # (label, spec)
-    ptq: list[str] = field(default_factory=list)
-    use_run_student: bool = True
-    data: str = "builtin"
-    split: str = "test"
-    text_field: str = "text"
-    seq_len: int = 128
-    max_tokens: int = 16384
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    sequential: bool = False
-    device_map: str | None = None
-    """None (each model whole on ``device``) or "auto": accelerate spreads each model over the GPUs and the CPU."""
-    chunk_batches: int = 16
-    drop_first: bool = True
-    drop_massive: bool = False
-    massive_ratio: float = 100.0
-    standardize: bool = False
-    task_problems: int = 256
-    lm_eval_tasks: list[str] = field(default_factory=list)
-    trust_remote_code: bool = False
-    seed: int = 0
-    force: bool = False
-    stage: str = "diagnose"
-    """Name of the stage in run.json and of its folder (the pipeline runs "diagnose-ptq" before "diagnose")."""
+def cka_precision(cfg: DiagnoseConfig, model: nn.Module) -> str:
+    """--cka-precision, auto resolved: bf16 for a model in bfloat16 (its features are bf16 already), else float32."""
+    if cfg.cka_precision != "auto":
+        return cfg.cka_precision
+    return "bf16" if next(model.parameters()).dtype == torch.bfloat16 else "float32"
 
-    def token_filter(self) -> TokenFilter:
-        return TokenFilter(self.drop_first, self.drop_massive, self.massive_ratio, self.standardize)
+
+def token_filter(cfg: DiagnoseConfig) -> TokenFilter:
+    return TokenFilter(cfg.drop_first, cfg.drop_massive, cfg.massive_ratio, cfg.standardize)
 
 
 @dataclass
@@ -88,14 +66,6 @@ class _Model:
 
 
 # -- loading and checks ----------------------------------------------------------------------------------------
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise CkaqadError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
-
-
 def _shape(m: nn.Module) -> tuple[int, int, int]:
     c = m.config
     return len(models.decoder_layers(m)), c.hidden_size, c.vocab_size
@@ -122,8 +92,6 @@ def _split_students(cfg: DiagnoseConfig, run: RunDir | None) -> list[tuple[str, 
         distilled = run.stage_output("distill", "student")
         if distilled is not None and all(Path(spec) != Path(distilled) for _, spec in students):
             students.append((DISTILLED_LABEL, str(distilled)))
-    for scheme in cfg.ptq:
-        check_scheme(scheme, "--ptq")
     labels = [label for label, _ in students] + [f"ptq-{s}" for s in cfg.ptq]
     if not labels:
         raise CkaqadError("no student to diagnose: pass --student PATH, --ptq w4a4, or a --run with a distilled one")
@@ -151,8 +119,10 @@ def load_models(cfg: DiagnoseConfig, run: RunDir | None, device: torch.device, d
 
     specs = _split_students(cfg, run)
     teacher = _Model(TEACHER_LABEL, cfg.teacher, *models.load_model(cfg.teacher, **kw))
+    rules = {"scale_rule": cfg.scale_rule, "activation_arithmetic": cfg.activation_arithmetic}
     ptq = [_Model(f"ptq-{scheme}", f"{cfg.teacher} (PTQ {scheme})",
-                  placed(models.ptq_student(teacher.model, scheme)[0]), teacher.tokenizer) for scheme in cfg.ptq]
+                  placed(models.ptq_student(teacher.model, scheme, **rules)[0]), teacher.tokenizer)
+           for scheme in cfg.ptq]
     placed(teacher.model)
     students = []
     for label, spec in specs:
@@ -178,45 +148,7 @@ def read_texts(cfg: DiagnoseConfig) -> list[str]:
     return load_texts(cfg.data, split=cfg.split, seed=cfg.seed, text_field=cfg.text_field)
 
 
-def check_options(cfg: DiagnoseConfig) -> None:
-    """The options that need no model, each error naming its option and value."""
-    minimum = {"seq_len": 2, "batch_size": 1, "max_tokens": 1, "chunk_batches": 1, "task_problems": 0}
-    for name, least in minimum.items():
-        value = getattr(cfg, name)
-        if value < least:
-            hint = " (0 = no task accuracy)" if name == "task_problems" else ""
-            raise CkaqadError(f"--{name.replace('_', '-')} must be at least {least}{hint}, got {value}")
-
-
 # -- capture ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def capture_residuals(model: nn.Module, device: torch.device | None = None) -> Iterator[list[torch.Tensor]]:
-    """Yield a list that each forward fills with [embeddings, layer 1 output, ..., layer L output, final hidden].
-
-    The last entry is the input of the output head (after the final norm), used to make logits later. With
-    ``device`` every entry is moved there (a model spread over several devices by a device map).
-    """
-    out: list[torch.Tensor] = []
-
-    def store(hidden: torch.Tensor) -> None:
-        out.append(hidden if device is None else hidden.to(device))
-
-    def keep(_module, _inputs, output):
-        store(output[0] if isinstance(output, (tuple, list)) else output)
-
-    def keep_head_input(_module, inputs):
-        store(inputs[0])
-
-    modules = [model.get_input_embeddings(), *models.decoder_layers(model)]
-    handles = [m.register_forward_hook(keep) for m in modules]
-    handles.append(model.get_output_embeddings().register_forward_pre_hook(keep_head_input))
-    try:
-        yield out
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @dataclass
 class _OutputStats:
     tokens: int = 0
@@ -256,7 +188,7 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _teacher_pass(teacher: _Model, ids: torch.Tensor, filt: TokenFilter, std: Standardizer, acc: list[StreamingCKA],
                   stats: _OutputStats, store: torch.device) -> _TeacherBatch:
-    with capture_residuals(teacher.model, ids.device) as hidden:
+    with models.capture_residuals(teacher.model, ids.device) as hidden:
         logits = _logits(teacher.model, ids)
     layers, final = hidden[:-1], hidden[-1]
     head_logits = teacher.model.get_output_embeddings()(final[:, -1:]).to(ids.device)
@@ -277,7 +209,7 @@ def _teacher_pass(teacher: _Model, ids: torch.Tensor, filt: TokenFilter, std: St
 def _student_pass(student: _Model, tb: _TeacherBatch, teacher_head: nn.Module, std: Standardizer,
                   filt: TokenFilter, acc: list[StreamingCKA], stats: _OutputStats, device: torch.device) -> None:
     ids, keep = tb.ids.to(device), tb.keep.to(device)
-    with capture_residuals(student.model, device) as hidden:
+    with models.capture_residuals(student.model, device) as hidden:
         logits = _logits(student.model, ids)
     feats = _features(hidden[:-1], keep)
     for i, (a, f) in enumerate(zip(acc, feats, strict=True)):
@@ -296,8 +228,8 @@ def measure(teacher: _Model, students: list[_Model], sequences: torch.Tensor, cf
             device: torch.device, console: Console) -> dict:
     """Stream the sequences through teacher and students; per-layer CKA and output-level numbers."""
     n_layers = len(models.decoder_layers(teacher.model)) + 1
-    acc = [StreamingCKA() for _ in range(n_layers)]
-    filt, std = cfg.token_filter(), Standardizer()
+    acc = [StreamingCKA(cka_precision(cfg, teacher.model)) for _ in range(n_layers)]
+    filt, std = token_filter(cfg), Standardizer()
     t_stats, s_stats = _OutputStats(), {s.label: _OutputStats() for s in students}
     batches = list(torch.split(sequences, cfg.batch_size))
     chunk = cfg.chunk_batches if cfg.sequential else 1
@@ -407,9 +339,9 @@ def lm_eval_scores(teacher: _Model, students: list[_Model], plan: LmEvalPlan | N
 def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = None) -> dict:
     """Load, check, measure, write diagnose/report.json, report.md and cka.png; record the stage. The report."""
     console = console or Console(stderr=True)
-    check_options(cfg)
+    cfg.check()
     check_device_map(cfg)
-    cfg.token_filter()  # checks --massive-ratio
+    token_filter(cfg)  # checks --massive-ratio
     if cfg.lm_eval_tasks:
         _require("lm_eval", "lm-eval", "--lm-eval-tasks")
     done = run.stage_entry(cfg.stage)
@@ -424,9 +356,14 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
     if run.stage_dir(cfg.stage).exists():
         ensure_writable(run.stage_dir(cfg.stage), "--run")
     device = pick_device(cfg.device)
-    dtype = _dtype(cfg.dtype, device)
+    dtype = models.compute_dtype(cfg.dtype, device)
     teacher, students = load_models(cfg, run, device, dtype)
     sequences = load_sequences(cfg, teacher, texts)
+    if cfg.scale_rule == "mse-act":  # the PTQ students' channel weights
+        calibration = sequences[: max(1, MSE_ACT_CALIBRATION_TOKENS // cfg.seq_len)]
+        for student in students:
+            if student.label.startswith("ptq-"):
+                models.fit_channel_weights(student.model, calibration)
     inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
     inputs.update({f"student:{s.label}": describe_input(s.spec) for s in students if not s.label.startswith("ptq-")})
     inputs.update({f"lm_eval:{f}": describe_input(f) for f in (lm_eval_plan.files if lm_eval_plan else [])})
@@ -435,15 +372,16 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
         report = measure(teacher, students, sequences, cfg, device, console)
         report.update(
             teacher_spec=cfg.teacher,
-            filters=cfg.token_filter().describe(),
+            filters=token_filter(cfg).describe(),
+            cka_precision=cka_precision(cfg, teacher.model),
             layers=["embeddings"] + [f"layer {i}" for i in range(1, len(models.decoder_layers(teacher.model)) + 1)],
             task_accuracy=task_accuracy(teacher, students, cfg, device),
             lm_eval=lm_eval_scores(teacher, students, lm_eval_plan, cfg, device),
             seq_len=cfg.seq_len,
         )
         paths = write_report(report, run.stage_dir(cfg.stage), console=console)
-        rec.outputs.update({key: run.relpath(p) for key, p in paths.items()})
-        rec.metrics.update(summary_metrics(report))
+        DiagnoseRecord.write(rec, **{key: run.relpath(p) for key, p in paths.items()},
+                             students=summary_metrics(report))
     return report
 
 

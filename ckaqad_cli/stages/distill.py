@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,121 +19,26 @@ from rich.console import Console
 
 from ckaqad_cli import distributed as D
 from ckaqad_cli.atomic import atomic_directory
-from ckaqad_cli.builtin import BUILTIN
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.models import check_spec
+from ckaqad_cli.models import check_spec, fit_channel_weights
 from ckaqad_cli.objective import CausalLMBody, parse_layers
-from ckaqad_cli.quant import check_scheme
+from ckaqad_cli.quant import save_second_moments
+from ckaqad_cli.records import DistillRecord
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_io import ensure_writable
+from ckaqad_cli.settings import BUILTIN, MSE_ACT_CALIBRATION_TOKENS, SettingError
+from ckaqad_cli.settings.distill import DistillConfig
 from ckaqad_cli.trainer import Models, Trainer
-from ckaqad_cli.training import warmup_steps
 
 STAGE = "distill"
 
-# Defaults for real models (NVIDIA's QAD recipe: lr 1e-5, cosine, 5% warmup) and for the small built-in teacher,
-# which needs a much larger learning rate to move in a few hundred steps. Options left unset take these.
-REAL_MODEL_PRESET = {
-    "steps": 1000, "batch_size": 8, "seq_len": 2048, "lr": 1e-5,
-    "eval_every": 100, "save_every": 200, "eval_sequences": 32, "cka_layers": "every:4",
-}
-BUILTIN_PRESET = {
-    "steps": 300, "batch_size": 32, "seq_len": 128, "lr": 3e-4,
-    "eval_every": 50, "save_every": 100, "eval_sequences": 64, "cka_layers": "all",
-}
 # Fields that must match when a run is resumed (the others, like --steps or --eval-every, may change).
 _RESUME_MUST_MATCH = (
-    "teacher", "data", "text_field", "scheme", "exclude", "batch_size", "grad_accum", "seq_len", "lr", "seed",
-    "warmup", "weight_decay", "temperature", "kl_topk", "lambda_cka", "cka_balance", "cka_layers", "cka_tokens",
+    "teacher", "data", "text_field", "scheme", "scale_rule", "activation_arithmetic", "exclude", "batch_size",
+    "grad_accum", "seq_len", "lr", "seed", "warmup", "weight_decay", "temperature", "kl_topk", "lambda_cka", "cka_balance", "cka_layers", "cka_tokens",
     "cka_debiased", "cka_drop_massive", "cka_standardize", "max_tokens", "eval_sequences", "max_grad_norm",
     "eval_tokens",
 )
-
-
-@dataclass
-class DistillConfig:
-    teacher: str = BUILTIN
-    data: str = BUILTIN
-    text_field: str = "text"
-    scheme: str = "w4a4"
-    exclude: tuple[str, ...] = ()
-    steps: int | None = None
-    batch_size: int | None = None
-    grad_accum: int = 1
-    seq_len: int | None = None
-    lr: float | None = None
-    warmup: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    grad_checkpointing: bool = False
-    seed: int = 0
-    temperature: float = 1.0
-    kl_topk: int | None = None
-    kl_chunk_tokens: int = 1024
-    lambda_cka: float | None = None
-    cka_balance: float = 0.5
-    cka_layers: str | None = None
-    cka_tokens: int = 512
-    cka_debiased: bool = False
-    cka_drop_massive: bool = False
-    cka_standardize: bool = False
-    max_tokens: int | None = None
-    eval_every: int | None = None
-    eval_sequences: int | None = None
-    eval_batch_size: int | None = None
-    eval_tokens: int = 2048
-    save_every: int | None = None
-    keep: int = 2
-    resume: bool = False
-    force: bool = False
-    device: str = "auto"
-    teacher_offload: bool = False
-    trust_remote_code: bool = False
-
-    def resolved(self) -> DistillConfig:
-        """A copy with the preset filled in for every option left unset (the built-in preset for the built-in
-        teacher), validated."""
-        preset = BUILTIN_PRESET if self.teacher == BUILTIN else REAL_MODEL_PRESET
-        values = {k: (preset[k] if getattr(self, k) is None and k in preset else getattr(self, k))
-                  for k in (f.name for f in dataclasses.fields(self))}
-        cfg = DistillConfig(**values)
-        cfg.exclude = tuple(cfg.exclude)
-        if cfg.eval_batch_size is None:
-            cfg.eval_batch_size = cfg.batch_size
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "eval_sequences",
-                    "eval_batch_size", "eval_tokens", "keep", "kl_chunk_tokens", "cka_tokens")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise CkaqadError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise CkaqadError(f"--lr must be > 0, got {self.lr}")
-        if self.temperature <= 0:
-            raise CkaqadError(f"--temperature must be > 0, got {self.temperature}")
-        if self.kl_topk is not None and self.kl_topk < 1:
-            raise CkaqadError(f"--kl-topk must be at least 1, got {self.kl_topk}")
-        if self.lambda_cka is not None and self.lambda_cka < 0:
-            raise CkaqadError(f"--lambda-cka must be >= 0, got {self.lambda_cka}")
-        if self.cka_balance <= 0:
-            raise CkaqadError(f"--cka-balance must be > 0, got {self.cka_balance}")
-        check_scheme(self.scheme)
-        if self.warmup < 0:
-            raise CkaqadError(f"--warmup must be >= 0 (a fraction of the run below 1, steps from 1), got {self.warmup}")
-        warmup_steps(self.warmup, self.steps)  # a whole number of steps, no longer than the run
-        if self.weight_decay < 0:
-            raise CkaqadError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise CkaqadError(f"--max-tokens must be at least 1, got {self.max_tokens}")
-        if self.max_grad_norm < 0:
-            raise CkaqadError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
-        if self.teacher_offload and not D.launched_by_torchrun():
-            raise CkaqadError(
-                "--teacher-offload streams the teacher with FSDP2, which needs torchrun: launch with "
-                "`torchrun --nproc-per-node N -m ckaqad_cli.app distill ...` (N = 1 is fine)"
-            )
 
 
 def split_heldout(sequences: torch.Tensor, eval_sequences: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +60,8 @@ def build_models(cfg: DistillConfig, ctx: D.DistContext) -> Models:
     load_device = "cpu" if ctx.distributed else ctx.device  # FSDP moves each shard to its device
     teacher, tokenizer = load_model(cfg.teacher, device=load_device, dtype=dtype,
                                     trust_remote_code=cfg.trust_remote_code)
-    student, recipe = ptq_student(teacher, cfg.scheme, exclude=cfg.exclude, dtype=torch.float32)
+    student, recipe = ptq_student(teacher, cfg.scheme, exclude=cfg.exclude, dtype=torch.float32,
+                                  scale_rule=cfg.scale_rule, activation_arithmetic=cfg.activation_arithmetic)
     student.requires_grad_(True)
     student.train()
     return Models(student=student, teacher=teacher, tokenizer=tokenizer, recipe=recipe)
@@ -226,11 +131,41 @@ def _save_student(student: CausalLMBody, models: Models, target: Path, ctx: D.Di
             model.save_pretrained(tmp, state_dict=state)
             models.tokenizer.save_pretrained(tmp)
             models.recipe.save(tmp)
+            if models.second_moments is not None:
+                save_second_moments(tmp, models.second_moments)
     D.barrier(ctx)
 
 
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def memory_estimate(cfg: DistillConfig, device: torch.device, world_size: int) -> dict[str, Any]:
+    """``--dry-run``: the estimated peak memory per device of ``cfg`` (resolved) on ``world_size`` processes, as
+    {"estimate", "fits", "what_to_change", "table", "verdict"}; loads the teacher's config, not its weights."""
+    from transformers import AutoConfig
+
+    from ckaqad_cli import memory
+    from ckaqad_cli.builtin import TEACHER_DIR
+
+    source = TEACHER_DIR if cfg.teacher == BUILTIN else cfg.teacher
+    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    sizes = memory.model_sizes(config, cfg.scheme, exclude=cfg.exclude, device_type=device.type, name=cfg.teacher)
+    settings = memory.Settings.of(cfg, len(parse_layers(cfg.cka_layers, config.num_hidden_layers)))
+    est = memory.estimate(sizes, settings, world_size=world_size, device_type=device.type)
+    devices = memory.device_memory(device.type)
+    return {"estimate": dataclasses.asdict(est), "fits": memory.fits(est, devices),
+            "what_to_change": memory.what_to_change(sizes, est, devices), "table": memory.table(est, devices),
+            "verdict": memory.verdict(sizes, est, devices)}
+
+
+def check_launch(cfg: DistillConfig) -> None:
+    """The settings that depend on how the process was started."""
+    if cfg.teacher_offload and not D.launched_by_torchrun():
+        raise SettingError(
+            "teacher_offload", "streams the teacher with FSDP2, which needs torchrun: launch with "
+            "`torchrun --nproc-per-node N -m ckaqad_cli.app distill ...` (N = 1 is fine)"
+        )
 
 
 def run_distill(
@@ -247,9 +182,16 @@ def run_distill(
     ``stage`` names the record in run.json and the folder (the pipeline's KL-only baseline is "distill-kl").
     """
     console = console or Console(stderr=True)
+    check_launch(cfg)
     ctx = D.setup(cfg.device)
     try:
         cfg = cfg.resolved()
+        if cfg.dry_run:  # nothing loads but the teacher's config, nothing is written
+            estimate = memory_estimate(cfg, ctx.device, ctx.world_size)
+            if ctx.is_main:
+                console.print(estimate["table"])
+                console.print(estimate["verdict"], highlight=False)
+            return {}
         entry = run.stage_entry(stage)
         if entry and entry.get("status") == "done" and not cfg.force:
             raise CkaqadError(f"stage {stage} already finished in {run.path}; pass --force to run it again")
@@ -263,6 +205,9 @@ def run_distill(
         check_models(cfg, models)
         sequences = load_sequences(cfg, models.tokenizer, texts)
         train_ids, eval_ids = split_heldout(sequences, cfg.eval_sequences, ctx.world_size)
+        if cfg.scale_rule == "mse-act":  # the channel weights, from training text the held-out slice never sees
+            rows = max(1, MSE_ACT_CALIBRATION_TOKENS // cfg.seq_len)
+            models.second_moments = fit_channel_weights(models.student, train_ids[:rows])
         record_config = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
         record_config["world_size"] = ctx.world_size
         inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
@@ -278,9 +223,8 @@ def run_distill(
             summary = train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
                             on_save=saved, show_progress=show_progress)
             summary.update(train_sequences=int(train_ids.shape[0]), eval_sequences=int(eval_ids.shape[0]))
-            rec.outputs["student"] = run.relpath(out_dir / "student")
-            rec.outputs["metrics"] = run.relpath(out_dir / "metrics.jsonl")
-            rec.metrics.update(summary)
+            DistillRecord.write(rec, student=run.relpath(out_dir / "student"),
+                                metrics_file=run.relpath(out_dir / "metrics.jsonl"), summary=summary)
         return summary
     finally:
         D.teardown(ctx)

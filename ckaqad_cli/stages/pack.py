@@ -17,20 +17,21 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ckaqad_cli import formats
-from ckaqad_cli.atomic import atomic_directory, atomic_write_json, atomic_write_text, check_replaceable
+from ckaqad_cli.atomic import OUTPUT_MARKER, atomic_directory, atomic_write_json, atomic_write_text
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.packing.calibrate import calibrate_input_amax, fill_input_amax, load_student
+from ckaqad_cli.packing.calibrate import calibrate_inputs, fill_input_amax, load_student
 from ckaqad_cli.packing.plan import PackPlan, build_recipe, deploy_dtype, plan_pack
 from ckaqad_cli.packing.verify import raise_if_failed, verify_logits, verify_weights
 from ckaqad_cli.packing.write import kernel_description, write_configs, write_tensors
-from ckaqad_cli.quant import check_scheme
+from ckaqad_cli.quant import SECOND_MOMENTS_FILE, QuantRecipe, load_second_moments
+from ckaqad_cli.records import PackRecord
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_io import (
     SafetensorsSource,
@@ -38,10 +39,9 @@ from ckaqad_cli.safetensors_io import (
     copy_files,
     ensure_disk_space,
     ensure_writable,
-    parse_size,
 )
+from ckaqad_cli.settings.pack import AUTO_VERIFY_MAX_BYTES, PackConfig, parse_size
 from ckaqad_cli.units import format_bytes
-from ckaqad_kernels import dispatch, nvfp4_cpu
 
 STAGE = "pack"
 OUTPUT_DIR = "model"
@@ -57,61 +57,6 @@ COPIED_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-AUTO_VERIFY_MAX_BYTES = 2 * 10**9
-"""--verify defaults to on for sources up to this size (it loads the student and the packed model in memory)."""
-
-
-
-@dataclass
-class PackConfig:
-    """Options of ``ckaqad pack`` (what run.json records)."""
-
-    model: str | None = None
-    """Source HF directory; None = the run's distilled student."""
-    out: str | None = None
-    """Output directory; None = RUN/pack/model."""
-    format: str = formats.DEFAULT_FORMAT
-    scheme: str | None = None
-    """w4a4 | w4a16; None = the student's recipe scheme (w4a4 for plain PTQ)."""
-    exclude: list[str] = field(default_factory=list)
-    max_shard_size: str = "5GB"
-    calib_data: str | None = None
-    calib_tokens: int = 4096
-    calib_seq_len: int = 256
-    verify: bool | None = None
-    force: bool = False
-    backend: str = "auto"
-    device: str = "cpu"
-    dtype: str = "auto"
-    """dtype of the tensors left unquantized (and config.json's): auto = the source's, but bfloat16 for a distilled
-    student (distill keeps float32 master weights)."""
-
-    def __post_init__(self) -> None:
-        formats.format_module(self.format)
-        if self.dtype not in DTYPES:
-            raise CkaqadError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.scheme is not None:
-            check_scheme(self.scheme)
-        if self.calib_tokens < 1 or self.calib_seq_len < 2:
-            raise CkaqadError("--calib-tokens must be positive and --calib-seq-len at least 2")
-        if self.backend not in dispatch.BACKENDS:
-            raise CkaqadError(f"--backend must be one of {', '.join(dispatch.BACKENDS)}, not {self.backend!r}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise CkaqadError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}") from None
-        if device.type not in ("cpu", "cuda"):
-            raise CkaqadError(f"--device must be cpu, cuda or cuda:N, not {self.device!r}")
-        if self.backend == "triton" and device.type != "cuda" and not dispatch.triton_interpreted():
-            raise CkaqadError("--backend triton needs --device cuda (Triton kernels run on the GPU)")
-        if self.backend == "c" and device.type != "cpu":
-            raise CkaqadError(f"--backend c runs on the CPU; it cannot quantize on --device {self.device}")
-        if self.backend == "c" and not nvfp4_cpu.available():
-            raise CkaqadError(f"--backend c: the C kernel is not available ({nvfp4_cpu.unavailable_reason()})")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CkaqadError(f"--device {self.device}: no CUDA device is available")
-        parse_size(self.max_shard_size)
 
 
 # -- source and recipe -----------------------------------------------------------------------------------------
@@ -141,6 +86,18 @@ def check_target(target: Path, force: bool) -> None:
     check_replaceable(target)
 
 
+def check_replaceable(target: Path) -> None:
+    """Refuse to replace ``target`` unless it is absent, an empty directory, or a directory ckaqad wrote (it holds
+    :data:`OUTPUT_MARKER`): ``--force`` must never delete a user's files."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_dir() and not target.is_symlink() and ((target / OUTPUT_MARKER).is_file() or not any(target.iterdir())):
+        return
+    what = "a directory ckaqad did not write" if target.is_dir() and not target.is_symlink() else "not a directory"
+    raise CkaqadError(f"{target} is {what}; --force replaces only ckaqad's own outputs: choose another output path")
+
+
 def check_source(source: Path) -> None:
     """The source must be a local model directory with a config.json (checked before anything is recorded)."""
     if not source.is_dir():
@@ -165,10 +122,34 @@ class PackResult:
     format: str
     scheme: str
     summary: dict[str, Any]
+    input_digests: dict[str, str]
+    """{weight file: its digest} as the pack read it (safetensors_io.SafetensorsSource.digests), for run.json."""
 
 
 def _files(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _calibration(
+    cfg: PackConfig, run: RunDir | None, source: Path, recipe: QuantRecipe
+) -> tuple[dict[str, float], dict[str, str], dict[str, torch.Tensor] | None]:
+    """(W4A4 input amax per module, how the uncalibrated ones were filled, mse-act second moments): a student's own
+    where it recorded them, else measured on the calibration text (one pass for both)."""
+    amax_needed = recipe.scheme == "w4a4" and not recipe.input_amax
+    moments_needed = recipe.scale_rule == "mse-act" and not (source / SECOND_MOMENTS_FILE).is_file()
+    recorded, moments = dict(recipe.input_amax), None
+    if recipe.scale_rule == "mse-act" and not moments_needed:
+        moments = load_second_moments(source)
+    if amax_needed or moments_needed:
+        student, tokenizer = load_student(source, recipe, cfg.device)
+        record = calibrate_inputs(student, tokenizer, _calibration_source(cfg, run), cfg.calib_tokens,
+                                  cfg.calib_seq_len, cfg.device)
+        del student
+        recorded = dict(record.amax) if amax_needed else recorded
+        moments = record.second_moments() if moments_needed else moments
+    if recipe.scheme != "w4a4":
+        return {}, {}, moments
+    return (*fill_input_amax(recipe.quantized, recorded), moments)
 
 
 @contextlib.contextmanager
@@ -187,23 +168,13 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         raise CkaqadError("no output directory: pass --out DIR or --run DIR")
     fmt = formats.format_module(cfg.format)
     check_output(target, source, cfg.force)
-    with SafetensorsSource(source) as src:
+    with SafetensorsSource(source, digest=True) as src:
         config = formats.read_config(source)
-        recipe = build_recipe(source, config, cfg.scheme, list(cfg.exclude), src)
+        recipe = build_recipe(source, config, cfg.scheme, list(cfg.exclude), src, cfg.scale_rule)
         verify = cfg.verify if cfg.verify is not None else src.total_bytes <= AUTO_VERIFY_MAX_BYTES
-        input_amax: dict[str, float] = {}
-        fallbacks: dict[str, str] = {}
-        if recipe.scheme == "w4a4":
-            recorded = dict(recipe.input_amax)
-            if not recorded:
-                student, tokenizer = load_student(source, recipe, cfg.device)
-                data = _calibration_source(cfg, run)
-                recorded = calibrate_input_amax(
-                    student, tokenizer, data, cfg.calib_tokens, cfg.calib_seq_len, cfg.device
-                )
-                del student
-            input_amax, fallbacks = fill_input_amax(recipe.quantized, recorded)
+        input_amax, fallbacks, second_moments = _calibration(cfg, run, source, recipe)
         plan = plan_pack(source, src, config, recipe, fmt, input_amax, fallbacks, deploy_dtype(cfg.dtype, source, config))
+        plan.second_moments = second_moments
         shard_bytes = parse_size(cfg.max_shard_size)
         planned = ShardedWriter(target, plan.specs, shard_bytes).file_bytes  # plans only, writes nothing
         extra = sum((source / n).stat().st_size for n in COPIED_FILES if (source / n).is_file())
@@ -212,7 +183,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         with _output_dir(target, cfg.force) as tmp:
             writer = ShardedWriter(tmp, plan.specs, shard_bytes)
             try:
-                write_tensors(plan, src, writer, cfg.backend, cfg.device)
+                write_tensors(plan, src, writer, cfg.backend, cfg.device, plan.second_moments)
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -231,6 +202,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         "out": str(target),
         "format": fmt.NAME,
         "scheme": plan.scheme,
+        "scale_rule": plan.recipe.scale_rule,
         "modules_quantized": len(plan.shapes),
         "modules_kept": len(plan.kept),
         "kept": plan.kept,
@@ -246,7 +218,8 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         "verify": verification or None,
         "seconds": time.perf_counter() - start,
     }
-    return PackResult(out=target, format=fmt.NAME, scheme=plan.scheme, summary=summary)
+    digests = src.digests()
+    return PackResult(out=target, format=fmt.NAME, scheme=plan.scheme, summary=summary, input_digests=digests)
 
 
 
@@ -267,6 +240,7 @@ def _write_card(folder: Path, target: Path, run: RunDir | None, plan: PackPlan) 
 
 
 SUMMARY_ROWS = (
+    ("weight scale rule", "scale_rule"),
     ("modules quantized", "modules_quantized"),
     ("modules kept", "modules_kept"),
     ("unquantized tensors in", "dtype"),
@@ -323,6 +297,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 def run_pack(cfg: PackConfig, run: RunDir) -> PackResult:
     """The pack stage of a run: pack, record outputs/metrics in run.json, write pack/summary.json and summary.md."""
+    formats.format_module(cfg.format)
     source = resolve_source(cfg, run)
     out = Path(cfg.out) if cfg.out else run.stage_dir(STAGE) / OUTPUT_DIR
     check_source(source)  # argument checks before the run is touched: a bad --model leaves a finished pack alone
@@ -330,11 +305,13 @@ def run_pack(cfg: PackConfig, run: RunDir) -> PackResult:
     ensure_writable(out, "--out" if cfg.out else "--run", replaced=True)
     if cfg.force:  # (without it, a finished stage is refused first, below)
         check_output(out, source, force=True)
-    inputs = {"model": describe_input(source)}
+    inputs = {"model": {"path": str(source.resolve())}}  # and its files' digests once pack has read them
     with run.stage(STAGE, config=asdict(cfg), inputs=inputs, force=cfg.force, atomic_outputs=True) as rec:
         result = pack_model(cfg, run=run, out=out)
+        rec.inputs["model"] = describe_input(source, digests=result.input_digests)
         s = result.summary
-        rec.outputs.update(model=run.relpath(out), format=result.format, scheme=result.scheme, files=_files(out))
+        PackRecord.write(rec, model=run.relpath(out), format=result.format, scheme=result.scheme,
+                         scale_rule=result.summary["scale_rule"], files=_files(out))
         rec.metrics.update(
             {k: s[k] for k in ("modules_quantized", "modules_kept", "bytes_before", "bytes_after", "seconds")}
         )

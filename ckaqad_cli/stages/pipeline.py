@@ -17,52 +17,24 @@ from typing import Any
 
 from rich.console import Console
 
+from ckaqad_cli import formats
 from ckaqad_cli import report as report_io
 from ckaqad_cli.atomic import atomic_write_json, atomic_write_text
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.quant import check_scheme
 from ckaqad_cli.rundir import RunDir
-from ckaqad_cli.stages.diagnose import DiagnoseConfig, run_diagnose
-from ckaqad_cli.stages.distill import DistillConfig, run_distill
-from ckaqad_cli.stages.pack import PackConfig, run_pack
-from ckaqad_cli.stages.push import PushConfig, check_repo_id, push_folder
+from ckaqad_cli.settings.diagnose import DiagnoseConfig
+from ckaqad_cli.settings.distill import DistillConfig
+from ckaqad_cli.settings.pack import PackConfig
+from ckaqad_cli.settings.pipeline import PipelineConfig
+from ckaqad_cli.settings.push import PushConfig
+from ckaqad_cli.stages.diagnose import run_diagnose
+from ckaqad_cli.stages.distill import run_distill
+from ckaqad_cli.stages.pack import run_pack
+from ckaqad_cli.stages.push import check_repo_id, push_folder
 
 STAGE = "pipeline"
 CKA_QAD, KL_ONLY, TEACHER = "cka-qad", "kl-only", "bf16-teacher"
 COLUMNS = ("mean_cka", "min_cka", "kl", "top1", "task_acc")
-
-
-@dataclass
-class PipelineConfig:
-    """Options of ``ckaqad pipeline``; None leaves the distill preset for the teacher in force."""
-
-    teacher: str = "builtin"
-    data: str = "builtin"
-    scheme: str = "w4a4"
-    baseline: bool = False
-    steps: int | None = None
-    batch_size: int | None = None
-    seq_len: int | None = None
-    lr: float | None = None
-    lambda_cka: float | None = None
-    cka_layers: str | None = None
-    seed: int = 0
-    diagnose_tokens: int = 16384
-    diagnose_seq_len: int = 128
-    task_problems: int = 256
-    format: str = "compressed-tensors"
-    repo_id: str = "your-org/ckaqad-nvfp4"
-    device: str = "auto"
-    force: bool = False
-    """Redo every stage, finished or not."""
-
-    def __post_init__(self) -> None:
-        check_scheme(self.scheme)
-        for option in ("diagnose_tokens", "task_problems"):
-            if getattr(self, option) < 1:
-                raise CkaqadError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(self, option)}")
-        if self.diagnose_seq_len < 2:
-            raise CkaqadError(f"--diagnose-seq-len must be at least 2, got {self.diagnose_seq_len}")
 
 
 def _distill_config(cfg: PipelineConfig, *, lambda_cka: float | None) -> DistillConfig:
@@ -71,6 +43,7 @@ def _distill_config(cfg: PipelineConfig, *, lambda_cka: float | None) -> Distill
     }
     return DistillConfig(
         teacher=cfg.teacher, data=cfg.data, scheme=cfg.scheme, seed=cfg.seed, device=cfg.device,
+        scale_rule=cfg.scale_rule, activation_arithmetic=cfg.activation_arithmetic,
         lambda_cka=lambda_cka, force=cfg.force, **overrides,
     )
 
@@ -78,13 +51,14 @@ def _distill_config(cfg: PipelineConfig, *, lambda_cka: float | None) -> Distill
 def _diagnose_config(cfg: PipelineConfig, stage: str, students: list[tuple[str, str]]) -> DiagnoseConfig:
     return DiagnoseConfig(
         teacher=cfg.teacher, data=cfg.data, students=students, ptq=[cfg.scheme], use_run_student=False,
+        scale_rule=cfg.scale_rule, activation_arithmetic=cfg.activation_arithmetic,
         max_tokens=cfg.diagnose_tokens, seq_len=cfg.diagnose_seq_len, task_problems=cfg.task_problems,
         seed=cfg.seed, device=cfg.device, stage=stage, force=cfg.force,
     )
 
 
 # Settings that do not change what a stage writes (or that a stage records resolved): not compared on a re-run.
-_NOT_COMPARED = frozenset({"force", "resume", "device", "dtype", "world_size", "students", "verify"})
+_NOT_COMPARED = frozenset({"force", "resume", "device", "dtype", "world_size", "students", "verify", "dry_run"})
 
 
 @dataclass
@@ -96,12 +70,13 @@ class _Step:
 
 
 def settings_that_differ(recorded: dict[str, Any], planned: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{setting: (recorded, planned)} for every setting a finished stage was run with otherwise."""
+    """{setting: (recorded, planned)} for every setting a finished stage was run with otherwise. A setting the
+    record lacks is newer than the run, which ran with what is now its default: not compared."""
     planned = json.loads(json.dumps(planned, default=str))  # tuples as lists, as run.json holds them
     return {
-        key: (recorded.get(key), value)
+        key: (recorded[key], value)
         for key, value in planned.items()
-        if key not in _NOT_COMPARED and recorded.get(key) != value
+        if key not in _NOT_COMPARED and key in recorded and recorded[key] != value
     }
 
 
@@ -135,6 +110,7 @@ def _steps(cfg: PipelineConfig, run: RunDir, console: Console) -> list[_Step]:
     diagnose_ptq = _diagnose_config(cfg, "diagnose-ptq", [])
     diagnose_final = _diagnose_config(cfg, "diagnose", [])
     pack = PackConfig(format=cfg.format, verify=True, force=cfg.force)
+    formats.format_module(pack.format)
     check_repo_id(cfg.repo_id)
     for distill_cfg in (distill_cka, distill_kl):
         distill_cfg.resolved().validate()
@@ -220,6 +196,11 @@ def run_pipeline(cfg: PipelineConfig, run: RunDir, *, console: Console | None = 
     """Run every step not yet done, then the comparison. Returns the comparison rows."""
     console = console or Console(stderr=True)
     steps = _steps(cfg, run, console)
+    if cfg.dry_run:  # the distill stages hold the peak; the KL-only one needs no more memory than CKA-QAD
+        distill = _distill_config(cfg, lambda_cka=cfg.lambda_cka)
+        distill.dry_run = True
+        run_distill(distill, run, console=console)
+        return {}
     with run.lock():
         if not cfg.force:
             check_finished_stages(steps, run)

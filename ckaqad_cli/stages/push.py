@@ -36,9 +36,7 @@ from ckaqad_cli import __version__
 from ckaqad_cli.atomic import atomic_write_text
 from ckaqad_cli.card import (
     CARD_FILE,
-    CARD_MODES,
     PLOT_FILE,
-    CardMode,
     base_model_from_manifest,
     copy_plot,
     render_model_card,
@@ -49,9 +47,9 @@ from ckaqad_cli.progress import LoggedProgress, make_progress
 from ckaqad_cli import formats
 from ckaqad_cli.formats import detect_format
 from ckaqad_cli.rundir import RunDir, sha256_file
+from ckaqad_cli.settings.push import PushConfig
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-DEFAULT_COMMIT_BYTES = 8 << 30
 NO_TOKEN = (
     "no Hugging Face token: log in with `hf auth login`, or set HF_TOKEN, or pass --token "
     "(a token with write access to the repository)"
@@ -62,28 +60,6 @@ _BEARER = re.compile(r"(Bearer\s+)\S+", re.IGNORECASE)
 _CHUNK = 1 << 20
 
 _console = Console(stderr=True)
-
-
-@dataclasses.dataclass
-class PushConfig:
-    """What to push where. The token is deliberately not a field: configs are recorded in run.json."""
-
-    repo_id: str
-    revision: str = "main"
-    private: bool = False
-    endpoint: str | None = None
-    commit_message: str | None = None
-    card: CardMode = "merge"
-    base_model: str | None = None
-    dry_run: bool = False
-    force: bool = False
-    commit_bytes: int = DEFAULT_COMMIT_BYTES
-
-    def __post_init__(self) -> None:
-        if self.card not in CARD_MODES:
-            raise CkaqadError(f"--card must be one of {', '.join(CARD_MODES)}, not {self.card!r}")
-        if self.commit_bytes <= 0:
-            raise CkaqadError("commit_bytes must be positive")
 
 
 @dataclasses.dataclass

@@ -96,3 +96,48 @@ def grid_index(codes: torch.Tensor) -> torch.Tensor:
     mag = (codes & 7).long()
     return torch.where((codes & 8) > 0, -mag, mag)
 
+
+
+def float64_scale_search(
+    x: torch.Tensor, g: float, rule: str, channel_weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scale rules by brute force in float64: (chosen byte, float64 error of every byte 1..126, candidate mask).
+
+    The candidate set follows docs/nvfp4.md (bytes of the amax scale and of the 1.5x scale, evaluated in float64;
+    mse: from 2 below the one to 2 above the other), and every candidate's block error is computed in float64,
+    without the pinned float32 order. Ties go to the amax scale, then to the smallest byte. Shapes [..., K/16].
+    """
+    x64 = x.to(torch.float64).reshape(*x.shape[:-1], -1, BLOCK_SIZE)
+    e4m3 = torch.cat([torch.zeros(1, dtype=torch.float64), e4m3_positive_values()])
+    s = x64.abs().amax(-1) / (6.0 * g)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    amax_byte = round_half_even_on(e4m3, s.clamp(2.0**-9, 448.0))
+    four_byte = round_half_even_on(e4m3, (1.5 * s).clamp(2.0**-9, 448.0))
+    d = e4m3[1:] * g  # bytes 1..126
+    r = x64.unsqueeze(-2) / d.unsqueeze(-1)  # [..., NB, 126, 16]
+    q = GRID[round_half_even_on(GRID, r.abs().clamp(max=6.0))] * torch.sign(r)
+    err = (x64.unsqueeze(-2) - q * d.unsqueeze(-1)) ** 2
+    if channel_weights is not None:
+        err = err * channel_weights.to(torch.float64).reshape(-1, 1, BLOCK_SIZE)
+    err = err.sum(-1)
+    byte = torch.arange(1, 127).expand_as(err)
+    if rule == "four-over-six":
+        mask = (byte == amax_byte.unsqueeze(-1)) | (byte == four_byte.unsqueeze(-1))
+    else:
+        mask = (byte >= (amax_byte - 2).clamp(min=1).unsqueeze(-1)) & (byte <= (four_byte + 2).unsqueeze(-1))
+    masked = torch.where(mask, err, torch.inf)
+    best = masked.min(-1, keepdim=True).values
+    tied = masked == best
+    at_amax = (tied & (byte == amax_byte.unsqueeze(-1))).any(-1)
+    smallest = torch.where(tied, byte, 127).min(-1).values
+    return torch.where(at_amax, amax_byte, smallest), err, mask
+
+
+def weights_for(rule: str, k: int, seed: int = 0) -> torch.Tensor | None:
+    """Channel weights for mse-act (spread over four orders of magnitude, every 7th zero), None for other rules."""
+    if rule != "mse-act":
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    w = 10.0 ** (torch.rand(k, generator=gen) * 4 - 2)
+    w[::7] = 0.0
+    return w

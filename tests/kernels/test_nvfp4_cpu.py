@@ -12,8 +12,9 @@ from hypothesis.extra.numpy import arrays
 
 from ckaqad_kernels import dispatch, nvfp4_cpu
 from ckaqad_kernels import nvfp4_ref as ref
+from ckaqad_kernels.nvfp4_spec import SCALE_RULES
 
-from .nvfp4_cases import assert_same_bits, float64_model, planted, scale_midpoints
+from .nvfp4_cases import assert_same_bits, float64_model, planted, scale_midpoints, weights_for
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -28,14 +29,17 @@ def test_the_kernel_builds_where_a_compiler_is_found():
 needs_kernel = pytest.mark.skipif(not nvfp4_cpu.available(), reason=f"C kernel: {nvfp4_cpu.unavailable_reason()}")
 
 
-def _check(x: torch.Tensor, g=None) -> None:
-    cp, cs, cg = nvfp4_cpu.quantize_and_pack(x, g)
-    rp, rs, rg = ref.quantize_and_pack(x, g)
-    assert_same_bits(cg, rg)
-    assert cp.dtype == torch.uint8 and cp.shape == rp.shape
-    assert torch.equal(cp, rp)
-    assert cs.dtype == torch.float8_e4m3fn
-    assert_same_bits(cs, rs)
+def _check(x: torch.Tensor, g=None, rules=SCALE_RULES) -> None:
+    """C against the reference under every scale rule (mse-act with weights_for's channel weights)."""
+    for rule in rules:
+        w = weights_for(rule, x.shape[-1])
+        cp, cs, cg = nvfp4_cpu.quantize_and_pack(x, g, scale_rule=rule, channel_weights=w)
+        rp, rs, rg = ref.quantize_and_pack(x, g, scale_rule=rule, channel_weights=w)
+        assert_same_bits(cg, rg)
+        assert cp.dtype == torch.uint8 and cp.shape == rp.shape
+        assert torch.equal(cp, rp), rule
+        assert cs.dtype == torch.float8_e4m3fn
+        assert_same_bits(cs, rs)
 
 
 @needs_kernel
@@ -114,8 +118,10 @@ def test_non_contiguous_input_and_zeros():
 def test_nan_or_inf_raises_naming_the_tensor(bad):
     x = torch.randn(40, 4096 + 32)
     x[37, 4100] = bad  # in the second row piece of a late row
-    with pytest.raises(ValueError, match="'layer.w'"):
-        nvfp4_cpu.quantize_and_pack(x, 0.01, name="layer.w")
+    for rule in SCALE_RULES:
+        with pytest.raises(ValueError, match="'layer.w'"):
+            nvfp4_cpu.quantize_and_pack(x, 0.01, name="layer.w", scale_rule=rule,
+                                        channel_weights=weights_for(rule, x.shape[-1]))
     with pytest.raises(ValueError, match="'layer.w'"):
         nvfp4_cpu.quantize_and_pack(torch.ones(1, 16), float("nan"), name="layer.w")
 
@@ -126,6 +132,10 @@ def test_wrong_input_is_refused():
         nvfp4_cpu.quantize_and_pack(torch.ones(2, 24))
     with pytest.raises(ValueError, match="CPU tensors"):
         nvfp4_cpu.quantize_and_pack(torch.ones(2, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="not 'best'"):
+        nvfp4_cpu.quantize_and_pack(torch.ones(2, 16), scale_rule="best")
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        nvfp4_cpu.quantize_and_pack(torch.ones(2, 16), scale_rule="mse-act", channel_weights=torch.full((16,), -1.0))
 
 
 @needs_kernel

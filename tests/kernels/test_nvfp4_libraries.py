@@ -1,6 +1,6 @@
 """Against independent implementations: compressed-tensors and NVIDIA ModelOpt (both in the test extra).
 
-Decoding: each library's dequantizer applied to our bytes gives our values. Encoding: each library's own quantizer
+Decoding: each library's dequantizer applied to our bytes, under every scale rule, gives our values. Encoding: each library's own quantizer
 agrees with our codes on >= 99% of elements, and every difference is one grid step at a rounding boundary.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ckaqad_kernels import dispatch
 from ckaqad_kernels import nvfp4_ref as ref
+from ckaqad_kernels.nvfp4_spec import SCALE_RULES
 
 from .nvfp4_cases import grid_index, is_near_midpoint
 
@@ -41,14 +43,21 @@ def ct():
         calculate_qparams, generate_gparam)
 
 
-def test_compressed_tensors_decompresses_our_bytes_to_our_values(ct):
+def _encode(w: torch.Tensor, g: torch.Tensor | None, rule: str):
+    """Our bytes under a scale rule (mse-act with channel weights that vary over four orders of magnitude)."""
+    weights = 10.0 ** torch.linspace(-2, 2, w.shape[-1]) if rule == "mse-act" else None
+    return dispatch.quantize_and_pack(w, g, scale_rule=rule, channel_weights=weights)
+
+
+@pytest.mark.parametrize("rule", SCALE_RULES)
+def test_compressed_tensors_decompresses_our_bytes_to_our_values(ct, rule):
     compressor, _, args, _ = ct
     from compressed_tensors.quantization import QuantizationScheme
 
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     for w in _weights():
         for g in (None, torch.tensor(2.0**-14)):  # natural g, and one whose reciprocal is exact
-            packed, scales, gq = ref.quantize_and_pack(w, g)
+            packed, scales, gq = _encode(w, g, rule)
             # compressed-tensors stores the reciprocal of our g (its converter from ModelOpt does the same)
             state = {"weight_packed": packed, "weight_scale": scales, "weight_global_scale": (1 / gq).reshape(1)}
             theirs = compressor.decompress(state, scheme)["weight"]
@@ -88,9 +97,10 @@ def nvfp4_qtensor():
     return NVFP4QTensor
 
 
-def test_modelopt_dequantizes_our_bytes_to_our_values(nvfp4_qtensor):
+@pytest.mark.parametrize("rule", SCALE_RULES)
+def test_modelopt_dequantizes_our_bytes_to_our_values(nvfp4_qtensor, rule):
     for w in _weights():
-        packed, scales, g = ref.quantize_and_pack(w)
+        packed, scales, g = _encode(w, None, rule)
         qt = nvfp4_qtensor(w.shape, torch.float32, packed)
         theirs = qt.dequantize(dtype=torch.float32, scale=scales, double_scale=g, block_sizes={-1: 16})
         assert torch.equal(theirs, ref.dequantize(packed, scales, g))

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from ckaqad_kernels import dispatch, nvfp4_triton  # noqa: E402
+from ckaqad_kernels import dispatch, nvfp4_cpu, nvfp4_triton  # noqa: E402
 from ckaqad_kernels import nvfp4_ref as ref  # noqa: E402
 
-from .nvfp4_cases import assert_same_bits, planted, scale_midpoints  # noqa: E402
+from ckaqad_kernels.nvfp4_spec import SCALE_RULES  # noqa: E402
+
+from .nvfp4_cases import assert_same_bits, planted, scale_midpoints, weights_for  # noqa: E402
 
 if not dispatch.triton_interpreted() and not torch.cuda.is_available():
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1 before import", allow_module_level=True)
@@ -21,20 +25,23 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SHAPES = ((1, 16), (1, 144), (3, 48), (17, 272), (2, 5, 32))
 
 
-def _both(x, g=None, swizzle=False):
+def _both(x, g=None, swizzle=False, rule="amax"):
     x = x.to(DEVICE)
-    t = dispatch.quantize_and_pack(x, g, backend="triton", swizzle=swizzle)
-    r = dispatch.quantize_and_pack(x, g, backend="torch", swizzle=swizzle)
+    kw = {"scale_rule": rule, "channel_weights": weights_for(rule, x.shape[-1])}
+    t = dispatch.quantize_and_pack(x, g, backend="triton", swizzle=swizzle, **kw)
+    r = dispatch.quantize_and_pack(x, g, backend="torch", swizzle=swizzle, **kw)
     return t, r
 
 
-def _check(x, g=None):
-    (tp, ts, tg), (rp, rs, rg) = _both(x, g)
+def _check(x, g=None, rule="amax"):
+    (tp, ts, tg), (rp, rs, rg) = _both(x, g, rule=rule)
     assert_same_bits(tg, rg)
     assert torch.equal(tp, rp)
     assert_same_bits(ts, rs)
     x = x.to(DEVICE)
-    assert_same_bits(dispatch.fake_quantize(x, g, backend="triton"), dispatch.fake_quantize(x, g, backend="torch"))
+    kw = {"scale_rule": rule, "channel_weights": weights_for(rule, x.shape[-1])}
+    assert_same_bits(dispatch.fake_quantize(x, g, backend="triton", **kw),
+                     dispatch.fake_quantize(x, g, backend="torch", **kw))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -100,6 +107,38 @@ def test_nan_block_propagates_in_fake_quant_kernel():
         dispatch.quantize_and_pack(x.to(DEVICE), 0.01, backend="triton", name="w")
 
 
+@pytest.mark.parametrize("rule", SCALE_RULES[1:])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_rules_bit_exact(rule, dtype):
+    """Each searching rule on a small random matrix (ragged tile edges), with a zero block and a static global scale
+    that makes subnormal and saturated scales; the planted cases (the interpreter is slow: kept small)."""
+    torch.manual_seed(13 + DTYPES.index(dtype))
+    x = (torch.randn(3, 48) * torch.rand(3, 1) * 4).to(dtype)
+    x[1, 16:32] = 0
+    _check(x, rule=rule)
+    _check(x, 1e-1, rule=rule)
+    _check(x, 1e3, rule=rule)
+    _check(planted(dtype), rule=rule)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_scale_rules_swizzled_and_nan_blocks():
+    torch.manual_seed(14)
+    x = torch.randn(130, 32, dtype=torch.bfloat16)
+    (tp, ts, _), (rp, rs, _) = _both(x, swizzle=True, rule="mse")
+    assert torch.equal(tp, rp)
+    assert_same_bits(ts, rs)
+    x = torch.randn(2, 32)
+    x[0, 3] = float("nan")
+    x[1, 20] = float("inf")
+    for rule in SCALE_RULES[1:]:
+        w = weights_for(rule, 32)
+        t = dispatch.fake_quantize(x.to(DEVICE), 0.01, backend="triton", scale_rule=rule, channel_weights=w).cpu()
+        r = ref.fake_quantize(x, 0.01, scale_rule=rule, channel_weights=w)
+        assert torch.equal(torch.isnan(t), torch.isnan(r)) and torch.isnan(r[0, :16]).all()
+        assert torch.equal(t[~torch.isnan(t)], r[~torch.isnan(r)])
+
+
 def test_dispatch_auto_uses_the_reference_on_cpu(monkeypatch):
     calls = []
     monkeypatch.setattr(nvfp4_triton, "quantize_and_pack", lambda *a, **k: calls.append(a))
@@ -111,3 +150,24 @@ def test_dispatch_auto_uses_the_reference_on_cpu(monkeypatch):
         dispatch.quantize_and_pack(torch.randn(2, 24), backend="triton")
     with pytest.raises(ValueError, match="float32"):
         dispatch.fake_quantize(torch.randn(2, 16, dtype=torch.float64), backend="triton")
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    st.integers(1, 3), st.integers(1, 3), st.sampled_from(DTYPES), st.sampled_from(SCALE_RULES),
+    st.sampled_from([None, 1e-4, 1.0, 1e3]), st.integers(0, 2**16),
+)
+def test_property_reference_c_and_triton_give_the_same_bytes(rows, blocks, dtype, rule, g, seed):
+    """Random shapes, dtypes, rules and global scales (1e3: subnormal and clamped scales; 1e-4: saturated ones),
+    with a zero block: the three implementations agree to the bit."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, 16 * blocks, generator=gen) * 10.0 ** torch.randint(-3, 3, (rows, 1), generator=gen))
+    x[0, :16] = 0
+    x = x.to(dtype)
+    _check(x, g, rule=rule)
+    if nvfp4_cpu.available() and DEVICE == "cpu":
+        w = weights_for(rule, x.shape[-1])
+        c = nvfp4_cpu.quantize_and_pack(x, g, scale_rule=rule, channel_weights=w)
+        r = ref.quantize_and_pack(x, g, scale_rule=rule, channel_weights=w)
+        assert torch.equal(c[0], r[0])
+        assert_same_bits(c[1], r[1])

@@ -14,10 +14,11 @@ from ckaqad_cli import models
 from ckaqad_cli.app import app
 from ckaqad_cli.builtin.tokenizer import build_tokenizer
 from ckaqad_cli.cka import linear_cka
-from ckaqad_cli.cli.diagnose import parse_student
+from ckaqad_cli.settings.diagnose import parse_student
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
-from ckaqad_cli.stages.diagnose import DiagnoseConfig, capture_residuals, run_diagnose
+from ckaqad_cli.models import capture_residuals
+from ckaqad_cli.stages.diagnose import DiagnoseConfig, run_diagnose
 from fixtures import save_tiny_model
 
 runner = CliRunner()
@@ -259,3 +260,26 @@ def test_builtin_teacher_reports_task_accuracy(tmp_path):
 def test_parse_student():
     assert parse_student("kl=runs/a/distill/student") == ("kl", "runs/a/distill/student")
     assert parse_student("out/qwen3-nvfp4") == ("qwen3-nvfp4", "out/qwen3-nvfp4")
+
+
+def test_cka_precision_bf16_agrees_with_float32_and_is_recorded(tiny, tmp_path):
+    """--cka-precision bf16 (emulated on the CPU) gives the float32 numbers to well within the report's 4 decimals;
+    auto resolves to float32 for a float32 model; the report says which ran."""
+    common = dict(teacher=str(tiny["teacher"]), students=[("noisy", str(tiny["noisy"]))], **SMALL)
+    f32 = run_diagnose(DiagnoseConfig(**common), RunDir(tmp_path / "a"))
+    bf16 = run_diagnose(DiagnoseConfig(**common, cka_precision="bf16"), RunDir(tmp_path / "b"))
+    assert f32["cka_precision"] == "float32" and bf16["cka_precision"] == "bf16"
+    assert bf16["students"]["noisy"]["linear_cka"] == pytest.approx(f32["students"]["noisy"]["linear_cka"], abs=1e-5)
+    assert bf16["students"]["noisy"]["linear_cka"] != f32["students"]["noisy"]["linear_cka"]  # another arithmetic
+    with pytest.raises(CkaqadError, match="--cka-precision must be one of auto, float32, bf16"):
+        DiagnoseConfig(**common, cka_precision="fp8").check()
+
+
+def test_ptq_scale_rule_reaches_the_ptq_student(tiny, tmp_path):
+    """--scale-rule changes the PTQ student's weights (and so its drift); an unknown rule is one line."""
+    common = dict(teacher=str(tiny["teacher"]), ptq=["w4a16"], use_run_student=False, **SMALL)
+    amax = run_diagnose(DiagnoseConfig(**common), RunDir(tmp_path / "a"))["students"]["ptq-w4a16"]
+    mse = run_diagnose(DiagnoseConfig(**common, scale_rule="mse"), RunDir(tmp_path / "b"))["students"]["ptq-w4a16"]
+    assert mse["linear_cka"] != amax["linear_cka"]
+    with pytest.raises(CkaqadError, match="--scale-rule must be one of amax, four-over-six, mse, mse-act"):
+        DiagnoseConfig(**common, scale_rule="best").check()

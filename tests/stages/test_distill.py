@@ -22,7 +22,9 @@ from ckaqad_cli.cka import Standardizer, TokenFilter, cka_loss
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import decoder_layers
 from ckaqad_cli.objective import CausalLMBody, LayerTap, Objective, ObjectiveSettings, parse_layers, sample_positions
-from ckaqad_cli.stages.distill import BUILTIN_PRESET, REAL_MODEL_PRESET, DistillConfig, split_heldout, train
+from ckaqad_cli.settings.distill import BUILTIN_PRESET, REAL_MODEL_PRESET, DistillConfig
+from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.stages.distill import check_launch, run_distill, split_heldout, train
 from ckaqad_cli.trainer import train_rows
 from ckaqad_cli.training import NonFiniteLossError
 from fixtures import tiny_models, tiny_sequences
@@ -53,7 +55,7 @@ def test_presets_fill_unset_options_and_validate():
     with pytest.raises(CkaqadError, match="--batch-size"):
         DistillConfig(batch_size=0).resolved()
     with pytest.raises(CkaqadError, match="--teacher-offload .*torchrun"):  # not under torchrun: refused up front
-        DistillConfig(teacher_offload=True).resolved()
+        check_launch(DistillConfig(teacher_offload=True))
 
 
 # -- token sampling and data order -----------------------------------------------------------------------------
@@ -493,3 +495,33 @@ def test_training_prints_plain_progress_lines_without_a_terminal(tmp_path, monke
     lines = [ln for ln in log.getvalue().splitlines() if ln.startswith("distill: ")]
     assert [ln.split(",")[0] for ln in lines] == ["distill: 1/2 (50%)", "distill: 2/2 (100%)"], log.getvalue()
     assert "elapsed" in lines[0] and "ETA" in lines[0] and "loss" in lines[0]
+
+
+def test_dry_run_prints_the_estimate_and_touches_nothing(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=80)
+    summary = run_distill(DistillConfig(dry_run=True), RunDir(tmp_path / "run"), console=console)
+    text = console.file.getvalue()
+    assert summary == {} and not (tmp_path / "run").exists()
+    assert "peak per rank" in text and "fits" in text
+
+
+def test_mse_act_student_is_calibrated_and_saved_with_its_second_moments(tmp_path):
+    """An mse-act distill calibrates the student's channel weights on training text and saves them beside the
+    student (pack reads them from there)."""
+    from rich.console import Console
+
+    from ckaqad_cli.quant import SECOND_MOMENTS_FILE, QuantRecipe, load_second_moments
+
+    cfg = DistillConfig(teacher="builtin", steps=1, batch_size=4, seq_len=32, eval_every=100, save_every=100,
+                        eval_sequences=4, max_tokens=4096, scale_rule="mse-act")
+    run_distill(cfg, RunDir(tmp_path / "run"), console=Console(stderr=True, quiet=True), show_progress=False)
+    student = tmp_path / "run" / "distill" / "student"
+    recipe = QuantRecipe.load(student)
+    moments = load_second_moments(student)
+    assert recipe.scale_rule == "mse-act" and (student / SECOND_MOMENTS_FILE).is_file()
+    assert set(moments) == set(recipe.quantized)
+    assert all(bool((m >= 0).all()) and bool((m > 0).any()) for m in moments.values())

@@ -51,7 +51,7 @@ def calib(tmp_path_factory) -> str:
 def _assert_decodes_to(decoded: torch.Tensor, want: torch.Tensor, g: torch.Tensor, fmt: str, module: str) -> None:
     """Bit for bit; except, in compressed-tensors, a global scale with no exactly-invertible float32 reciprocal
     (the format stores 1/g), whose values may then differ by one rounding step."""
-    if fmt == "compressed-tensors" and not formats.compressed_tensors.reciprocal_is_exact(g):
+    if fmt == "compressed-tensors" and not formats.scale_is_exact(formats.compressed_tensors, g):
         assert ((decoded.float() - want.float()).abs() <= want.float().abs() * torch.finfo(want.dtype).eps).all()
     else:
         assert same_bits(decoded, want), module
@@ -543,3 +543,25 @@ def test_push_finds_a_pack_written_outside_the_run(tmp_path):
     result = runner.invoke(app, ["push", "--run", str(run), "--repo-id", "me/m", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "model.safetensors" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "modelopt"])
+def test_scale_rules_pack_ptq_exactly_and_a_student_keeps_its_rule(tmp_path, fmt):
+    """--scale-rule on a --model pack: mse-act calibrates its channel weights on --calib-data, the packed weights
+    decode bit-exactly to the fake-quantized student with that rule (verify), and differ from amax's; a distilled
+    student is packed with the rule it was trained with, never another."""
+    from ckaqad_cli.builtin import TEACHER_DIR
+    from ckaqad_cli.errors import CkaqadError
+
+    packed = {}
+    for rule in ("amax", "mse-act"):
+        result = pack_model(PackConfig(model=str(TEACHER_DIR), out=str(tmp_path / rule), format=fmt, scheme="w4a16",
+                                       scale_rule=rule, calib_data="builtin", calib_tokens=512, verify=True))
+        assert result.summary["verify"]["weights"]["bit_exact"] == result.summary["modules_quantized"]
+        packed[rule] = load_file(tmp_path / rule / "model.safetensors")
+    scales = [n for n in packed["amax"] if n.endswith(".weight_scale")]
+    assert any(not torch.equal(packed["amax"][n].view(torch.uint8), packed["mse-act"][n].view(torch.uint8))
+               for n in scales)
+    student = make_model(tmp_path / "student", student="w4a16")
+    with pytest.raises(CkaqadError, match="trained with the amax scale rule"):
+        pack_model(PackConfig(model=str(student), out=str(tmp_path / "s"), format=fmt, scale_rule="mse"))

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from ckaqad_cli.app import app
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.rundir import RunDir
-from ckaqad_cli.stages.push import PushConfig, push_folder, redact
+from ckaqad_cli.settings.push import PushConfig
+from ckaqad_cli.stages.push import push_folder, redact
 from fixtures import packed_model_dir
 from tests.hub_server import HubServer
 from tests.stages.conftest import FAKE_TOKEN, READ_TOKEN

@@ -1,0 +1,47 @@
+"""A plan as the QuantRecipe that distill and pack read: uniform NVFP4 with the kept units excluded by exact name.
+
+The recipe is what ``quant.apply_fake_quant`` makes with those exclusions, so ``distill --exclude`` or
+``pack --exclude`` with :func:`plan_exclude`'s globs rebuild exactly the same recipe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ckaqad_cli.planning.units import UnitTable
+from ckaqad_cli.quant import DEFAULT_EXCLUDE, QuantRecipe, apply_fake_quant
+from ckaqad_cli.rundir import RunDir
+
+STAGE = "plan"
+
+
+def kept_exclude(table: UnitTable, kept: Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
+    """The user's ``exclude`` globs, then the globs that keep each of the ``kept`` units in BF16."""
+    kept = set(kept)
+    return [*exclude, *(pattern for u in table.units if u.name in kept for pattern in u.exclude)]
+
+
+def plan_recipe(config, scheme: str, exclude: Iterable[str], *, trust_remote_code: bool = False) -> QuantRecipe:
+    """The recipe of a model of transformers ``config`` quantized in ``scheme`` with ``exclude`` (built on the meta
+    device: no weights are read)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return apply_fake_quant(model, scheme=scheme, exclude=tuple(exclude))
+
+
+def plan_exclude(recipe: QuantRecipe) -> list[str]:
+    """The globs beyond ``quant.DEFAULT_EXCLUDE`` that a plan's recipe was made with (``--exclude`` of distill and
+    pack)."""
+    return [p for p in recipe.exclude if p not in DEFAULT_EXCLUDE]
+
+
+def recorded_plan(run: RunDir) -> QuantRecipe | None:
+    """The recipe of the run's finished plan stage, None when it has none."""
+    entry = run.stage_entry(STAGE)
+    if entry is None or entry.get("status") != "done":
+        return None
+    return QuantRecipe.load(run.stage_dir(STAGE))

@@ -1,0 +1,132 @@
+"""The plan's report: the unit table and the summary (rich and Markdown), report.json, and plan.png."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+
+from rich.console import Console
+
+from ckaqad_cli.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ckaqad_cli.report import FitTable, summary_markdown, summary_table
+from ckaqad_cli.units import fmt, format_bytes
+
+UNIT_COLUMNS = ("unit", "layer", "weights", "NVFP4", "BF16", "cka", "kl", "grad", "plan")
+SUMMARY_COLUMNS = ("bits", "mean_cka", "min_cka", "kl", "top1", "task_acc")
+KEPT = "BF16"
+
+
+def _unit_cells(unit: Mapping) -> list[str]:
+    layer = "-" if unit["layer"] is None else str(unit["layer"] + 1)
+    return [unit["name"], layer, fmt(unit["weights"], thousands=True), format_bytes(unit["nvfp4_bytes"]),
+            format_bytes(unit["bf16_bytes"]), fmt(unit["cka"]), fmt(unit["kl"]), fmt(unit["grad"]),
+            KEPT if unit["kept"] else "NVFP4"]
+
+
+def unit_table(report: Mapping) -> FitTable:
+    """One row per unit: size in each format, the three scores, and where the plan puts it."""
+    title = f"units (decoder layers from 1); the plan keeps {len(report['kept'])} in {KEPT} by {report['score']}"
+    return FitTable(title, UNIT_COLUMNS, [_unit_cells(u) for u in report["units"]], corner="metric")
+
+
+def summary_rows(report: Mapping) -> dict[str, dict[str, object]]:
+    """The teacher, uniform NVFP4 and the plan: effective bits, layer CKA, KL, top-1 and task accuracy."""
+    accuracy = report.get("task_accuracy") or {}
+    rows: dict[str, dict[str, object]] = {"teacher": {"bits": 16.0, "task_acc": accuracy.get("teacher")}}
+    for label, bits in (("uniform", report["uniform_bits"]), ("plan", report["effective_bits"])):
+        measured = report["comparison"][label]
+        rows[label] = {"bits": bits, **{k: measured[k] for k in ("mean_cka", "min_cka", "kl", "top1")},
+                       "task_acc": accuracy.get(label)}
+    return rows
+
+
+def to_markdown(report: Mapping) -> str:
+    parts = [
+        "# ckaqad plan\n",
+        f"Teacher: `{report['teacher']}`, scheme {report['scheme']}, budget {fmt(report['budget_bits'])} bits per "
+        f"weight ({format_bytes(report['budget_bytes'])} of Linear weights); score `{report['score']}`. The plan keeps "
+        f"{len(report['kept'])} of {len(report['units'])} units in BF16: {fmt(report['effective_bits'])} bits per "
+        f"weight ({format_bytes(report['weight_bytes'])}); uniform NVFP4 is {fmt(report['uniform_bits'])}. "
+        f"Calibration: {report['tokens']} tokens of `{report['data']}`.\n",
+        "## Summary\n",
+        "bits: average bits per Linear weight (NVFP4 4.5, BF16 16); mean_cka / min_cka: linear CKA over the decoder "
+        "layers; kl: mean per-token KL(teacher || model) in nats; top1: agreement of the argmax tokens; task_acc: "
+        "built-in task accuracy.\n",
+        summary_markdown(summary_rows(report), SUMMARY_COLUMNS),
+        "## Units\n",
+        "cka: mean of 1 - CKA at the unit's layer and at the last layer with the unit alone in NVFP4; kl: output KL "
+        "with the unit alone in NVFP4; grad: AutoQuantize's Fisher estimate. The plan keeps the units of most score "
+        "per byte in BF16 within the budget.\n",
+        "| " + " | ".join(UNIT_COLUMNS) + " |",
+        "|---" * len(UNIT_COLUMNS) + "|",
+        *("| " + " | ".join(f"`{c}`" if i == 0 else c for i, c in enumerate(_unit_cells(u))) + " |"
+          for u in report["units"]),
+        "\n## Layer CKA against the teacher\n",
+        "| layer | uniform | plan |",
+        "|---|---|---|",
+        *(f"| {name} | {fmt(u)} | {fmt(p)} |" for name, u, p in zip(
+            report["layers"], report["comparison"]["uniform"]["linear_cka"], report["comparison"]["plan"]["linear_cka"],
+            strict=True)),
+        f"\nTo train or pack this plan: `--exclude` {' '.join(repr(p) for p in report['exclude'])}.",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def plan_figure(report: Mapping):
+    """Left: each unit's score against its BF16 bytes, the kept units filled; right: layer CKA, uniform and plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    for kept, style in ((False, dict(mfc="none", color="C0", label="NVFP4")),
+                        (True, dict(color="C3", label=f"kept in {KEPT}"))):
+        units = [u for u in report["units"] if u["kept"] == kept]
+        left.plot([u["bf16_bytes"] for u in units], [max(u[report["score"]], 1e-12) for u in units], "o", ms=7,
+                  ls="none", **style)
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_xlabel("unit bytes in BF16")
+    left.set_ylabel(f"{report['score']} score (unit alone in NVFP4)")
+    left.set_title(f"units at {fmt(report['budget_bits'])} bits", fontsize=10)
+    left.legend(fontsize=9, frameon=False)
+    x = list(range(len(report["layers"])))
+    for k, label in enumerate(("uniform", "plan")):
+        right.plot(x, report["comparison"][label]["linear_cka"], marker="os"[k], mfc="none", ls="-:"[k],
+                   color=f"C{k}", label=f"{label} ({fmt(report['uniform_bits' if k == 0 else 'effective_bits'])} bits)")
+    right.set_xlabel("layer (0 = embeddings)")
+    right.set_ylabel("linear CKA vs teacher")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_title("layer CKA", fontsize=10)
+    right.legend(fontsize=9, frameon=False)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_plan(report: Mapping, path: Path) -> Path:
+    fig = plan_figure(report)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_plan_report(report: Mapping, directory: Path, *, console: Console | None = None) -> dict[str, Path]:
+    """Write report.json, report.md and plan.png into ``directory``; print the tables on ``console``."""
+    directory = Path(directory)
+    paths = {
+        "report_json": atomic_write_json(directory / "report.json", report),
+        "report_md": atomic_write_text(directory / "report.md", to_markdown(report)),
+        "plot": plot_plan(report, directory / "plan.png"),
+    }
+    if console is not None:
+        console.print(unit_table(report))
+        console.print(summary_table(summary_rows(report), SUMMARY_COLUMNS, title="uniform NVFP4 against the plan"))
+    return paths

@@ -1,0 +1,53 @@
+"""One model for every measurement of a plan: fake-quantized everywhere once, then switched unit by unit.
+
+``apply_fake_quant`` wraps every quantizable module; with every switch off the model computes exactly as the BF16
+teacher (an NVFP4Linear that quantizes nothing is ``F.linear``), so the teacher and any mix of NVFP4 and BF16 units
+share one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+from ckaqad_cli.planning.units import Unit, UnitTable, quantization_units
+from ckaqad_cli.quant import NVFP4Linear, QuantRecipe, apply_fake_quant
+from ckaqad_cli.quant_moe import NVFP4Experts
+
+
+def prepare(model: nn.Module, scheme: str, exclude: Iterable[str]) -> tuple[UnitTable, QuantRecipe]:
+    """Wrap ``model`` in place as uniform NVFP4 would, switch every unit off; its units and the uniform recipe."""
+    recipe = apply_fake_quant(model, scheme=scheme, exclude=tuple(exclude))
+    set_quantization(model.modules(), on=False, scheme=scheme)
+    return quantization_units(model, recipe), recipe
+
+
+def set_quantization(modules: Iterable[nn.Module], *, on: bool, scheme: str) -> None:
+    """Switch the weight (and for w4a4 the input) fake quantization of the wrapped ``modules`` on or off."""
+    for module in modules:
+        if isinstance(module, (NVFP4Linear, NVFP4Experts)):
+            module.quantize_weight = on
+            module.quantize_input = on and scheme == "w4a4"
+
+
+def unit_modules(model: nn.Module, units: Iterable[Unit]) -> list[nn.Module]:
+    return [model.get_submodule(name) for unit in units for name in unit.modules]
+
+
+@contextlib.contextmanager
+def quantized(model: nn.Module, units: Iterable[Unit], scheme: str) -> Iterator[None]:
+    """Within the block, ``units`` run in NVFP4 and every other unit in BF16."""
+    modules = unit_modules(model, units)
+    set_quantization(modules, on=True, scheme=scheme)
+    try:
+        yield
+    finally:
+        set_quantization(modules, on=False, scheme=scheme)
+
+
+def nvfp4_units(table: UnitTable, kept: Iterable[str]) -> list[Unit]:
+    """The units a plan quantizes: all but the ``kept`` ones."""
+    kept = set(kept)
+    return [u for u in table.units if u.name not in kept]

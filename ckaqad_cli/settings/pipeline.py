@@ -1,0 +1,44 @@
+"""Settings of ``ckaqad pipeline``: distill's, diagnose's and pack's own options where the pipeline passes them on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ckaqad_cli.settings import check_at_least, check_scheme, same_as, setting
+from ckaqad_cli.settings.diagnose import DiagnoseConfig
+from ckaqad_cli.settings.distill import DistillConfig
+from ckaqad_cli.settings.pack import PackConfig
+
+
+@dataclass
+class PipelineConfig:
+    """Options of ``ckaqad pipeline``; None leaves the distill preset for the teacher in force."""
+
+    teacher: str = same_as(DistillConfig, "teacher")
+    data: str = same_as(DistillConfig, "data")
+    scheme: str = same_as(DistillConfig, "scheme")
+    scale_rule: str = same_as(DistillConfig, "scale_rule")
+    activation_arithmetic: str = same_as(DistillConfig, "activation_arithmetic")
+    baseline: bool = setting(False, "Also run KL-only QAD (lambda 0) on the same budget, for the comparison.")
+    steps: int | None = same_as(DistillConfig, "steps")
+    batch_size: int | None = same_as(DistillConfig, "batch_size")
+    seq_len: int | None = same_as(DistillConfig, "seq_len")
+    lr: float | None = same_as(DistillConfig, "lr")
+    lambda_cka: float | None = same_as(DistillConfig, "lambda_cka")
+    cka_layers: str | None = same_as(DistillConfig, "cka_layers")
+    seed: int = same_as(DistillConfig, "seed", help="Seed of data order, sampling and evaluation problems.")
+    diagnose_tokens: int = same_as(DiagnoseConfig, "max_tokens", help="Tokens streamed by each diagnose.")
+    diagnose_seq_len: int = same_as(DiagnoseConfig, "seq_len", help="Sequence length of diagnose.")
+    task_problems: int = same_as(DiagnoseConfig, "task_problems", help="Built-in task problems scored per model.")
+    format: str = same_as(PackConfig, "format")
+    repo_id: str = setting("your-org/ckaqad-nvfp4", "Hub repository named in the dry-run push and the model card.")
+    device: str = same_as(DistillConfig, "device")
+    dry_run: bool = same_as(DistillConfig, "dry_run", help="Print distill's memory estimate (docs/distributed.md) "
+                            "and whether it fits the visible devices; run nothing. Default: off.")
+    force: bool = setting(
+        False, "Redo every stage, finished or not (needed to change the settings of a finished run)."
+    )
+
+    def __post_init__(self) -> None:
+        check_scheme(self.scheme)
+        check_at_least(self, {"diagnose_tokens": 1, "task_problems": 1, "diagnose_seq_len": 2})

@@ -1,0 +1,110 @@
+"""The plan stage and CLI on a tiny model, and the plan's recipe carried into distill and into pack (both formats)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ckaqad_cli.app import app
+from ckaqad_cli.errors import StageDoneError
+from ckaqad_cli.planning.recipe import plan_exclude, recorded_plan
+from ckaqad_cli.quant import QuantRecipe
+from ckaqad_cli.rundir import RunDir
+from ckaqad_cli.settings.distill import DistillConfig
+from ckaqad_cli.settings.pack import PackConfig
+from ckaqad_cli.settings.plan import PlanConfig
+from ckaqad_cli.stages.distill import run_distill
+from ckaqad_cli.stages.pack import pack_model
+from ckaqad_cli.stages.plan import run_plan
+from fixtures import save_tiny_model
+
+runner = CliRunner()
+BUDGET = 8.0
+"""Bits per weight for the tiny model below: uniform NVFP4 is about 6.4 (its BF16 head is a sixth of the Linear
+weights), so the plan can keep a few units."""
+SMALL = dict(seq_len=16, max_tokens=256, batch_size=4, task_problems=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    data = root / "calib.txt"
+    data.write_text("\n\n".join(f"what is {i} plus {3 * i}? the answer is {4 * i}." for i in range(200)))
+    return save_tiny_model(root / "teacher", layers=2), str(data)
+
+
+@pytest.fixture(scope="module")
+def planned(inputs, tmp_path_factory):
+    teacher, data = inputs
+    run = RunDir(tmp_path_factory.mktemp("run") / "run")
+    report = run_plan(PlanConfig(budget_bits=BUDGET, teacher=str(teacher), data=data, **SMALL), run)
+    return run, report
+
+
+def test_plan_writes_its_recipe_report_and_plot_and_records_the_stage(planned):
+    run, report = planned
+    folder = run.stage_dir("plan")
+    for name in ("quant_recipe.json", "report.json", "report.md", "plan.png"):
+        assert (folder / name).is_file(), name
+    entry = run.stage_entry("plan")
+    assert entry["status"] == "done" and entry["outputs"]["recipe"] == "plan/quant_recipe.json"
+    assert entry["metrics"]["effective_bits"] == report["effective_bits"] <= BUDGET
+    assert report["kept"] and len(report["kept"]) < len(report["units"])
+    assert report["weight_bytes"] <= report["budget_bytes"]
+    recipe = recorded_plan(run)
+    kept_members = {m for u in report["units"] if u["kept"] for m in u["members"]}
+    assert kept_members and not kept_members & set(recipe.quantized)
+    assert all(name in recipe.skipped for name in kept_members)
+    assert plan_exclude(recipe) == report["exclude"]
+    assert json.loads((folder / "report.json").read_text())["kept"] == report["kept"]
+    text = (folder / "report.md").read_text()
+    assert "## Units" in text and report["kept"][0] in text
+    assert set(report["comparison"]) == {"uniform", "plan"}
+
+
+def test_a_finished_plan_runs_again_only_with_force(planned, inputs):
+    run, _ = planned
+    teacher, data = inputs
+    with pytest.raises(StageDoneError):
+        run_plan(PlanConfig(budget_bits=BUDGET, teacher=str(teacher), data=data, **SMALL), run)
+
+
+def test_cli_bad_budgets_are_one_line_before_any_measurement(tmp_path, inputs):
+    teacher, data = inputs
+    for bits, message in (("nan", "--budget-bits must be a number from 4.5"),
+                          ("17", "--budget-bits must be a number from 4.5"),
+                          ("5", "--budget-bits 5 is below 6.")):
+        result = runner.invoke(app, ["plan", "--run", str(tmp_path / bits), "--budget-bits", bits, "--teacher",
+                                     str(teacher), "--data", data, "--device", "cpu"])
+        assert result.exit_code == 1, result.output
+        errors = [line for line in result.output.splitlines() if "error" in line]  # transformers' loading bar aside
+        assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), result.output
+        assert "plan" not in (RunDir(tmp_path / bits).read()["stages"])
+
+
+def test_the_plan_round_trips_into_distill_and_pack_in_both_formats(planned, inputs, tmp_path):
+    run, report = planned
+    teacher, data = inputs
+    recipe = recorded_plan(run)
+    distilled = RunDir(tmp_path / "distill")
+    run_distill(DistillConfig(teacher=str(teacher), data=data, exclude=tuple(plan_exclude(recipe)), steps=2,
+                              batch_size=4, seq_len=16, lr=1e-3, eval_every=100, save_every=100, eval_sequences=8,
+                              eval_tokens=32, cka_layers="all", cka_tokens=16, device="cpu"), distilled,
+                show_progress=False)
+    student = distilled.stage_dir("distill") / "student"
+    assert QuantRecipe.load(student) == recipe
+    kept_members = {m for u in report["units"] if u["kept"] for m in u["members"]}
+    for fmt, listed in (("compressed-tensors", "ignore"), ("modelopt", "exclude_modules")):
+        out = tmp_path / fmt
+        result = pack_model(PackConfig(model=str(student), out=str(out), format=fmt, calib_data=data,
+                                       calib_tokens=256, verify=True))
+        assert result.summary["verify"]["logits"]["passed"]
+        assert kept_members <= set(result.summary["kept"])
+        config = json.loads((out / "config.json").read_text())["quantization_config"]
+        written = config.get(listed) or json.loads((out / "hf_quant_config.json").read_text())["quantization"][listed]
+        assert kept_members <= set(written)
+        plain = pack_model(PackConfig(model=str(teacher), out=str(tmp_path / f"ptq-{fmt}"), format=fmt,
+                                      exclude=plan_exclude(recipe), calib_data=data, calib_tokens=256, verify=True))
+        assert set(plain.summary["kept"]) == set(result.summary["kept"])
