@@ -39,9 +39,17 @@ def plan_exclude(recipe: QuantRecipe) -> list[str]:
     return [p for p in recipe.exclude if p not in DEFAULT_EXCLUDE]
 
 
-def recorded_plan(run: RunDir) -> QuantRecipe | None:
+def recorded_plan(run: RunDir | None) -> QuantRecipe | None:
     """The recipe of the run's finished plan stage, None when it has none."""
-    entry = run.stage_entry(STAGE)
+    entry = run.stage_entry(STAGE) if run is not None else None
     if entry is None or entry.get("status") != "done":
         return None
     return QuantRecipe.load(run.stage_dir(STAGE))
+
+
+def exclude_or_plan(exclude: Iterable[str], run: RunDir | None) -> tuple[list[str], bool]:
+    """(the globs a stage quantizes with, whether they are the run's plan): the ``--exclude`` given, else the
+    run's plan's (distill, diagnose --ptq and a --model pack take the run's plan by default)."""
+    exclude = list(exclude)
+    plan = None if exclude else recorded_plan(run)
+    return (exclude, False) if plan is None else (plan_exclude(plan), True)

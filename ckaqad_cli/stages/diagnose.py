@@ -33,6 +33,7 @@ from ckaqad_cli.distributed import pick_device
 from ckaqad_cli.errors import CkaqadError, StageDoneError
 from ckaqad_cli.kl import token_kl
 from ckaqad_cli.lm_eval_tasks import LmEvalPlan, harness_metrics, plan_lm_eval
+from ckaqad_cli.planning.recipe import exclude_or_plan
 from ckaqad_cli.progress import make_progress
 from ckaqad_cli.report import write_report
 from ckaqad_cli.records import DiagnoseRecord
@@ -119,7 +120,8 @@ def load_models(cfg: DiagnoseConfig, run: RunDir | None, device: torch.device, d
 
     specs = _split_students(cfg, run)
     teacher = _Model(TEACHER_LABEL, cfg.teacher, *models.load_model(cfg.teacher, **kw))
-    rules = {"scale_rule": cfg.scale_rule, "activation_arithmetic": cfg.activation_arithmetic}
+    rules = {"scale_rule": cfg.scale_rule, "activation_arithmetic": cfg.activation_arithmetic,
+             "exclude": tuple(exclude_or_plan((), run)[0])}  # the run's plan, when it has one
     ptq = [_Model(f"ptq-{scheme}", f"{cfg.teacher} (PTQ {scheme})",
                   placed(models.ptq_student(teacher.model, scheme, **rules)[0]), teacher.tokenizer)
            for scheme in cfg.ptq]

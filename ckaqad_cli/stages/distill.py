@@ -22,6 +22,7 @@ from ckaqad_cli.atomic import atomic_directory
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import check_spec, fit_channel_weights
 from ckaqad_cli.objective import CausalLMBody, parse_layers
+from ckaqad_cli.planning.recipe import exclude_or_plan
 from ckaqad_cli.quant import save_second_moments
 from ckaqad_cli.records import DistillRecord
 from ckaqad_cli.rundir import RunDir, describe_input
@@ -186,6 +187,11 @@ def run_distill(
     ctx = D.setup(cfg.device)
     try:
         cfg = cfg.resolved()
+        exclude, planned = exclude_or_plan(cfg.exclude, run)
+        if planned:
+            cfg.exclude = tuple(exclude)
+            if ctx.is_main:
+                console.print(f"the run's plan keeps {len(exclude)} module pattern(s) in BF16 (plan/quant_recipe.json)")
         if cfg.dry_run:  # nothing loads but the teacher's config, nothing is written
             estimate = memory_estimate(cfg, ctx.device, ctx.world_size)
             if ctx.is_main:

@@ -30,6 +30,7 @@ from ckaqad_cli.packing.calibrate import calibrate_inputs, fill_input_amax, load
 from ckaqad_cli.packing.plan import PackPlan, build_recipe, deploy_dtype, plan_pack
 from ckaqad_cli.packing.verify import raise_if_failed, verify_logits, verify_weights
 from ckaqad_cli.packing.write import kernel_description, write_configs, write_tensors
+from ckaqad_cli.planning.recipe import exclude_or_plan
 from ckaqad_cli.quant import SECOND_MOMENTS_FILE, QuantRecipe, load_second_moments
 from ckaqad_cli.records import PackRecord
 from ckaqad_cli.rundir import RunDir, describe_input
@@ -170,7 +171,8 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
     check_output(target, source, cfg.force)
     with SafetensorsSource(source, digest=True) as src:
         config = formats.read_config(source)
-        recipe = build_recipe(source, config, cfg.scheme, list(cfg.exclude), src, cfg.scale_rule)
+        exclude = exclude_or_plan(cfg.exclude, run if cfg.model else None)[0]  # a student's recipe is fixed
+        recipe = build_recipe(source, config, cfg.scheme, exclude, src, cfg.scale_rule)
         verify = cfg.verify if cfg.verify is not None else src.total_bytes <= AUTO_VERIFY_MAX_BYTES
         input_amax, fallbacks, second_moments = _calibration(cfg, run, source, recipe)
         plan = plan_pack(source, src, config, recipe, fmt, input_amax, fallbacks, deploy_dtype(cfg.dtype, source, config))

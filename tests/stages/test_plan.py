@@ -108,3 +108,27 @@ def test_the_plan_round_trips_into_distill_and_pack_in_both_formats(planned, inp
         plain = pack_model(PackConfig(model=str(teacher), out=str(tmp_path / f"ptq-{fmt}"), format=fmt,
                                       exclude=plan_exclude(recipe), calib_data=data, calib_tokens=256, verify=True))
         assert set(plain.summary["kept"]) == set(result.summary["kept"])
+
+
+def test_distill_and_a_model_pack_take_the_runs_plan_by_default(planned, inputs, tmp_path):
+    """In a run with a finished plan, distill and `pack --model` quantize with the plan's exclusions unless
+    --exclude is given; a pack of a run without a plan keeps nothing the plan kept."""
+    import shutil
+
+    run, report = planned
+    teacher, data = inputs
+    recipe = recorded_plan(run)
+    kept_members = {m for u in report["units"] if u["kept"] for m in u["members"]}
+    assert kept_members
+    mine = RunDir(tmp_path / "run")
+    shutil.copytree(run.path, mine.path)
+    run_distill(DistillConfig(teacher=str(teacher), data=data, steps=1, batch_size=4, seq_len=16, lr=1e-3,
+                              eval_every=100, save_every=100, eval_sequences=8, eval_tokens=32, cka_layers="all",
+                              cka_tokens=16, device="cpu"), mine, show_progress=False)
+    assert QuantRecipe.load(mine.stage_dir("distill") / "student") == recipe
+    assert mine.stage_entry("distill")["config"]["exclude"] == plan_exclude(recipe)
+    packed = pack_model(PackConfig(model=str(teacher), out=str(tmp_path / "ptq"), scheme="w4a16", verify=False),
+                        run=mine)
+    assert kept_members <= set(packed.summary["kept"])
+    plain = pack_model(PackConfig(model=str(teacher), out=str(tmp_path / "plain"), scheme="w4a16", verify=False))
+    assert not kept_members & set(plain.summary["kept"])
