@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
@@ -253,9 +254,9 @@ def cka_figure(report: Mapping):
     return fig
 
 
-def plot_cka(report: Mapping, path: Path) -> Path:
-    """The CKA plot (:func:`cka_figure`) as a PNG at ``path``."""
-    fig = cka_figure(report)  # selects the Agg backend before pyplot is imported here
+def save_png(fig: Any, path: Path) -> Path:
+    """A matplotlib figure (made by a *_figure function, which selects the Agg backend) as a PNG at ``path``,
+    written atomically; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -264,14 +265,19 @@ def plot_cka(report: Mapping, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def write_files(report: Mapping, directory: Path, markdown: str, plot: tuple[str, Any]) -> dict[str, Path]:
+    """report.json, report.md (``markdown``) and the PNG ``plot`` = (file name, figure) in ``directory``."""
+    directory = Path(directory)
+    return {
+        "report_json": atomic_write_json(directory / "report.json", report),
+        "report_md": atomic_write_text(directory / "report.md", markdown),
+        "plot": save_png(plot[1], directory / plot[0]),
+    }
+
+
 def write_report(report: Mapping, directory: Path, *, console: Console | None = None) -> dict[str, Path]:
     """Write report.json, report.md and cka.png into ``directory``; print the tables on ``console``."""
-    directory = Path(directory)
-    paths = {
-        "report_json": atomic_write_json(directory / "report.json", report),
-        "report_md": atomic_write_text(directory / "report.md", to_markdown(report)),
-        "plot": plot_cka(report, directory / "cka.png"),
-    }
+    paths = write_files(report, directory, to_markdown(report), ("cka.png", cka_figure(report)))
     if console is not None:
         console.print(layer_table(report))
         console.print(summary_table(student_rows(report), _columns(report), title="summary"))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
 
-from ckaqad_cli.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ckaqad_cli.report import FitTable, summary_markdown, summary_table
+from ckaqad_cli.report import FitTable, summary_markdown, summary_table, write_files
 from ckaqad_cli.units import fmt, format_bytes
 
 UNIT_COLUMNS = ("unit", "layer", "weights", "NVFP4", "BF16", "cka", "kl", "grad", "plan")
@@ -108,24 +106,9 @@ def plan_figure(report: Mapping):
     return fig
 
 
-def plot_plan(report: Mapping, path: Path) -> Path:
-    fig = plan_figure(report)  # selects the Agg backend before pyplot is imported here
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def write_plan_report(report: Mapping, directory: Path, *, console: Console | None = None) -> dict[str, Path]:
     """Write report.json, report.md and plan.png into ``directory``; print the tables on ``console``."""
-    directory = Path(directory)
-    paths = {
-        "report_json": atomic_write_json(directory / "report.json", report),
-        "report_md": atomic_write_text(directory / "report.md", to_markdown(report)),
-        "plot": plot_plan(report, directory / "plan.png"),
-    }
+    paths = write_files(report, directory, to_markdown(report), ("plan.png", plan_figure(report)))
     if console is not None:
         console.print(unit_table(report))
         console.print(summary_table(summary_rows(report), SUMMARY_COLUMNS, title="uniform NVFP4 against the plan"))
