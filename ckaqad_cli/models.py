@@ -271,17 +271,25 @@ def ptq_student(
     return student, recipe
 
 
-def fit_channel_weights(model: nn.Module, sequences: torch.Tensor, *, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """The mse-act scale rule's calibration: every quantized module's per-input-channel E[x^2] over ``sequences``
-    (token ids), installed as its channel weights, and returned (to be saved beside the model,
-    ``quant.save_second_moments``, for pack)."""
-    from ckaqad_cli.quant import record_inputs, set_channel_weights
+def record_over(model: nn.Module, sequences: torch.Tensor, *, batch_size: int = 8):
+    """What every fake-quantized module of ``model`` sees over ``sequences`` (token ids), without gradients: a
+    ``quant.InputRecord`` (``.amax``, ``.second_moments()``)."""
+    from ckaqad_cli.quant import record_inputs
 
     device = next(model.parameters()).device
     with torch.no_grad(), record_inputs(model) as record:
         for row in range(0, sequences.shape[0], batch_size):
             model(input_ids=sequences[row : row + batch_size].to(device))
-    moments = record.second_moments()
+    return record
+
+
+def fit_channel_weights(model: nn.Module, sequences: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mse-act scale rule's calibration: every quantized module's per-input-channel E[x^2] over ``sequences``
+    (token ids), installed as its channel weights, and returned (to be saved beside the model,
+    ``quant.save_second_moments``, for pack)."""
+    from ckaqad_cli.quant import set_channel_weights
+
+    moments = record_over(model, sequences).second_moments()
     set_channel_weights(model, moments)
     return moments
 

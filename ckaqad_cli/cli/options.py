@@ -41,10 +41,10 @@ def _cli_type(field: dataclasses.Field, hints: dict[str, Any]) -> Any:
 
 def _default(field: dataclasses.Field) -> Any:
     if field.default is not dataclasses.MISSING:
-        return REQUIRED if field.default is REQUIRED else field.default
+        return field.default
     if field.default_factory is not dataclasses.MISSING:
-        return list(field.default_factory()) or []
-    return REQUIRED
+        return field.default_factory()
+    return REQUIRED  # setting(REQUIRED, ...) declares no default
 
 
 def option_parameters(

@@ -31,17 +31,14 @@ def load_student(source: Path, recipe: QuantRecipe, device: str, dtype: torch.dt
     return model, tokenizer
 
 
-def calibrate_inputs(model, tokenizer, data: str, tokens: int, seq_len: int, device: str) -> InputRecord:
+def calibrate_inputs(model, tokenizer, data: str, tokens: int, seq_len: int) -> InputRecord:
     """What every fake-quantized module sees over ``tokens`` tokens of ``data``: ``.amax`` {module: max |input|}
     and ``.second_moments()`` {module: E[x^2] per input channel} (the mse-act channel weights)."""
     from ckaqad_cli.data import load_texts, pack_sequences
-    from ckaqad_cli.quant import record_inputs
+    from ckaqad_cli.models import record_over
 
     ids = pack_sequences(load_texts(data), tokenizer, seq_len, max_tokens=max(tokens, seq_len))
-    with torch.no_grad(), record_inputs(model) as record:
-        for row in range(0, ids.shape[0], 8):
-            model(input_ids=ids[row : row + 8].to(device))
-    return record
+    return record_over(model, ids)
 
 
 _EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.(?P<leaf>.+)$")

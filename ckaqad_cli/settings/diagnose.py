@@ -18,7 +18,7 @@ from ckaqad_cli.settings import (
     same_as,
     setting,
 )
-from ckaqad_cli.settings.distill import DistillConfig
+from ckaqad_cli.settings.distill import DistillConfig, check_rules
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -98,4 +98,4 @@ class DiagnoseConfig:
         for scheme in self.ptq:
             check_scheme(scheme, "ptq")
         check_choice(self.cka_precision, ("auto", *CKA_PRECISIONS), "cka_precision")
-        DistillConfig(scale_rule=self.scale_rule, activation_arithmetic=self.activation_arithmetic).check_rules()
+        check_rules(self.scale_rule, self.activation_arithmetic)

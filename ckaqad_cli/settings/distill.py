@@ -49,6 +49,12 @@ def warmup_steps(warmup: float, total_steps: int) -> int:
     return int(warmup)
 
 
+def check_rules(scale_rule: str, activation_arithmetic: str) -> None:
+    """--scale-rule and --activation-arithmetic (distill's, and diagnose's for its --ptq students)."""
+    check_choice(scale_rule, SCALE_RULES, "scale_rule")
+    check_choice(activation_arithmetic, ACTIVATION_ARITHMETICS, "activation_arithmetic")
+
+
 _P = "Default: the built-in preset with the built-in teacher, else the real-model preset (docs/distill.md)."
 
 
@@ -147,10 +153,6 @@ class DistillConfig:
         cfg.validate()
         return cfg
 
-    def check_rules(self) -> None:
-        check_choice(self.scale_rule, SCALE_RULES, "scale_rule")
-        check_choice(self.activation_arithmetic, ACTIVATION_ARITHMETICS, "activation_arithmetic")
-
     def validate(self) -> None:
         """The checks of a resolved config (every preset value filled in)."""
         check_at_least(self, dict.fromkeys(
@@ -160,5 +162,5 @@ class DistillConfig:
         check_not_negative(self, ("lambda_cka", "warmup", "weight_decay", "max_grad_norm"), {
             "warmup": " (a fraction of the run below 1, steps from 1)", "max_grad_norm": " (0 = no clipping)"})
         check_scheme(self.scheme)
-        self.check_rules()
+        check_rules(self.scale_rule, self.activation_arithmetic)
         warmup_steps(self.warmup, self.steps)  # a whole number of steps, no longer than the run

@@ -144,7 +144,7 @@ def _calibration(
     if amax_needed or moments_needed:
         student, tokenizer = load_student(source, recipe, cfg.device)
         record = calibrate_inputs(student, tokenizer, _calibration_source(cfg, run), cfg.calib_tokens,
-                                  cfg.calib_seq_len, cfg.device)
+                                  cfg.calib_seq_len)
         del student
         recorded = dict(record.amax) if amax_needed else recorded
         moments = record.second_moments() if moments_needed else moments
