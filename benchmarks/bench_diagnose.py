@@ -98,7 +98,7 @@ def _best(fn, repeats: int, device: torch.device) -> float:
 
 @torch.no_grad()
 def overhead(args) -> None:
-    from ckaqad_cli.cka import StreamingCKA
+    from ckaqad_cli.cka_streaming import StreamingCKA
     from ckaqad_cli.models import capture_residuals
 
     torch.manual_seed(0)

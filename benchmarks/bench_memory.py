@@ -51,9 +51,6 @@ QWEN3 = {
 }
 """The shapes of docs/distributed.md's table (config.json of each model on the Hub)."""
 H100 = 80 * 1024**3
-NOT_RUN = {("moe", 2): "distill of a fused-MoE student under FSDP2 fails: the fake quantization of the expert "
-                       "weights mixes torch.Tensor and DTensor (aten.copy_)"}
-"""(shape, ranks) -> why the benchmark skips it."""
 _MMAP_THRESHOLD = str(128 * 1024)
 
 
@@ -189,10 +186,6 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for name in args.shapes:
         for world in args.worlds:
-            if (name, world) in NOT_RUN:
-                lines.append(f"| {name} | {world} | not run: {NOT_RUN[name, world]} | | |")
-                print(lines[-1], flush=True)
-                continue
             est, got = measure(name, world, args.steps)
             row = f"| {name} | {world} | {format_bytes(est)} | {format_bytes(got)} | {est / got:.3f} |"
             lines.append(row)

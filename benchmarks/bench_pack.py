@@ -44,7 +44,8 @@ def write_synthetic_checkpoint(
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from ckaqad_cli.builtin.tokenizer import build_tokenizer
-    from ckaqad_cli.safetensors_io import ShardedWriter, TensorSpec
+    from ckaqad_cli.safetensors_io import TensorSpec
+    from ckaqad_cli.safetensors_write import ShardedWriter
 
     heads = max(1, hidden // 64)
     config = LlamaConfig(

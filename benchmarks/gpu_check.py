@@ -153,7 +153,7 @@ def check_pack(plan: Plan, device: torch.device, work: Path) -> dict[str, Any]:
 
 # -- 3. CKA statistics against the forwards ------------------------------------------------------------------------
 def check_cka(plan: Plan, device: torch.device) -> dict[str, Any]:
-    from ckaqad_cli.cka import CKA_PRECISIONS, StreamingCKA
+    from ckaqad_cli.cka_streaming import CKA_PRECISIONS, StreamingCKA
     from ckaqad_cli.models import capture_residuals
 
     teacher, student = (_qwen3(plan.lm, torch.bfloat16, device, seed) for seed in (0, 1))

@@ -67,7 +67,7 @@ def _child(argv: list[str]) -> None:
     import hashlib
     import types
 
-    from ckaqad_cli import safetensors_io
+    from ckaqad_cli import safetensors_io, safetensors_write
     from ckaqad_cli.packing import write
     from ckaqad_kernels import dispatch
 
@@ -77,7 +77,7 @@ def _child(argv: list[str]) -> None:
     safetensors_io.SafetensorsSource.get = timed("read", safetensors_io.SafetensorsSource.get)
     write._checked_amax = timed("quantize", write._checked_amax)
     dispatch.quantize_and_pack = timed("quantize", dispatch.quantize_and_pack)
-    safetensors_io.ShardedWriter.write = timed("write", safetensors_io.ShardedWriter.write)
+    safetensors_write.ShardedWriter.write = timed("write", safetensors_write.ShardedWriter.write)
     os.fsync = timed("fsync", os.fsync)
 
     def report() -> None:  # registered first, so it runs after the command's own exit handlers

@@ -255,7 +255,7 @@ def ptq_student(
 
     ``exclude`` globs stay in high precision on top of ``quant.DEFAULT_EXCLUDE``; ``dtype`` casts the copy before it
     is wrapped (distill trains float32 master weights); ``scale_rule`` and ``activation_arithmetic`` as in
-    docs/nvfp4.md (an mse-act student needs :func:`fit_channel_weights` before its weights are quantized with it).
+    docs/nvfp4.md (an mse-act student needs :func:`quant_calibration.fit_channel_weights` before its weights are quantized with it).
     Returns (student, its ``QuantRecipe``): the recipe to save with it, so that pack and load_model apply the same
     exclusions and rules.
     """
@@ -269,29 +269,6 @@ def ptq_student(
     student.eval()
     student.requires_grad_(False)
     return student, recipe
-
-
-def record_over(model: nn.Module, sequences: torch.Tensor, *, batch_size: int = 8):
-    """What every fake-quantized module of ``model`` sees over ``sequences`` (token ids), without gradients: a
-    ``quant.InputRecord`` (``.amax``, ``.second_moments()``)."""
-    from ckaqad_cli.quant import record_inputs
-
-    device = next(model.parameters()).device
-    with torch.no_grad(), record_inputs(model) as record:
-        for row in range(0, sequences.shape[0], batch_size):
-            model(input_ids=sequences[row : row + batch_size].to(device))
-    return record
-
-
-def fit_channel_weights(model: nn.Module, sequences: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The mse-act scale rule's calibration: every quantized module's per-input-channel E[x^2] over ``sequences``
-    (token ids), installed as its channel weights, and returned (to be saved beside the model,
-    ``quant.save_second_moments``, for pack)."""
-    from ckaqad_cli.quant import set_channel_weights
-
-    moments = record_over(model, sequences).second_moments()
-    set_channel_weights(model, moments)
-    return moments
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -7,10 +7,9 @@ Fused MoE experts (3-D expert weights) are fake-quantized per expert by :mod:`ck
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ckaqad_cli.atomic import atomic_write_bytes, atomic_write_json
+from ckaqad_cli.atomic import atomic_write_json
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.quant_moe import (
     NVFP4Experts,
@@ -39,8 +38,6 @@ from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE, DEFAULT_ACTIVATION_ARITHMETIC,
 
 RECIPE_FILE = "quant_recipe.json"
 RECIPE_VERSION = 1
-SECOND_MOMENTS_FILE = "input_second_moments.safetensors"
-"""Beside quant_recipe.json when the recipe's scale rule is mse-act: {module: float32 [in_features] E[x^2]}."""
 
 
 def check_scale_rule(rule: str, option: str = "--scale-rule") -> None:
@@ -92,8 +89,9 @@ class QuantRecipe:
     input_amax: dict[str, float] = field(default_factory=dict)
     """Calibrated static input amax per module (w4a4); a module not listed quantizes its input dynamically."""
     scale_rule: str = DEFAULT_SCALE_RULE
-    """How weight block scales are chosen (nvfp4_spec.SCALE_RULES); mse-act reads SECOND_MOMENTS_FILE beside the
-    recipe. Recipes written before this field existed read as "amax"."""
+    """How weight block scales are chosen (nvfp4_spec.SCALE_RULES); mse-act reads
+    quant_calibration.SECOND_MOMENTS_FILE beside the recipe. Recipes written before this field existed read as
+    "amax"."""
     activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC
     """How W4A4 inputs are fake-quantized (nvfp4_spec.ACTIVATION_ARITHMETICS): "divide" or the engines'
     "reciprocal"."""
@@ -122,29 +120,6 @@ class QuantRecipe:
             return cls(**data)
         except TypeError as e:
             raise CkaqadError(f"{path} is malformed: {e}") from None
-
-
-def save_second_moments(directory: str | Path, moments: dict[str, torch.Tensor]) -> Path:
-    """Write {module: E[x^2] per input channel} as float32 tensors to SECOND_MOMENTS_FILE in ``directory``."""
-    from safetensors.torch import save
-
-    tensors = {name: m.detach().to("cpu", torch.float32).clone() for name, m in moments.items()}  # none shared
-    return atomic_write_bytes(Path(directory) / SECOND_MOMENTS_FILE, save(tensors))
-
-
-def load_second_moments(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Read SECOND_MOMENTS_FILE from ``directory``; a missing or unreadable file is a CkaqadError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(directory) / SECOND_MOMENTS_FILE
-    if not path.is_file():
-        raise CkaqadError(f"no {SECOND_MOMENTS_FILE} in {directory}: the mse-act scale rule needs the calibration "
-                          f"inputs' second moments")
-    try:
-        return load_file(path)
-    except (OSError, SafetensorError) as e:
-        raise CkaqadError(f"cannot read {path}: {e}") from None
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -224,10 +199,11 @@ class NVFP4Linear(nn.Linear):
         self.register_buffer("input_amax", None, persistent=False)
         self.scale_rule = scale_rule
         self.register_buffer("channel_weights", None, persistent=False)
-        """E[x^2] per input channel for the mse-act scale rule (from the recipe's SECOND_MOMENTS_FILE)."""
+        """E[x^2] per input channel for the mse-act scale rule (quant_calibration.SECOND_MOMENTS_FILE)."""
         self.activation_arithmetic = activation_arithmetic
         self.calibrating = False
-        """Set by record_inputs: an mse-act weight without its channel weights yet is quantized with mse meanwhile."""
+        """Set by quant_calibration.record_inputs: an mse-act weight without its channel weights yet is quantized
+        with mse meanwhile."""
         self.fused_group: _FusedGroup | None = None
 
     def weight_global_scale(self) -> torch.Tensor:
@@ -375,7 +351,7 @@ def apply_fake_quant(
     in_features is not a multiple of 16 stay as they are and are listed in ``recipe.skipped``, as are excluded
     modules and fused experts in a layout fused_experts_problem refuses. ``scale_rule`` (weights) and
     ``activation_arithmetic`` (W4A4 inputs) are recorded in the recipe; an mse-act model needs set_channel_weights
-    (after calibrating with record_inputs) before it runs outside calibration.
+    (after calibrating with quant_calibration.record_inputs) before it runs outside calibration.
     """
     recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude], scale_rule=scale_rule,
                          activation_arithmetic=activation_arithmetic)
@@ -400,7 +376,7 @@ def apply_recipe(
     model: nn.Module, recipe: QuantRecipe, second_moments: dict[str, torch.Tensor] | None = None
 ) -> None:
     """Re-apply a saved recipe: the same modules, fused groups, scale rule and calibrated input amaxes; for the
-    mse-act rule, the channel weights from ``second_moments`` (load_second_moments) when given."""
+    mse-act rule, the channel weights from ``second_moments`` (quant_calibration.load_second_moments) when given."""
     listed = set(recipe.quantized)
     experts: set[str] = set()
     for name in recipe.quantized:
@@ -474,108 +450,10 @@ def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-class InputRecord:
-    """What record_inputs collects: ``amax`` {module: max |input|} and the per-channel sums behind
-    :meth:`second_moments`."""
-
-    def __init__(self) -> None:
-        self.amax: dict[str, float] = {}
-        self._sums: dict[str, torch.Tensor] = {}
-        self._rows: dict[str, int] = {}
-        self._aliases: dict[str, str] = {}
-        """Per-expert name -> the key its layer's projection is accumulated under (one input for all experts)."""
-
-    def add(self, key: str, x: torch.Tensor) -> None:
-        """Account one input of ``key`` (its rows, last dimension the input channels)."""
-        seen = float(tensor_amax(x))
-        self.amax[key] = max(self.amax.get(key, seen), seen)
-        rows = x.detach().reshape(-1, x.shape[-1])
-        square_sum = rows.float().square().sum(0).double()  # float32 per call, float64 across calls
-        if key in self._sums:
-            self._sums[key] += square_sum
-        else:
-            self._sums[key] = square_sum
-        self._rows[key] = self._rows.get(key, 0) + rows.shape[0]
-
-    def alias(self, names: Iterable[str], key: str) -> None:
-        self._aliases.update(dict.fromkeys(names, key))
-
-    def second_moments(self) -> dict[str, torch.Tensor]:
-        """{module: E[x^2] per input channel, float32 [in_features]} over every recorded input (mse-act's weights)."""
-        means = {key: (total / max(self._rows[key], 1)).to(torch.float32).cpu() for key, total in self._sums.items()}
-        out = {key: m for key, m in means.items() if key not in self._aliases.values()}
-        out.update({name: means[key].clone() for name, key in self._aliases.items() if key in means})
-        return out
-
-
-@contextlib.contextmanager
-def record_inputs(model: nn.Module) -> Iterator[InputRecord]:
-    """Within the block, collect what each NVFP4Linear and fused experts module sees as input: the largest |input|
-    (``record.amax``, the static input scale) and its per-channel mean square (``record.second_moments()``, the
-    mse-act channel weights).
-
-    Fused experts are recorded under their per-expert names, every expert of a module with the module's values (over
-    all routed tokens): their inputs share one global scale per projection. During the block, mse-act weights
-    without channel weights yet are quantized with mse.
-    """
-    record = InputRecord()
-    handles = []
-    observed: list[nn.Module] = []
-
-    def hook_for(name: str):
-        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            record.add(name, args[0])
-
-        return hook
-
-    def observer_for(name: str, module: NVFP4Experts):
-        members = expert_module_names(name, num_experts(module))
-        by_projection = {"gate_up": [m for m in members if not m.endswith(".down_proj")], "down": members[2::3]}
-        for projection, names in by_projection.items():
-            record.alias(names, f"{name}:{projection}")
-
-        def observe(projection: str, x: torch.Tensor) -> None:
-            if x.numel():
-                record.add(f"{name}:{projection}", x)
-
-        return observe
-
-    for name, module in model.named_modules():
-        if isinstance(module, NVFP4Linear):
-            handles.append(module.register_forward_pre_hook(hook_for(name)))
-        elif isinstance(module, NVFP4Experts):
-            module.input_observer = observer_for(name, module)
-        else:
-            continue
-        module.calibrating = True
-        observed.append(module)
-    try:
-        yield record
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module in observed:
-            module.calibrating = False
-            if isinstance(module, NVFP4Experts):
-                module.input_observer = None
-        for name, key in record._aliases.items():
-            if key in record.amax:
-                record.amax[name] = record.amax[key]
-        for key in set(record._aliases.values()):
-            record.amax.pop(key, None)
-
-
-@contextlib.contextmanager
-def record_input_amax(model: nn.Module) -> Iterator[dict[str, float]]:
-    """Within the block, collect the largest |input| each NVFP4Linear sees: {module name: amax}, for calibration
-    (record_inputs' ``amax``, filled in when the block ends)."""
-    with record_inputs(model) as record:
-        yield record.amax
-
-
 def set_channel_weights(model: nn.Module, second_moments: dict[str, torch.Tensor]) -> None:
     """Give every mse-act NVFP4Linear and fused experts module its channel weights (E[x^2] per input channel) from
-    ``second_moments`` (InputRecord.second_moments / load_second_moments). A module without an entry is an error."""
+    ``second_moments`` (quant_calibration's InputRecord.second_moments or load_second_moments). A module without
+    an entry is an error."""
     for name, module in model.named_modules():
         if isinstance(module, NVFP4Linear) and module.scale_rule == "mse-act":
             module.channel_weights = _channel_weights(second_moments, name, module.in_features, module.weight.device)

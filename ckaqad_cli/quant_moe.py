@@ -57,7 +57,7 @@ def weight_scale_rule(
         return scale_rule, channel_weights
     if not calibrating:
         raise CkaqadError("the mse-act scale rule needs the calibration inputs' second moments: calibrate "
-                          "(quant.record_inputs) and set_channel_weights before the forward")
+                          "(quant_calibration.record_inputs) and set_channel_weights before the forward")
     return "mse", None
 
 
@@ -73,6 +73,16 @@ def _per_expert_fake_quant(
                           channel_weights=None if channel_weights is None else channel_weights[e])
         for e in range(weight.shape[0])
     ])
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    """A DTensor parameter is FSDP2's sharded storage, read by FSDP itself between forwards (its getattr of the
+    parameter); in the forward FSDP2 puts the whole unsharded tensor in its place, which is what gets quantized."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(weight, DTensor)
 
 
 class NVFP4Experts(nn.Module):
@@ -113,7 +123,7 @@ class NVFP4Experts(nn.Module):
 
     def _quantized(self, name: str, channel_weights: torch.Tensor | None) -> torch.Tensor:
         weight = self._parameters[name]
-        if not self.quantize_weight:
+        if not self.quantize_weight or _is_sharded(weight):
             return weight
         return _per_expert_fake_quant(weight, *weight_scale_rule(self.scale_rule, channel_weights, self.calibrating))
 

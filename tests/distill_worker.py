@@ -1,7 +1,7 @@
 """Test helper (not a test): a tiny distill run on a random-weight Llama, in one process or under torchrun.
 
     python tests/distill_worker.py OUT [--steps N] [--lambda-cka X] [--resume] [--kill-at STEP] [--kill-in-save STEP]
-                                       [--teacher-offload] [--grad-checkpointing]
+                                       [--teacher-offload] [--grad-checkpointing] [--arch qwen3_moe]
 
 --kill-at sends SIGKILL to this process right after step STEP (and its checkpoint, if any) is done;
 --kill-in-save sends SIGKILL while checkpoint STEP is being written, before its COMPLETE marker;
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lambda-cka", type=float, default=None)
     p.add_argument("--save-every", type=int, default=2)
     p.add_argument("--scheme", default="w4a4")
+    p.add_argument("--arch", default="llama", help="model type of the tiny teacher (qwen3_moe: fused MoE experts)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--kill-in-save", type=int, default=None)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         save_every=args.save_every, keep=2, resume=args.resume, eval_tokens=64, teacher_offload=args.teacher_offload,
         grad_checkpointing=args.grad_checkpointing,
     ).resolved()
-    models = tiny_models(scheme=args.scheme)
+    models = tiny_models(scheme=args.scheme, arch=args.arch)
     attention_calls = []
     decoder_layers(models.student)[0].self_attn.register_forward_hook(lambda *a: attention_calls.append(1))
     train_ids, eval_ids = split_heldout(tiny_sequences(), cfg.eval_sequences, ctx.world_size)

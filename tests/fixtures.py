@@ -93,14 +93,15 @@ def save_tiny_model(
     )
 
 
-def tiny_models(seed: int = 0, scheme: str = "w4a4") -> Models:
-    """distill's models: a float32 four-layer Llama teacher (frozen, eval) and its PTQ student (trainable)."""
+def tiny_models(seed: int = 0, scheme: str = "w4a4", arch: str = "llama") -> Models:
+    """distill's models: a float32 four-layer teacher of model type ``arch`` (frozen, eval) and its PTQ student
+    (trainable)."""
     from ckaqad_cli.models import ptq_student
     from ckaqad_cli.trainer import Models
 
     tokenizer = build_tokenizer()
     teacher = tiny_model(
-        seed=seed, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        arch, seed=seed, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
         num_attention_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     ).eval().requires_grad_(False)

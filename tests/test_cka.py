@@ -7,19 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckaqad_cli import cka
+from ckaqad_cli import cka_streaming
 from ckaqad_cli.cka import (
     Standardizer,
-    StreamingCKA,
     TokenFilter,
     cka_loss,
     debiased_cka,
     linear_cka,
     massive_token_mask,
-    _add_upper_gram,
-    _block_bounds,
-    _full_gram,
 )
+from ckaqad_cli.cka_streaming import StreamingCKA, _add_upper_gram, _block_bounds, _full_gram
 
 
 # -- references, straight from the papers (float64, explicit H, explicit sums) -----------------------------------
@@ -269,7 +266,7 @@ def test_streaming_wide_features_over_several_column_blocks():
 @pytest.mark.parametrize("flush_tokens", [1, 350, 10**9])  # every batch, every few batches, only when read
 def test_streaming_float32_partials_flush_into_float64(monkeypatch, flush_tokens):
     """Many float32 batches with a large mean: the float32 partial sums and their flushes keep CKA exact."""
-    monkeypatch.setattr(cka, "FLUSH_TOKENS", flush_tokens)
+    monkeypatch.setattr(cka_streaming, "FLUSH_TOKENS", flush_tokens)
     x, y = features(1200, 48, 80, seed=3)
     x, y = (x + 300.0).float(), (y - 50.0).float()
     acc = StreamingCKA()
@@ -338,7 +335,7 @@ def test_bf16_precision_matches_float64_with_channel_means_100x_the_spread():
     want = _float64(xs, ys)
     assert _streamed("bf16", xs, ys) == pytest.approx(want, abs=1e-5)
     # the shift keeps the shifted rows exact in bf16, so the products round nothing
-    shift = cka._bf16_shift(xs[0])
+    shift = cka_streaming._bf16_shift(xs[0])
     shifted = xs[1].float() - shift
     assert (shifted.bfloat16().float() == shifted).float().mean() > 0.999
     assert torch.equal(shift.bfloat16().float(), shift)
@@ -348,10 +345,10 @@ def test_bf16_precision_multiplies_bf16_values():
     """On the CPU the products take the shifted rows rounded to bf16, as float32 (the exact emulation of a bf16 GEMM
     with a float32 product); the O(n d) sums take the unrounded rows."""
     x = features(300, 40, 24, seed=5)[0].float()
-    rows = cka._Moments("bf16").prepared(x)
+    rows = cka_streaming._Moments("bf16").prepared(x)
     assert rows.operand.dtype == torch.float32 and torch.equal(rows.operand, rows.rows.bfloat16().float())
     assert not torch.equal(rows.operand, rows.rows)
-    plain = cka._Moments("float32").prepared(x)
+    plain = cka_streaming._Moments("float32").prepared(x)
     assert plain.operand is plain.rows
 
 
@@ -369,7 +366,7 @@ def test_bf16_operands_take_the_cuda_path(monkeypatch):
     x, y = features(600, 200, 72, seed=4)
     x, y = (x + 50).bfloat16(), y.bfloat16()
     emulated = _streamed("bf16", list(x.split(200)), list(y.split(200)))
-    monkeypatch.setattr(cka, "_bf16_products", lambda device: True)
+    monkeypatch.setattr(cka_streaming, "_bf16_products", lambda device: True)
     monkeypatch.setattr(torch, "mm", mm)
     assert _streamed("bf16", list(x.split(200)), list(y.split(200))) == pytest.approx(emulated, abs=1e-6)
     assert len(calls) == 3 * (3 + 1 + 1)  # per batch: 3 + 1 column blocks of the two Grams (200 and 72 wide), the cross

@@ -85,6 +85,18 @@ def test_teacher_offload_and_grad_checkpointing_under_fsdp2_keep_the_same_losses
     _assert_same_run(_metrics(runs / "one"), _metrics(runs / "offload"))
 
 
+def test_fused_moe_experts_under_fsdp2_match_one_process(tmp_path):
+    """NVFP4Experts hands out its 3-D expert weights fake-quantized; between forwards FSDP2 reads them back as its
+    sharded DTensor parameters, which must come back as they are (quantizing them there crashed every MoE run under
+    torchrun). Two processes then train as one does."""
+    args = [*ARGS, "--arch", "qwen3_moe", "--steps", "3"]
+    _run([sys.executable, str(WORKER), str(tmp_path / "one"), *args])
+    _torchrun(tmp_path / "two", *args)
+    one = _metrics(tmp_path / "one")
+    _assert_same_run(one, _metrics(tmp_path / "two"))
+    assert len({r["loss"] for r in one if r["type"] == "train"}) == 3
+
+
 def test_dcp_checkpoint_resumes_in_one_process(runs, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(runs / "two", resumed)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from ckaqad_cli import quant
+from ckaqad_cli import quant, quant_calibration
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_kernels import nvfp4_ref as ref
 from fixtures import tiny_model
@@ -84,7 +84,7 @@ def test_w4a4_quantizes_inputs_dynamically_then_with_a_calibrated_amax():
     x = torch.randn(2, 3, 32)
     w = ref.fake_quantize(up.weight.detach(), up.weight_global_scale())
     assert torch.equal(up(x), F.linear(ref.fake_quantize(x), w))
-    with quant.record_input_amax(model) as amax:
+    with quant_calibration.record_input_amax(model) as amax:
         model(IDS)
         model(IDS[:, :4])
     assert set(amax) == {n for n, m in model.named_modules() if isinstance(m, quant.NVFP4Linear)}
@@ -105,7 +105,7 @@ def test_gradients_reach_the_weights_through_the_ste():
 def test_recipe_round_trip_reproduces_the_model(tmp_path):
     model = tiny_llama()
     recipe = quant.apply_fake_quant(model, scheme="w4a4")
-    with quant.record_input_amax(model) as amax:
+    with quant_calibration.record_input_amax(model) as amax:
         model(IDS)
     recipe.input_amax = dict(amax)
     quant.set_input_amax(model, recipe.input_amax)
@@ -189,7 +189,7 @@ def test_mse_act_needs_the_calibrated_second_moments(tmp_path):
     q = model.model.layers[0].self_attn.q_proj
     seen = []
     hook = q.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, 32)))
-    with torch.no_grad(), quant.record_inputs(model) as record:
+    with torch.no_grad(), quant_calibration.record_inputs(model) as record:
         model(IDS)
         model(IDS[:, :5])
     hook.remove()
@@ -205,8 +205,8 @@ def test_mse_act_needs_the_calibrated_second_moments(tmp_path):
     want = ref.fake_quantize(q.weight.detach(), g, scale_rule="mse-act", channel_weights=moments[name])
     assert torch.equal(q.quantized_weight().detach(), want)
     logits = model(IDS).logits
-    quant.save_second_moments(tmp_path, moments)
-    loaded = quant.load_second_moments(tmp_path)
+    quant_calibration.save_second_moments(tmp_path, moments)
+    loaded = quant_calibration.load_second_moments(tmp_path)
     assert loaded.keys() == moments.keys() and all(torch.equal(loaded[k], moments[k]) for k in moments)
     fresh = tiny_llama()
     quant.apply_recipe(fresh, recipe, loaded)
@@ -214,7 +214,7 @@ def test_mse_act_needs_the_calibrated_second_moments(tmp_path):
     with pytest.raises(CkaqadError, match="no input second moments for model.layers.0.self_attn.k_proj"):
         quant.set_channel_weights(tiny_llama_quantized("mse-act"), {name: moments[name]})
     with pytest.raises(CkaqadError, match="no input_second_moments.safetensors"):
-        quant.load_second_moments(tmp_path / "elsewhere")
+        quant_calibration.load_second_moments(tmp_path / "elsewhere")
 
 
 def tiny_llama_quantized(rule: str):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckaqad_cli import formats, quant, quant_moe
+from ckaqad_cli import formats, quant, quant_calibration, quant_moe
 from ckaqad_cli.builtin.tokenizer import VOCAB_SIZE, build_tokenizer
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import load_model
@@ -159,7 +159,7 @@ def test_w4a4_quantizes_expert_inputs_with_one_scale_per_projection():
     hidden = torch.randn(10, HIDDEN, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     top_k_index = torch.tensor([[e % EXPERTS, (e + 1) % EXPERTS] for e in range(10)])
     top_k_weights = torch.full((10, 2), 0.5, dtype=torch.bfloat16)
-    with quant.record_input_amax(model) as amax:
+    with quant_calibration.record_input_amax(model) as amax:
         with torch.no_grad():
             experts(hidden, top_k_index, top_k_weights)
     name = EXPERTS_OF.format(0)
@@ -196,7 +196,7 @@ def test_input_amaxes_of_one_projection_must_agree():
 def test_recipe_round_trip_through_load_model(tmp_path):
     model = tiny_moe()
     recipe = quant.apply_fake_quant(model, scheme="w4a4")
-    with torch.no_grad(), quant.record_input_amax(model) as amax:
+    with torch.no_grad(), quant_calibration.record_input_amax(model) as amax:
         model(input_ids=_ids())
     recipe.input_amax = dict(amax)
     quant.set_input_amax(model, recipe.input_amax)
@@ -232,7 +232,7 @@ def test_packed_moe_directory_loads_with_its_experts(tmp_path):
 def test_mse_act_experts_use_their_layers_second_moments():
     model = tiny_moe()
     recipe = quant.apply_fake_quant(model, scheme="w4a16", scale_rule="mse-act")
-    with torch.no_grad(), quant.record_inputs(model) as record:
+    with torch.no_grad(), quant_calibration.record_inputs(model) as record:
         model(input_ids=_ids())
     moments = record.second_moments()
     assert set(moments) == set(recipe.quantized)
@@ -274,11 +274,11 @@ def test_an_mse_act_student_loads_with_its_second_moments(tmp_path):
 
     model = tiny_moe()
     recipe = quant.apply_fake_quant(model, scheme="w4a16", scale_rule="mse-act")
-    with torch.no_grad(), quant.record_inputs(model) as record:
+    with torch.no_grad(), quant_calibration.record_inputs(model) as record:
         model(input_ids=_ids())
     quant.set_channel_weights(model, record.second_moments())
     source = _save_student(model, recipe, tmp_path / "student")
-    quant.save_second_moments(source, record.second_moments())
+    quant_calibration.save_second_moments(source, record.second_moments())
     loaded, _ = load_student(source, recipe, "cpu", torch.bfloat16)
     with torch.no_grad():
         assert same_bits(loaded(input_ids=_ids()).logits, model(input_ids=_ids()).logits)

@@ -13,16 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.safetensors_io import (
-    INDEX_FILE,
-    SafetensorsSource,
-    ShardedWriter,
-    TensorSpec,
-    check_file,
-    ensure_disk_space,
-    ensure_writable,
-    plan_shards,
-)
+from ckaqad_cli.safetensors_io import INDEX_FILE, SafetensorsSource, TensorSpec, check_file
+from ckaqad_cli.safetensors_write import ShardedWriter, ensure_disk_space, ensure_writable, plan_shards
 from ckaqad_cli.settings.pack import parse_size
 
 DTYPES = [torch.bfloat16, torch.float32, torch.float16, torch.uint8, torch.float8_e4m3fn, torch.int64]
@@ -153,7 +145,7 @@ def test_index_naming_a_missing_shard(tmp_path):
 
 def test_disk_space_check(tmp_path, monkeypatch):
     ensure_disk_space(tmp_path / "new" / "dir", 1000)
-    import ckaqad_cli.safetensors_io as sio
+    import ckaqad_cli.safetensors_write as sio
 
     monkeypatch.setattr(sio.shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
     with pytest.raises(CkaqadError, match="not enough disk space"):
@@ -296,7 +288,7 @@ def test_writer_bytes_are_the_same_with_or_without_o_direct(tmp_path, monkeypatc
     import fcntl
     import os
 
-    import ckaqad_cli.safetensors_io as sio
+    import ckaqad_cli.safetensors_write as sio
 
     monkeypatch.setattr(sio, "_STAGING_BYTES", 8192)  # several full buffers, and a tail that is no whole block
     tensors = {f"t{i}": _tensor(torch.bfloat16, (n,), i) for i, n in enumerate([3000, 1, 9000, 77])}

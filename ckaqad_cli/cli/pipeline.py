@@ -16,7 +16,8 @@ from ckaqad_cli.settings.pipeline import PipelineConfig
 def pipeline(run: Path = RunOption, cfg: PipelineConfig = None, config: Path = ConfigOption) -> None:
     """Run the whole chain on one run directory and print the comparison table.
 
-    Stages: diagnose of the NVFP4 PTQ student, distill (CKA-QAD), distill-kl (the KL-only baseline, with
+    Stages: plan (with --budget-bits: which units stay BF16; every later stage follows it), diagnose of the NVFP4
+    PTQ student, distill (CKA-QAD), distill-kl (the KL-only baseline, with
     --baseline), diagnose of the distilled students, pack (with verify), push as a dry run. Stages already done are
     skipped, so an interrupted pipeline continues when run again; a finished stage asked for with other settings is
     refused (--force redoes every stage). Every option of every stage is checked before the first one starts.
@@ -25,6 +26,8 @@ def pipeline(run: Path = RunOption, cfg: PipelineConfig = None, config: Path = C
     Examples:
 
       ckaqad pipeline --run runs/demo --baseline
+
+      ckaqad pipeline --run runs/planned --budget-bits 5.5 --baseline
 
       ckaqad pipeline --run runs/qwen3 --teacher Qwen/Qwen3-0.6B --data corpus.jsonl --steps 2000
     """

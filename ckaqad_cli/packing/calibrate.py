@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.quant import InputRecord, QuantRecipe
+from ckaqad_cli.quant import QuantRecipe
+from ckaqad_cli.quant_calibration import InputRecord, record_over
 
 
 def load_student(source: Path, recipe: QuantRecipe, device: str, dtype: torch.dtype = torch.bfloat16,
@@ -19,7 +20,8 @@ def load_student(source: Path, recipe: QuantRecipe, device: str, dtype: torch.dt
     """(the fake-quantized student as distill ran it, tokenizer). An mse-act student gets ``second_moments`` as
     channel weights, else those its directory holds; without either it runs only under calibration."""
     from ckaqad_cli.models import RECIPE_FILE, load_model
-    from ckaqad_cli.quant import SECOND_MOMENTS_FILE, apply_recipe, load_second_moments, set_channel_weights
+    from ckaqad_cli.quant import apply_recipe, set_channel_weights
+    from ckaqad_cli.quant_calibration import SECOND_MOMENTS_FILE, load_second_moments
 
     model, tokenizer = load_model(source, device=device, dtype=dtype)
     if not (source / RECIPE_FILE).is_file():
@@ -35,7 +37,6 @@ def calibrate_inputs(model, tokenizer, data: str, tokens: int, seq_len: int) -> 
     """What every fake-quantized module sees over ``tokens`` tokens of ``data``: ``.amax`` {module: max |input|}
     and ``.second_moments()`` {module: E[x^2] per input channel} (the mse-act channel weights)."""
     from ckaqad_cli.data import load_texts, pack_sequences
-    from ckaqad_cli.models import record_over
 
     ids = pack_sequences(load_texts(data), tokenizer, seq_len, max_tokens=max(tokens, seq_len))
     return record_over(model, ids)

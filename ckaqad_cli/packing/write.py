@@ -22,7 +22,8 @@ from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.packing.plan import PackPlan, ignore_list
 from ckaqad_cli.progress import LoggedProgress, make_progress
 from ckaqad_cli.quant import group_global_scale_from_amaxes
-from ckaqad_cli.safetensors_io import SafetensorsSource, ShardedWriter
+from ckaqad_cli.safetensors_io import SafetensorsSource
+from ckaqad_cli.safetensors_write import ShardedWriter
 from ckaqad_kernels import dispatch, nvfp4_cpu, nvfp4_ref
 
 _console = Console(stderr=True)
@@ -131,7 +132,7 @@ def write_tensors(
     channel_weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Stream every step of the plan into ``writer``, in plan order. ``channel_weights`` ({module: E[x^2] per input
-    channel}, quant.load_second_moments or calibration) are needed when the recipe's scale rule is mse-act.
+    channel}, quant_calibration.load_second_moments or calibration) are needed when the recipe's scale rule is mse-act.
 
     On the CPU, steps (read, check, quantize) run on a pool of worker threads (as many as torch had, at most
     MAX_CPU_WORKERS), which share torch's threads between them (single-threaded on a small machine), while this

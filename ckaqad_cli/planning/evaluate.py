@@ -10,7 +10,8 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from ckaqad_cli.cka import StreamingCKA, TokenFilter
+from ckaqad_cli.cka import TokenFilter
+from ckaqad_cli.cka_streaming import StreamingCKA
 from ckaqad_cli.kl import token_kl
 from ckaqad_cli.planning.switch import nvfp4_units, quantized
 from ckaqad_cli.planning.units import UnitTable

@@ -12,6 +12,7 @@ import torch
 
 from ckaqad_cli.planning.units import UnitTable
 from ckaqad_cli.quant import DEFAULT_EXCLUDE, QuantRecipe, apply_fake_quant
+from ckaqad_kernels.nvfp4_spec import DEFAULT_ACTIVATION_ARITHMETIC, DEFAULT_SCALE_RULE
 from ckaqad_cli.rundir import RunDir
 
 STAGE = "plan"
@@ -23,14 +24,17 @@ def kept_exclude(table: UnitTable, kept: Iterable[str], exclude: Iterable[str] =
     return [*exclude, *(pattern for u in table.units if u.name in kept for pattern in u.exclude)]
 
 
-def plan_recipe(config, scheme: str, exclude: Iterable[str], *, trust_remote_code: bool = False) -> QuantRecipe:
+def plan_recipe(config, scheme: str, exclude: Iterable[str], *, scale_rule: str = DEFAULT_SCALE_RULE,
+                activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
+                trust_remote_code: bool = False) -> QuantRecipe:
     """The recipe of a model of transformers ``config`` quantized in ``scheme`` with ``exclude`` (built on the meta
     device: no weights are read)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return apply_fake_quant(model, scheme=scheme, exclude=tuple(exclude))
+    return apply_fake_quant(model, scheme=scheme, exclude=tuple(exclude), scale_rule=scale_rule,
+                            activation_arithmetic=activation_arithmetic)
 
 
 def plan_exclude(recipe: QuantRecipe) -> list[str]:

@@ -42,7 +42,8 @@ def summary_rows(report: Mapping) -> dict[str, dict[str, object]]:
 def to_markdown(report: Mapping) -> str:
     parts = [
         "# ckaqad plan\n",
-        f"Teacher: `{report['teacher']}`, scheme {report['scheme']}, budget {fmt(report['budget_bits'])} bits per "
+        f"Teacher: `{report['teacher']}`, scheme {report['scheme']}, scale rule "
+        f"{report.get('scale_rule', 'amax')}, budget {fmt(report['budget_bits'])} bits per "
         f"weight ({format_bytes(report['budget_bytes'])} of Linear weights); score `{report['score']}`. The plan keeps "
         f"{len(report['kept'])} of {len(report['units'])} units in BF16: {fmt(report['effective_bits'])} bits per "
         f"weight ({format_bytes(report['weight_bytes'])}); uniform NVFP4 is {fmt(report['uniform_bits'])}. "

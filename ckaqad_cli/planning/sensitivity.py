@@ -29,7 +29,8 @@ from rich.console import Console
 from torch import nn
 
 from ckaqad_cli import models
-from ckaqad_cli.cka import StreamingCKA, TokenFilter
+from ckaqad_cli.cka import TokenFilter
+from ckaqad_cli.cka_streaming import StreamingCKA
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.kl import chunked_kl
 from ckaqad_cli.planning.switch import quantized, set_quantization, unit_modules

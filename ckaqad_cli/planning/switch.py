@@ -15,11 +15,15 @@ from torch import nn
 from ckaqad_cli.planning.units import Unit, UnitTable, quantization_units
 from ckaqad_cli.quant import NVFP4Linear, QuantRecipe, apply_fake_quant
 from ckaqad_cli.quant_moe import NVFP4Experts
+from ckaqad_kernels.nvfp4_spec import DEFAULT_ACTIVATION_ARITHMETIC, DEFAULT_SCALE_RULE
 
 
-def prepare(model: nn.Module, scheme: str, exclude: Iterable[str]) -> tuple[UnitTable, QuantRecipe]:
-    """Wrap ``model`` in place as uniform NVFP4 would, switch every unit off; its units and the uniform recipe."""
-    recipe = apply_fake_quant(model, scheme=scheme, exclude=tuple(exclude))
+def prepare(model: nn.Module, scheme: str, exclude: Iterable[str], scale_rule: str = DEFAULT_SCALE_RULE,
+            activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC) -> tuple[UnitTable, QuantRecipe]:
+    """Wrap ``model`` in place as uniform NVFP4 would, switch every unit off; its units and the uniform recipe. An
+    mse-act model needs its channel weights (quant_calibration.fit_channel_weights) before a unit is switched on."""
+    recipe = apply_fake_quant(model, scheme=scheme, exclude=tuple(exclude), scale_rule=scale_rule,
+                              activation_arithmetic=activation_arithmetic)
     set_quantization(model.modules(), on=False, scheme=scheme)
     return quantization_units(model, recipe), recipe
 

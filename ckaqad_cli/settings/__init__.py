@@ -70,8 +70,14 @@ def same_as(config: type, name: str, **changes: Any) -> Any:
     """Another stage's setting reused as it is declared there (default, help, flags, parsing), ``changes`` applied."""
     source = next(f for f in dataclasses.fields(config) if f.name == name)
     meta: dict[str, Any] = {**source.metadata, **changes}
-    default = meta.pop("default", source.default_factory() if source.default is dataclasses.MISSING
-                       else source.default)
+    if "default" in meta:
+        default = meta.pop("default")
+    elif source.default is not dataclasses.MISSING:
+        default = source.default
+    elif source.default_factory is not dataclasses.MISSING:
+        default = source.default_factory()
+    else:
+        default = REQUIRED
     return setting(default, meta[HELP], flags=meta[FLAGS], cli=meta[CLI], parse=meta[PARSE], cli_type=meta[CLI_TYPE])
 
 
@@ -81,7 +87,7 @@ def check_scheme(value: str, name: str = "scheme") -> None:
 
 
 CKA_PRECISIONS = ("float32", "bf16")
-"""Arithmetic of the streaming CKA statistics (cka.StreamingCKA; docs/cka.md, "bf16 precision")."""
+"""Arithmetic of the streaming CKA statistics (cka_streaming.StreamingCKA; docs/cka.md, "bf16 precision")."""
 MSE_ACT_CALIBRATION_TOKENS = 4096
 """Tokens whose inputs set an mse-act student's channel weights in distill and diagnose --ptq (training text, the
 diagnosed text); pack calibrates a --model on --calib-tokens."""

@@ -5,8 +5,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ckaqad_cli.settings import REQUIRED, SettingError, check_at_least, check_choice, check_scheme, same_as, setting
+from ckaqad_cli.settings import (
+    ACTIVATION_ARITHMETIC_HELP,
+    REQUIRED,
+    SCALE_RULE_HELP,
+    SettingError,
+    check_at_least,
+    check_choice,
+    check_scheme,
+    same_as,
+    setting,
+)
 from ckaqad_cli.settings.diagnose import DiagnoseConfig
+from ckaqad_cli.settings.distill import DistillConfig, check_rules
 
 SCORES = ("cka", "kl", "grad")
 """Sensitivity scores the chooser can rank units by (docs/plan.md)."""
@@ -31,6 +42,10 @@ class PlanConfig:
     )
     teacher: str = same_as(DiagnoseConfig, "teacher")
     scheme: str = setting("w4a4", "NVFP4 scheme the units are measured in: w4a4 or w4a16.")
+    scale_rule: str = same_as(DistillConfig, "scale_rule", help="Scale rule the units are measured with (use the one "
+                              "distill and pack will use). " + SCALE_RULE_HELP)
+    activation_arithmetic: str = same_as(DistillConfig, "activation_arithmetic",
+                                         help="Of the measured W4A4 units. " + ACTIVATION_ARITHMETIC_HELP)
     exclude: list[str] = setting(
         [], "Extra fnmatch globs of modules to keep in BF16 whatever the plan (they count in the budget); repeatable.",
         parse=list,
@@ -53,6 +68,7 @@ class PlanConfig:
         check_budget_range(self.budget_bits)
         check_choice(self.score, SCORES, "score")
         check_scheme(self.scheme)
+        check_rules(self.scale_rule, self.activation_arithmetic)
         check_at_least(self, {"seq_len": 2, "batch_size": 1, "max_tokens": 1, "task_problems": 0},
                        {"task_problems": " (0 = no task accuracy)"})
 

@@ -1,7 +1,7 @@
 """The diagnose stage: per-layer CKA of students against their BF16 teacher, beside the output-level numbers.
 
 Hooks capture the residual stream after the embeddings and after every decoder layer; each batch's features go
-straight into :class:`~ckaqad_cli.cka.StreamingCKA` accumulators, so memory does not grow with the number of tokens.
+straight into :class:`~ckaqad_cli.cka_streaming.StreamingCKA` accumulators, so memory does not grow with the number of tokens.
 With ``sequential`` the models stay on the CPU and take turns on the device, a chunk of batches at a time; the
 teacher's CKA features and final hidden states of the chunk wait on the CPU for the students. With ``device_map``
 ("auto") accelerate spreads each model over the visible GPUs and the CPU: inputs go to a model's embeddings, and the
@@ -27,7 +27,8 @@ from rich.console import Console
 from torch import nn
 
 from ckaqad_cli import models
-from ckaqad_cli.cka import Standardizer, StreamingCKA, TokenFilter
+from ckaqad_cli.cka import Standardizer, TokenFilter
+from ckaqad_cli.cka_streaming import StreamingCKA
 from ckaqad_cli.data import load_texts, pack_sequences
 from ckaqad_cli.distributed import pick_device
 from ckaqad_cli.errors import CkaqadError, StageDoneError
@@ -35,10 +36,11 @@ from ckaqad_cli.kl import token_kl
 from ckaqad_cli.lm_eval_tasks import LmEvalPlan, harness_metrics, plan_lm_eval
 from ckaqad_cli.planning.recipe import exclude_or_plan
 from ckaqad_cli.progress import make_progress
+from ckaqad_cli.quant_calibration import fit_channel_weights
 from ckaqad_cli.report import write_report
 from ckaqad_cli.records import DiagnoseRecord
 from ckaqad_cli.rundir import RunDir, describe_input
-from ckaqad_cli.safetensors_io import ensure_writable
+from ckaqad_cli.safetensors_write import ensure_writable
 from ckaqad_cli.settings import MSE_ACT_CALIBRATION_TOKENS
 from ckaqad_cli.settings.diagnose import DiagnoseConfig
 
@@ -365,11 +367,13 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
         calibration = sequences[: max(1, MSE_ACT_CALIBRATION_TOKENS // cfg.seq_len)]
         for student in students:
             if student.label.startswith("ptq-"):
-                models.fit_channel_weights(student.model, calibration)
+                fit_channel_weights(student.model, calibration)
     inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
     inputs.update({f"student:{s.label}": describe_input(s.spec) for s in students if not s.label.startswith("ptq-")})
     inputs.update({f"lm_eval:{f}": describe_input(f) for f in (lm_eval_plan.files if lm_eval_plan else [])})
     config = {**asdict(cfg), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    if cfg.ptq:  # what the PTQ students kept in BF16 beyond the default: the run's plan, when it has one
+        config["ptq_exclude"] = exclude_or_plan((), run)[0]
     with run.stage(cfg.stage, config=config, inputs=inputs, force=cfg.force) as rec:
         report = measure(teacher, students, sequences, cfg, device, console)
         report.update(

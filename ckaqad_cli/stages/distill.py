@@ -20,13 +20,13 @@ from rich.console import Console
 from ckaqad_cli import distributed as D
 from ckaqad_cli.atomic import atomic_directory
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.models import check_spec, fit_channel_weights
+from ckaqad_cli.models import check_spec
 from ckaqad_cli.objective import CausalLMBody, parse_layers
 from ckaqad_cli.planning.recipe import exclude_or_plan
-from ckaqad_cli.quant import save_second_moments
+from ckaqad_cli.quant_calibration import fit_channel_weights, save_second_moments
 from ckaqad_cli.records import DistillRecord
 from ckaqad_cli.rundir import RunDir, describe_input
-from ckaqad_cli.safetensors_io import ensure_writable
+from ckaqad_cli.safetensors_write import ensure_writable
 from ckaqad_cli.settings import BUILTIN, MSE_ACT_CALIBRATION_TOKENS, SettingError
 from ckaqad_cli.settings.distill import DistillConfig
 from ckaqad_cli.trainer import Models, Trainer

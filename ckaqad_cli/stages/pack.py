@@ -31,16 +31,12 @@ from ckaqad_cli.packing.plan import PackPlan, build_recipe, deploy_dtype, plan_p
 from ckaqad_cli.packing.verify import raise_if_failed, verify_logits, verify_weights
 from ckaqad_cli.packing.write import kernel_description, write_configs, write_tensors
 from ckaqad_cli.planning.recipe import exclude_or_plan
-from ckaqad_cli.quant import SECOND_MOMENTS_FILE, QuantRecipe, load_second_moments
+from ckaqad_cli.quant import QuantRecipe
+from ckaqad_cli.quant_calibration import SECOND_MOMENTS_FILE, load_second_moments
 from ckaqad_cli.records import PackRecord
 from ckaqad_cli.rundir import RunDir, describe_input
-from ckaqad_cli.safetensors_io import (
-    SafetensorsSource,
-    ShardedWriter,
-    copy_files,
-    ensure_disk_space,
-    ensure_writable,
-)
+from ckaqad_cli.safetensors_io import SafetensorsSource
+from ckaqad_cli.safetensors_write import ShardedWriter, copy_files, ensure_disk_space, ensure_writable
 from ckaqad_cli.settings.pack import AUTO_VERIFY_MAX_BYTES, PackConfig, parse_size
 from ckaqad_cli.units import format_bytes
 

@@ -1,5 +1,6 @@
-"""The whole chain over one run directory: PTQ diagnose -> distill (CKA-QAD) [-> KL-only baseline] -> diagnose ->
-pack (with verify) -> push as a dry run -> the comparison table.
+"""The whole chain over one run directory: [plan ->] PTQ diagnose -> distill (CKA-QAD) [-> KL-only baseline] ->
+diagnose -> pack (with verify) -> push as a dry run -> the comparison table. With a plan (``--budget-bits``) every
+later stage quantizes the plan's units (they take the run's plan by default).
 
 Every step is an ordinary stage recorded in run.json; a step already done with the same settings is skipped, so an
 interrupted pipeline continues where it stopped when run again. Every option of every stage is checked before the
@@ -26,10 +27,12 @@ from ckaqad_cli.settings.diagnose import DiagnoseConfig
 from ckaqad_cli.settings.distill import DistillConfig
 from ckaqad_cli.settings.pack import PackConfig
 from ckaqad_cli.settings.pipeline import PipelineConfig
+from ckaqad_cli.settings.plan import PlanConfig
 from ckaqad_cli.settings.push import PushConfig
 from ckaqad_cli.stages.diagnose import run_diagnose
 from ckaqad_cli.stages.distill import run_distill
 from ckaqad_cli.stages.pack import run_pack
+from ckaqad_cli.stages.plan import run_plan
 from ckaqad_cli.stages.push import check_repo_id, push_folder
 
 STAGE = "pipeline"
@@ -46,6 +49,17 @@ def _distill_config(cfg: PipelineConfig, *, lambda_cka: float | None) -> Distill
         scale_rule=cfg.scale_rule, activation_arithmetic=cfg.activation_arithmetic,
         lambda_cka=lambda_cka, force=cfg.force, **overrides,
     )
+
+
+def _plan_config(cfg: PipelineConfig) -> PlanConfig:
+    plan = PlanConfig(
+        budget_bits=cfg.budget_bits, score=cfg.plan_score, teacher=cfg.teacher, data=cfg.data, scheme=cfg.scheme,
+        scale_rule=cfg.scale_rule, activation_arithmetic=cfg.activation_arithmetic, max_tokens=cfg.diagnose_tokens,
+        seq_len=cfg.diagnose_seq_len, task_problems=cfg.task_problems, seed=cfg.seed, device=cfg.device,
+        force=cfg.force,
+    )
+    plan.check()
+    return plan
 
 
 def _diagnose_config(cfg: PipelineConfig, stage: str, students: list[tuple[str, str]]) -> DiagnoseConfig:
@@ -115,7 +129,11 @@ def _steps(cfg: PipelineConfig, run: RunDir, console: Console) -> list[_Step]:
     for distill_cfg in (distill_cka, distill_kl):
         distill_cfg.resolved().validate()
 
-    steps = [
+    steps = []
+    if cfg.budget_bits is not None:
+        plan = _plan_config(cfg)
+        steps.append(_Step("plan", asdict(plan), lambda: run_plan(plan, run, console=console)))
+    steps += [
         _Step("diagnose-ptq", asdict(diagnose_ptq), lambda: run_diagnose(diagnose_ptq, run, console=console)),
         _Step("distill", asdict(distill_cka.resolved()), lambda: run_distill(distill_cka, run, console=console)),
     ]

@@ -25,8 +25,10 @@ from ckaqad_cli.planning.recipe import STAGE, kept_exclude, plan_recipe
 from ckaqad_cli.planning.report import write_plan_report
 from ckaqad_cli.planning.switch import prepare
 from ckaqad_cli.planning.units import UnitTable
+from ckaqad_cli.quant_calibration import fit_channel_weights
 from ckaqad_cli.rundir import RunDir, describe_input
-from ckaqad_cli.safetensors_io import ensure_writable
+from ckaqad_cli.safetensors_write import ensure_writable
+from ckaqad_cli.settings import MSE_ACT_CALIBRATION_TOKENS
 from ckaqad_cli.settings.plan import PlanConfig
 
 
@@ -55,7 +57,7 @@ def run_plan(cfg: PlanConfig, run: RunDir, *, console: Console | None = None) ->
     dtype = models.compute_dtype(cfg.dtype, device)
     model, tokenizer = models.load_model(cfg.teacher, device=device, dtype=dtype,
                                          trust_remote_code=cfg.trust_remote_code)
-    table, _ = prepare(model, cfg.scheme, cfg.exclude)
+    table, _ = prepare(model, cfg.scheme, cfg.exclude, cfg.scale_rule, cfg.activation_arithmetic)
     check_budget(table, cfg.budget_bits)  # before the measurement
     limit = models.max_positions(model)
     if limit is not None and cfg.seq_len > limit:
@@ -65,15 +67,19 @@ def run_plan(cfg: PlanConfig, run: RunDir, *, console: Console | None = None) ->
     config = {**asdict(cfg), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     with run.stage(STAGE, config=config, inputs=inputs, force=cfg.force) as rec:
         start = time.perf_counter()
+        if cfg.scale_rule == "mse-act":  # channel weights from the teacher's inputs, before any unit is on
+            fit_channel_weights(model, sequences[: max(1, MSE_ACT_CALIBRATION_TOKENS // cfg.seq_len)])
         measured = sensitivity.measure(model, table, sequences, batch_size=cfg.batch_size,
                                        bos_token_id=tokenizer.bos_token_id, console=console)
         seconds = time.perf_counter() - start
         choice = choose(table, measured.scores(cfg.score), cfg.budget_bits)
         exclude = kept_exclude(table, choice.kept, cfg.exclude)
-        recipe = plan_recipe(model.config, cfg.scheme, exclude, trust_remote_code=cfg.trust_remote_code)
+        recipe = plan_recipe(model.config, cfg.scheme, exclude, scale_rule=cfg.scale_rule,
+                             activation_arithmetic=cfg.activation_arithmetic, trust_remote_code=cfg.trust_remote_code)
         plans = {"uniform": (), "plan": choice.kept}
         report = {
-            "teacher": cfg.teacher, "data": cfg.data, "scheme": cfg.scheme, "score": cfg.score,
+            "teacher": cfg.teacher, "data": cfg.data, "scheme": cfg.scheme, "scale_rule": cfg.scale_rule,
+            "score": cfg.score,
             "budget_bits": cfg.budget_bits, "budget_bytes": choice.budget_bytes, "weight_bytes": choice.weight_bytes,
             "effective_bits": choice.effective_bits, "uniform_bits": table.bits(table.bytes_of(())),
             "total_weights": table.total_weights, "fixed": table.fixed, "kept": list(choice.kept),

@@ -514,7 +514,8 @@ def test_mse_act_student_is_calibrated_and_saved_with_its_second_moments(tmp_pat
     student (pack reads them from there)."""
     from rich.console import Console
 
-    from ckaqad_cli.quant import SECOND_MOMENTS_FILE, QuantRecipe, load_second_moments
+    from ckaqad_cli.quant import QuantRecipe
+    from ckaqad_cli.quant_calibration import SECOND_MOMENTS_FILE, load_second_moments
 
     cfg = DistillConfig(teacher="builtin", steps=1, batch_size=4, seq_len=32, eval_every=100, save_every=100,
                         eval_sequences=4, max_tokens=4096, scale_rule="mse-act")

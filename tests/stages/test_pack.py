@@ -394,7 +394,7 @@ def test_bad_device_or_backend_is_refused_before_any_work(monkeypatch):
 
 
 def test_bad_input_not_enough_disk_space(tmp_path, monkeypatch):
-    import ckaqad_cli.safetensors_io as sio
+    import ckaqad_cli.safetensors_write as sio
 
     src = make_model(tmp_path / "src", student=None)
     monkeypatch.setattr(sio.shutil, "disk_usage", lambda p: type("Usage", (), {"free": 1000})())

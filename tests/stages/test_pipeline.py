@@ -85,11 +85,37 @@ def test_pipeline_runs_every_stage_and_writes_the_comparison(tmp_path):
 
 def test_pipeline_checks_every_option_before_the_first_stage(tmp_path):
     for bad, words in ((["--format", "gguf"], "--format"), (["--repo-id", "no slash"], "repo"),
-                       (["--lr", "-1"], "--lr"), (["--task-problems", "-5"], "--task-problems")):
+                       (["--lr", "-1"], "--lr"), (["--task-problems", "-5"], "--task-problems"),
+                       (["--budget-bits", "3"], "--budget-bits"), (["--budget-bits", "nan"], "--budget-bits"),
+                       (["--budget-bits", "6", "--plan-score", "hessian"], "--plan-score")):
         result = runner.invoke(app, ["pipeline", "--run", str(tmp_path / "run"), "--device", "cpu", *bad])
         assert result.exit_code == 1, (bad, result.output)
         assert result.output.startswith("error:") and words in result.output, (bad, result.output)
         assert not (tmp_path / "run" / "run.json").exists(), bad
+
+
+def test_pipeline_with_a_budget_plans_first_and_every_stage_follows_the_plan(tmp_path):
+    run_path = tmp_path / "run"
+    args = [
+        "pipeline", "--run", str(run_path), "--budget-bits", "5.5", "--steps", "2", "--batch-size", "4",
+        "--seq-len", "32", "--diagnose-tokens", "256", "--diagnose-seq-len", "32", "--task-problems", "5",
+        "--device", "cpu",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = RunDir(run_path)
+    stages = run.read()["stages"]
+    assert [s for s in stages if s != "pipeline"] == ["plan", "diagnose-ptq", "distill", "diagnose", "pack",
+                                                       "push-dry-run"]
+    assert stages["plan"]["config"]["budget_bits"] == 5.5 and stages["plan"]["config"]["max_tokens"] == 256
+    plan = json.loads(run.stage_output("plan", "report_json").read_text())
+    assert plan["kept"] and plan["effective_bits"] <= 5.5
+    kept = {m for unit in plan["units"] if unit["kept"] for m in unit["members"]}
+    trained = json.loads((run.stage_output("distill", "student") / "quant_recipe.json").read_text())
+    assert kept and not kept & set(trained["quantized"]) and trained["exclude"][-len(plan["exclude"]):] == plan["exclude"]
+    assert stages["diagnose-ptq"]["config"]["ptq_exclude"] == plan["exclude"]
+    ignored = json.loads((run.stage_output("pack", "model") / "config.json").read_text())["quantization_config"]
+    assert kept <= set(ignored["ignore"])
 
 
 def test_comparison_rows_order_and_teacher_row():

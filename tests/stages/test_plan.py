@@ -64,6 +64,19 @@ def test_plan_writes_its_recipe_report_and_plot_and_records_the_stage(planned):
     assert set(report["comparison"]) == {"uniform", "plan"}
 
 
+@pytest.mark.parametrize("rule", ["four-over-six", "mse-act"])
+def test_the_plan_measures_with_its_scale_rule_and_records_it(planned, inputs, tmp_path, rule):
+    teacher, data = inputs
+    run = RunDir(tmp_path / "run")
+    report = run_plan(PlanConfig(budget_bits=BUDGET, teacher=str(teacher), data=data, scale_rule=rule, **SMALL), run)
+    assert report["scale_rule"] == rule and recorded_plan(run).scale_rule == rule
+    assert run.stage_entry("plan")["config"]["scale_rule"] == rule
+    amax = planned[1]  # the same units, data and budget with amax scales: other scales, another uniform KL
+    assert [u["name"] for u in report["units"]] == [u["name"] for u in amax["units"]]
+    assert report["comparison"]["uniform"]["kl"] != amax["comparison"]["uniform"]["kl"]
+    assert f"scale rule {rule}" in (run.stage_dir("plan") / "report.md").read_text()
+
+
 def test_a_finished_plan_runs_again_only_with_force(planned, inputs):
     run, _ = planned
     teacher, data = inputs
