@@ -392,11 +392,23 @@ def quantize_and_pack(
     return _encode(x, global_scale, name, pack=True, scale_rule=scale_rule, channel_weights=channel_weights)
 
 
-def _decode(codes: torch.Tensor, scales: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """value = E2M1(code) * (float32(s) * g), computed in float32, cast to dtype last."""
+def _decode(codes: torch.Tensor, divisors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """value = E2M1(code) * d, computed in float32, cast to dtype last."""
     values = _E2M1_SIGNED.to(codes.device)[codes.to(torch.int32)]
-    out = values.reshape(*codes.shape[:-1], -1, BLOCK_SIZE) * block_divisors(scales, g).unsqueeze(-1)
+    out = values.reshape(*codes.shape[:-1], -1, BLOCK_SIZE) * divisors.unsqueeze(-1)
     return out.reshape(codes.shape).to(dtype)
+
+
+def dequantize_with_divisors(packed: torch.Tensor, divisors: torch.Tensor, dtype: torch.dtype = torch.float32
+                             ) -> torch.Tensor:
+    """Packed bytes [..., K/2] + float32 block divisors d [..., K/16] -> E2M1 value * d [..., K] in ``dtype``: the
+    decode of a reader that forms d its own way (compressed-tensors divides s by its stored reciprocal of g)."""
+    codes = unpack_fp4(packed)
+    check_last_dim(codes, "packed NVFP4 data (unpacked)")
+    if divisors.shape != (*codes.shape[:-1], codes.shape[-1] // BLOCK_SIZE) or divisors.dtype != torch.float32:
+        raise ValueError(f"block divisors of shape {tuple(divisors.shape)} ({divisors.dtype}) do not match packed "
+                         f"data {tuple(packed.shape)} (float32 wanted)")
+    return _decode(codes, divisors, dtype)
 
 
 def dequantize(
@@ -413,7 +425,7 @@ def dequantize(
             f"block scales of shape {tuple(block_scales.shape)} do not match packed data {tuple(packed.shape)}"
         )
     g = torch.as_tensor(global_scale).to(device=packed.device, dtype=torch.float32).reshape(())
-    return _decode(codes, block_scales, g, dtype)
+    return _decode(codes, block_divisors(block_scales, g), dtype)
 
 
 def fake_quantize(

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ckaqad_cli.builtin.tokenizer import VOCAB_SIZE, build_tokenizer
+from ckaqad_kernels import nvfp4_ref
 
 if TYPE_CHECKING:
     from ckaqad_cli.trainer import Models
@@ -145,3 +146,18 @@ def packed_model_dir(directory: Path) -> Path:
     compressor.update_config(directory)
     build_tokenizer().save_pretrained(directory)
     return Path(directory)
+
+
+READER_AMAX, READER_SCALE = 1.6953125, 0.017578125
+"""A weight amax whose global scale g has a float32 reciprocal G that rounds back to g exactly, and an E4M3 block
+scale s for which s / G (what compressed-tensors' readers compute) and s * g (ours) round one step apart."""
+
+
+def reader_rounding_weight() -> torch.Tensor:
+    """bf16 [2, 16]: row 0 sets g (its max is READER_AMAX); row 1's block gets scale READER_SCALE and one value of
+    code 1.5, which the two divisors decode one bf16 step apart (tests/test_formats.py)."""
+    g = nvfp4_ref.global_scale_from_amax(torch.tensor(READER_AMAX))
+    w = torch.zeros(2, 16)
+    w[0, 0] = READER_AMAX
+    w[1, 0], w[1, 1] = 6 * READER_SCALE * g, 1.5 * READER_SCALE * g
+    return w.bfloat16()

@@ -14,6 +14,7 @@ from ckaqad_cli.formats import compressed_tensors as ct
 from ckaqad_cli.formats import layout
 from ckaqad_cli.formats import modelopt as mo
 from ckaqad_kernels import nvfp4_ref
+from fixtures import READER_SCALE, reader_rounding_weight
 
 finite_scales = st.floats(min_value=2.0**-100, max_value=2.0**100, allow_nan=False, allow_infinity=False, width=32)
 
@@ -112,7 +113,9 @@ def test_every_format_keeps_the_protocol(name, scheme):
     packed, scales, g = nvfp4_ref.quantize_and_pack(x)
     tensors = layout.encode(fmt, "m", packed, scales, g, g if scheme == "w4a4" else None)
     assert [s.name for s in layout.module_specs(fmt, "m", 2, 32, scheme)] == list(tensors)
-    want = nvfp4_ref.dequantize(packed, scales, layout.decoded_global_scale(fmt, g), dtype=torch.float32)
+    divisors = fmt.block_divisors(scales, fmt.store_scale(g))  # the readers' own arithmetic, near our s * g
+    assert divisors.dtype == torch.float32 and torch.allclose(divisors, nvfp4_ref.block_divisors(scales, g), rtol=1e-6)
+    want = nvfp4_ref.dequantize_with_divisors(packed, divisors, dtype=torch.float32)
     assert torch.equal(layout.decode(fmt, tensors, "m", torch.float32), want)
     assert formats.scale_is_exact(fmt, g) == bool(layout.decoded_global_scale(fmt, g) == g)
 
@@ -124,3 +127,26 @@ def test_extra_files_alone_identify_a_format(tmp_path):
             (tmp_path / file).write_text(json.dumps(content))
             assert formats.detect_format(tmp_path) == name
             (tmp_path / file).unlink()
+
+
+def test_compressed_tensors_readers_divide_by_the_stored_reciprocal():
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+
+    w = reader_rounding_weight()
+    packed, scales, g = nvfp4_ref.quantize_and_pack(w)
+    assert float(scales[1, 0].float()) == READER_SCALE and torch.equal(ct.load_scale(ct.store_scale(g)), g)
+    want = nvfp4_ref.fake_quantize(w, g)
+    tensors = layout.encode(ct, "m", packed, scales, g, None)
+    got = layout.decode(ct, tensors, "m", torch.bfloat16)
+    scheme = QuantizationScheme(targets=["Linear"], weights=preset_name_to_scheme("NVFP4A16", ["Linear"]).weights)
+    state = {p: tensors[f"m.{p}"] for p in ct.PARAMS[:3]}
+    theirs = NVFP4PackedCompressor.decompress(state, scheme)["weight"]
+    assert torch.equal(got, theirs)  # our unpacker decodes as compressed-tensors does
+    differ = got != want  # only in row 1's block, each value one bf16 step from the student's
+    assert bool(differ[1, 1]) and not differ[0].any() and not differ[1, 2:].any()
+    step = torch.finfo(torch.bfloat16).eps * 2.0 ** torch.floor(torch.log2(want[differ].float().abs()))
+    assert torch.equal((got[differ].float() - want[differ].float()).abs(), step)
+    modelopt = layout.encode(mo, "m", packed, scales, g, None)  # ModelOpt multiplies: exact
+    assert torch.equal(layout.decode(mo, modelopt, "m", torch.bfloat16), want)

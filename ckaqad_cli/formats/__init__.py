@@ -12,6 +12,8 @@ Scale conventions
     ``store_scale(scale)``    our global scale (amax / (6 * 448), the kernels' convention) -> the stored tensor
     ``load_scale(stored)``    the stored tensor -> the 0-d float32 a reader decodes; the stored scale is exact when
                               that equals ours (:func:`scale_is_exact`)
+    ``block_divisors(block_scales, stored)``  the float32 divisor of each block as the format's readers compute it
+                              (ModelOpt s * g, compressed-tensors s / G): what a decoded value is code * d of
     From these, :mod:`ckaqad_cli.formats.layout` writes and reads every format alike: ``module_specs`` (the tensors
     written for ``M``, in write order), ``encode`` (our tensors -> the stored ones), ``decode`` (the stored tensors
     -> the dense weight, through the kernels' dequantize) and ``decoded_global_scale``.

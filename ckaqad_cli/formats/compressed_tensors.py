@@ -88,8 +88,9 @@ def scheme_of(config: dict[str, Any]) -> str:
 def store_scale(scale: torch.Tensor) -> torch.Tensor:
     """The float32 nearest 1/scale whose own reciprocal rounds back to ``scale`` exactly, when one exists.
 
-    Readers divide by the stored value, so this keeps decoding bit-exact. About one float32 in seven is no
-    float32's rounded reciprocal; those keep the plain 1/scale (``formats.scale_is_exact`` is False for them).
+    About one float32 in seven is no float32's rounded reciprocal; those keep the plain 1/scale
+    (``formats.scale_is_exact`` is False for them). Readers divide block scales by the stored value
+    (:func:`block_divisors`), which can still differ from our s * g by one float32 step.
     """
     g = scale.detach().to(torch.float32).reshape(())
     r = 1.0 / g
@@ -109,3 +110,10 @@ _RECIPROCAL_SEARCH_ULPS = 2
 def load_scale(stored: torch.Tensor) -> torch.Tensor:
     """Our global scale (0-d float32) from a stored reciprocal ``weight_global_scale`` / ``input_global_scale``."""
     return (1.0 / stored.to(torch.float32)).reshape(())
+
+
+def block_divisors(block_scales: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """d = float32(s) / G, as readers decode: compressed-tensors' ``_dequantize`` (``scale / global_scale`` in
+    float32, then code * d) and vLLM's NVFP4 emulation divide by the stored reciprocal G. Against our s * g this
+    differs by one float32 step for some (s, G) pairs, even when 1 / G rounds back to g exactly."""
+    return block_scales.to(torch.float32) / stored.to(torch.float32).reshape(())

@@ -2,8 +2,9 @@
 
 A format module declares ``PARAMS`` (its names for the packed weight, the block scales, the global scale and the W4A4
 input scale, in that order), ``SCALE_SHAPE`` (the shape of the two scales it stores), and how a global scale in our
-convention (amax / (6 * 448), the kernels') is stored (``store_scale``) and read back (``load_scale``). Everything
-below follows from those, the same for every format.
+convention (amax / (6 * 448), the kernels') is stored (``store_scale``) and read back (``load_scale``), and how its
+readers form each block's divisor from a stored block scale and global scale (``block_divisors``). Everything below
+follows from those, the same for every format.
 """
 
 from __future__ import annotations
@@ -42,10 +43,16 @@ def encode(fmt: ModuleType, module: str, packed: Tensor, block_scales: Tensor, g
 
 
 def decode(fmt: ModuleType, tensors: dict[str, Tensor], module: str, dtype: torch.dtype) -> Tensor:
-    """The dense weight of ``module`` from its stored tensors (our own unpacker, the kernels' dequantize)."""
-    weight, block_scale, global_name, _ = (f"{module}.{p}" for p in fmt.PARAMS)
-    return nvfp4_ref.dequantize(tensors[weight], tensors[block_scale], fmt.load_scale(tensors[global_name]),
-                                dtype=dtype)
+    """The dense weight of ``module`` from its stored tensors, as the format's readers decode it (our own unpacker:
+    the kernels' decode with the format's block divisors)."""
+    return nvfp4_ref.dequantize_with_divisors(tensors[f"{module}.{fmt.PARAMS[0]}"], divisors(fmt, tensors, module),
+                                              dtype=dtype)
+
+
+def divisors(fmt: ModuleType, tensors: dict[str, Tensor], module: str) -> Tensor:
+    """The float32 block divisors [out, in/16] of ``module`` as the format's readers compute them."""
+    _, block_scale, global_name, _ = (f"{module}.{p}" for p in fmt.PARAMS)
+    return fmt.block_divisors(tensors[block_scale], tensors[global_name])
 
 
 def decoded_global_scale(fmt: ModuleType, scale: Tensor) -> Tensor:

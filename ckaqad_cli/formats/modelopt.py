@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ckaqad_cli import __version__
+from ckaqad_kernels import nvfp4_ref
 from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
 
 NAME = "modelopt"
@@ -85,3 +86,8 @@ def store_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def load_scale(stored: torch.Tensor) -> torch.Tensor:
     return stored.to(torch.float32).reshape(())
+
+
+def block_divisors(block_scales: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """d = float32(s) * g, as ModelOpt's ``NVFP4QTensor.dequantize`` and our kernels compute it (exact)."""
+    return nvfp4_ref.block_divisors(block_scales, load_scale(stored))

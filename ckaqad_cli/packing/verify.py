@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from ckaqad_cli import formats
 from ckaqad_cli.formats import layout
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import is_moe, load_packed_pretrained
@@ -34,10 +33,11 @@ VERIFY_SEQ_LEN = 32
 def verify_weights(plan: PackPlan, src: SafetensorsSource, out: Path) -> dict[str, Any]:
     """Decode every quantized module with our unpacker and compare with the student's fake-quantized weight.
 
-    Bit-exact is required, with one exception: a compressed-tensors module whose global scale has no float32 whose
-    reciprocal rounds back to it (about one in seven) cannot be stored exactly in that format's reciprocal
-    convention; its values may then differ by the relative error of the decoded scale plus one rounding step of the
-    dtype, and it is counted apart.
+    Our unpacker decodes as the format's readers do (``block_divisors``). Bit-exact is required, with one exception:
+    where the readers' block divisors differ from ours (compressed-tensors divides each block scale by its stored
+    reciprocal of g, which for some pairs of block scale and g lands one float32 step from our s * g, and for about
+    one g in seven cannot be the exact reciprocal at all), a value may differ by the divisors' relative difference
+    plus one rounding step of the dtype, and by no more; such a module is counted apart.
     """
     exact, inexact_scale, max_diff, mismatched = 0, [], 0.0, []
     with SafetensorsSource(out) as packed:
@@ -50,19 +50,19 @@ def verify_weights(plan: PackPlan, src: SafetensorsSource, out: Path) -> dict[st
                 if plan.dtype != w.dtype:
                     w = w.float()
                 names = [spec.name for spec in layout.module_specs(plan.fmt, m, *plan.shapes[m], plan.scheme)]
-                got = layout.decode(plan.fmt, {n: packed.get(n) for n in names}, m, w.dtype)
+                tensors = {n: packed.get(n) for n in names}
+                got = layout.decode(plan.fmt, tensors, m, w.dtype)
                 want = nvfp4_ref.fake_quantize(w, g, **scale_rule_args(plan, m, plan.second_moments, "cpu"))
                 if same_bits(got, want):
                     exact += 1
                     continue
                 diff = (got.float() - want.float()).abs()
                 max_diff = max(max_diff, float(diff.max()))
-                representable = formats.scale_is_exact(plan.fmt, g)
-                # The stored scale decodes to g' != g (compressed-tensors' reciprocal): each value may move by the
-                # relative error of g' plus one rounding step of the dtype, and by no more.
-                g_decoded = layout.decoded_global_scale(plan.fmt, g)
-                rel = float((g_decoded.double() - g.double()).abs() / g.double()) + torch.finfo(w.dtype).eps
-                if not representable and bool((diff <= want.float().abs() * rel).all()):
+                theirs = layout.divisors(plan.fmt, tensors, m).double()
+                ours = nvfp4_ref.block_divisors(tensors[names[1]], g).double()
+                differ = theirs != ours
+                rel = float(((theirs - ours).abs() / ours)[differ].max()) if bool(differ.any()) else 0.0
+                if rel and bool((diff <= want.float().abs() * (rel + torch.finfo(w.dtype).eps)).all()):
                     inexact_scale.append(m)
                 else:
                     mismatched.append(m)
@@ -123,11 +123,13 @@ def _set_activation_quant(student, packed, on: bool, through_transformers: bool)
                 scheme.input_activations = module._ckaqad_inputs if on else None
 
 
-def _compare(student, packed, ids: torch.Tensor, scheme: str, through_transformers: bool) -> dict[str, float]:
-    """Weights-only max |diff| of the logits, then (W4A4 activations on, for that scheme) max |diff| and top-1."""
+def _compare(student, packed, ids: torch.Tensor, scheme: str, through_transformers: bool
+             ) -> tuple[dict[str, float], torch.Tensor]:
+    """(weights-only max |diff| of the logits, then (W4A4 activations on, for that scheme) max |diff| and top-1;
+    the packed model's weights-only logits)."""
     _set_activation_quant(student, packed, False, through_transformers)
     want, got = _logits(student, ids), _logits(packed, ids)
-    weights_only = float((got - want).abs().max())
+    weights_only, weights_only_logits = float((got - want).abs().max()), got
     if scheme == "w4a4":
         _set_activation_quant(student, packed, True, through_transformers)
         want, got = _logits(student, ids), _logits(packed, ids)
@@ -136,7 +138,7 @@ def _compare(student, packed, ids: torch.Tensor, scheme: str, through_transforme
         "max_abs_diff": float((got - want).abs().max()),
         "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).float().mean()),
         "student_max_abs_logit": float(want.abs().max()),
-    }
+    }, weights_only_logits
 
 
 def _transformers_reads(plan: PackPlan) -> bool:
@@ -188,10 +190,12 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
         from transformers import AutoModelForCausalLM
 
         packed = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).to(device).eval()
-        through_transformers = _compare(student, packed, ids, plan.scheme, True)
+        through_transformers, transformers_logits = _compare(student, packed, ids, plan.scheme, True)
         del packed
     packed = _packed_through_unpacker(out, plan, device)
-    ours = _compare(student, packed, ids, plan.scheme, False)
+    ours, unpacker_logits = _compare(student, packed, ids, plan.scheme, False)
+    if through_transformers is not None:  # the real loader decodes every weight as our unpacker does
+        through_transformers["same_as_unpacker"] = bool(torch.equal(transformers_logits, unpacker_logits))
     path = "ckaqad unpacker" + (" (MoE: transformers fuses experts)" if is_moe(plan.config) else "")
     if through_transformers is not None:
         path += f"; transformers + {plan.fmt.NAME} (weights only)"
@@ -200,13 +204,14 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
         # is bounded with activations off, the W4A4 logits must agree on top-1.
         bound = VERIFY_MAX_ABS_REL * (ours["student_max_abs_logit"] or 1.0)
         ok = ours["top1_agreement"] >= VERIFY_TOP1_MIN and ours["weights_only_max_abs_diff"] <= bound
-        tolerance = (f"weights-only max |diff| <= {bound:.3g}, top-1 >= {VERIFY_TOP1_MIN} (reciprocal scales "
-                     "inexact)")
+        tolerance = (f"weights-only max |diff| <= {bound:.3g}, top-1 >= {VERIFY_TOP1_MIN} (the format's readers "
+                     "decode some scales one rounding step from ours)")
     else:
-        exact = [ours["weights_only_max_abs_diff"], ours["max_abs_diff"]]
-        exact += [through_transformers["weights_only_max_abs_diff"]] if through_transformers else []
-        ok = all(d == 0.0 for d in exact)
+        ok = ours["weights_only_max_abs_diff"] == 0.0 and ours["max_abs_diff"] == 0.0
         tolerance = "exact (0 difference)"
+    if through_transformers is not None:
+        ok = ok and through_transformers["same_as_unpacker"]
+        tolerance += "; through transformers, weights only, the same logits as our unpacker"
     result = {"path": path, **{k: v for k, v in ours.items() if k != "student_max_abs_logit"},
               "tolerance": tolerance, "passed": ok}
     if through_transformers is not None:
@@ -223,7 +228,12 @@ def raise_if_failed(verification: dict[str, Any]) -> None:
             f"fake-quantized weights (max |diff| {w['max_abs_diff']:.3g}, e.g. {', '.join(w['mismatched'][:3])})"
         )
     if not lg["passed"]:
+        theirs = lg.get("transformers")
+        also = "" if theirs is None else (
+            f"; through transformers, weights only: max |diff| {theirs['weights_only_max_abs_diff']:.4g}, "
+            f"{'the same as' if theirs['same_as_unpacker'] else 'not the same as'} our unpacker's")
         raise CkaqadError(
-            f"verify failed ({lg['path']}): logits max |diff| {lg['max_abs_diff']:.4g}, top-1 agreement "
-            f"{lg['top1_agreement']:.3f}; tolerance {lg['tolerance']}"
+            f"verify failed ({lg['path']}): ckaqad unpacker logits max |diff| {lg['max_abs_diff']:.4g} (weights "
+            f"only {lg['weights_only_max_abs_diff']:.4g}), top-1 agreement {lg['top1_agreement']:.3f}{also}; "
+            f"tolerance {lg['tolerance']}"
         )

@@ -268,7 +268,7 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     if verify:
         w, lg = verify["weights"], verify["logits"]
         inexact = len(w["reciprocal_scale_inexact"])
-        note = f" ({inexact} within 1 ulp: reciprocal scale)" if inexact else ""
+        note = f" ({inexact} within 1 step: the reader divides by 1/g)" if inexact else ""
         rows.append(("verify weights", f"{w['bit_exact']}/{w['modules']} bit-exact{note}"))
         rows.append(("verify logits", f"ckaqad unpacker: max |diff| {lg['max_abs_diff']:.4g}, top-1 "
                                       f"{lg['top1_agreement']:.3f} ({lg['tolerance']})"))
