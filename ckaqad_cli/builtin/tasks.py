@@ -180,18 +180,26 @@ FAMILIES: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 
 def generate(split: str, n: int, seed: int, families: Sequence[str] | None = None) -> list[Problem]:
     """``n`` problems of ``split``, the families in turn; the same (split, n, seed) always gives the same list."""
+    return draw(FAMILIES, "ckaqad-builtin", split, n, seed, families)
+
+
+def draw(table: dict[str, Callable[[random.Random], tuple[str, str]]], suite: str, split: str, n: int, seed: int,
+         families: Sequence[str] | None = None) -> list[Problem]:
+    """``n`` problems of ``split`` from the generators of ``table``, the families in turn, from a ``random.Random``
+    seeded by ``(suite, split, seed)``; prompts of the other split are rejected, so a longer draw extends a shorter one
+    and the splits never share a prompt."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    names = list(families) if families is not None else list(FAMILIES)
-    unknown = [name for name in names if name not in FAMILIES]
+    names = list(families) if families is not None else list(table)
+    unknown = [name for name in names if name not in table]
     if unknown or not names:
-        raise ValueError(f"unknown task families {unknown}; known: {sorted(FAMILIES)}")
-    rng = random.Random(f"ckaqad-builtin:{split}:{seed}")
+        raise ValueError(f"unknown task families {unknown}; known: {sorted(table)}")
+    rng = random.Random(f"{suite}:{split}:{seed}")
     problems = []
     for i in range(n):
         family = names[i % len(names)]
         while True:
-            prompt, answer = FAMILIES[family](rng)
+            prompt, answer = table[family](rng)
             if split_of(prompt) == split:
                 break
         problems.append(Problem(family, prompt, answer))
@@ -210,17 +218,12 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     Each step re-runs the whole sequence without a KV cache (the sequences are short), so any module that maps
     ``model(input_ids=..., attention_mask=..., position_ids=...)`` to ``.logits`` works, fake-quantized ones included.
     """
+    from ckaqad_cli.builtin.generation import left_padded  # imports transformers: only when decoding
+
     device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    width = max(len(ids) for ids in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, seq in enumerate(encoded):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    finished = torch.zeros(len(encoded), dtype=torch.bool, device=device)
+    eos = tokenizer.eos_token_id
+    ids, mask = left_padded(tokenizer, prompts, device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated = []
     for _ in range(max_new_tokens):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

@@ -33,7 +33,8 @@ VALIDATION_SEED = 10_000  # checkpoint selection draws from the held-out split w
 REPORT_SEED = 0  # the accuracy in training_log.json (and docs/builtin.md) uses the held-out split with this seed
 
 
-def model_config(tokenizer, *, hidden: int = 128, layers: int = 4, heads: int = 4, mlp: int = 512) -> LlamaConfig:
+def model_config(tokenizer, *, hidden: int = 128, layers: int = 4, heads: int = 4, mlp: int = 512,
+                 positions: int = 256) -> LlamaConfig:
     """The teacher's shape: every Linear's input width (hidden, mlp) is a multiple of 16, as NVFP4 needs."""
     if hidden % 16 or mlp % 16 or hidden % heads:
         raise ValueError("hidden and mlp must be multiples of 16, and hidden a multiple of heads")
@@ -44,7 +45,7 @@ def model_config(tokenizer, *, hidden: int = 128, layers: int = 4, heads: int = 
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=256,
+        max_position_embeddings=positions,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -78,7 +79,7 @@ def learning_rate(step: int, *, peak: float, warmup: int, total: int, floor: flo
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def save_teacher(model, tokenizer, out: Path, log: dict) -> None:
+def save_teacher(model, tokenizer, out: Path, log: dict, max_new_tokens: int = 16) -> None:
     """Write the model in bfloat16 with its tokenizer, generation config and training log, atomically."""
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     with atomic_directory(out, overwrite=True) as tmp:
@@ -89,7 +90,7 @@ def save_teacher(model, tokenizer, out: Path, log: dict) -> None:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             do_sample=False,
-            max_new_tokens=16,
+            max_new_tokens=max_new_tokens,
         ).save_pretrained(tmp)
         atomic_write_json(tmp / "training_log.json", log)
         tmp.chmod(0o755)  # the temporary directory and files are private; the shipped ones are not
