@@ -170,7 +170,9 @@ def bench_cpu(shapes: list[tuple[int, int]], repeats: int) -> tuple[list[dict], 
 def bench_rules(shapes: list[tuple[int, int]], repeats: int) -> str:
     """The C kernel (the reference where none is built) under each scale rule, on N(0, 0.02^2) bf16 matrices."""
     encode = nvfp4_cpu.quantize_and_pack if nvfp4_cpu.available() else ref.quantize_and_pack
-    lines = [f"{encode.__module__}.quantize_and_pack, best of {repeats}, {torch.get_num_threads()} torch threads", "",
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [f"{encode.__module__}.quantize_and_pack, best of {repeats}, {torch.get_num_threads()} torch threads; "
+             f"load average (1/5/15 min) at the start {load}", "",
              "| matrix (bf16) | " + " | ".join(f"{rule} GB/s (x amax time)" for rule in SCALE_RULES) + " |",
              "|---|" + "---|" * len(SCALE_RULES)]
     for rows, cols in shapes:
@@ -183,6 +185,7 @@ def bench_rules(shapes: list[tuple[int, int]], repeats: int) -> str:
         cells = [f"{w.numel() * 2 / best[rule][0] / 1e9:.2f} ({best[rule][0] / best['amax'][0]:.1f}x)"
                  for rule in SCALE_RULES]
         lines.append(f"| {rows}x{cols} | " + " | ".join(cells) + " |")
+    lines += ["", "load average (1/5/15 min) at the end " + " / ".join(f"{x:.1f}" for x in os.getloadavg())]
     return "\n".join(lines) + "\n"
 
 

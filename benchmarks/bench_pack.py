@@ -3,6 +3,7 @@ checkpoint, `python -c "import torch"` (the start-up no Python tool escapes) and
 the same checkpoint (benchmarks/peer_compressed_tensors.py, benchmarks/peer_modelopt.py).
 
     python benchmarks/bench_pack.py --hidden 2048 --intermediate 8192 --layers 14 --vocab 32000 --with-8gb
+    python benchmarks/bench_pack.py --scale-rules amax,four-over-six,mse,mse-act --skip-peers --skip-verify
 
 Method: a synthetic bf16 Llama checkpoint is written once (one tensor at a time): 2.14 GB with the geometry above
 (the default); with --with-8gb, then one of 8.3 GB, timed without the peers and --verify (their models would not fit
@@ -118,22 +119,29 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def _commands(src: Path, work: Path, *, peers: bool, verify: bool) -> list[Command]:
+def _commands(src: Path, work: Path, *, peers: bool, verify: bool, rules: tuple[str, ...] = ()) -> list[Command]:
     ckaqad = Path(sys.executable).with_name("ckaqad")
     ckaqad = str(ckaqad) if ckaqad.exists() else (shutil.which("ckaqad") or "ckaqad")
     out, run = work / "out", work / "run"
 
-    def pack(fmt: str, verify: str) -> Command:
+    def pack(fmt: str, verify: str, rule: str | None = None) -> Command:
         argv = [ckaqad, "pack", "--run", str(run), "--model", str(src), "--out", str(out), "--format", fmt,
                 "--scheme", "w4a16", verify]
-        return Command(f"`ckaqad pack --format {fmt} --scheme w4a16 {verify}`", argv, [out, run])
+        label = f"--format {fmt} --scheme w4a16 {verify}"
+        if rule is not None:
+            extra = ["--scale-rule", rule] + (["--calib-data", "builtin"] if rule == "mse-act" else [])
+            argv += extra
+            label += " " + " ".join(extra)
+        return Command(f"`ckaqad pack {label}`", argv, [out, run])
 
     commands = [
         Command("`cp -r`", ["cp", "-r", str(src), str(out)], [out]),
         Command('`python -c "import torch"`', [sys.executable, "-c", "import torch"], []),
-        pack("compressed-tensors", "--no-verify"),
-        pack("modelopt", "--no-verify"),
     ]
+    if rules:  # the scale rules' cost: one compressed-tensors pack per rule
+        commands += [pack("compressed-tensors", "--no-verify", rule) for rule in rules]
+    else:
+        commands += [pack("compressed-tensors", "--no-verify"), pack("modelopt", "--no-verify")]
     if verify:
         commands.append(pack("compressed-tensors", "--verify"))
     if peers:
@@ -183,9 +191,11 @@ def bench(geometry: Geometry, args: argparse.Namespace, *, peers: bool, verify: 
         t = time.perf_counter()
         total, checkpoint = _checkpoint(src, geometry)
         print(f"{checkpoint}; written in {time.perf_counter() - t:.0f} s", flush=True)
-        commands = _commands(src, work, peers=peers, verify=verify)
+        commands = _commands(src, work, peers=peers, verify=verify, rules=args.scale_rules)
         load_before = os.getloadavg()
+        round_loads = []
         for i in range(args.rounds + 1):  # round 0: the warm-up
+            round_loads.append(os.getloadavg()[0])
             order = commands[i % len(commands):] + commands[: i % len(commands)]
             walls = {}
             for cmd in order:
@@ -210,7 +220,8 @@ def bench(geometry: Geometry, args: argparse.Namespace, *, peers: bool, verify: 
         "",
         textwrap.fill(f"Checkpoint: {checkpoint}. Load average (1/5/15 min) "
                       f"{' / '.join(f'{x:.1f}' for x in load_before)} before, "
-                      f"{' / '.join(f'{x:.1f}' for x in load_after)} after.", 120),
+                      f"{' / '.join(f'{x:.1f}' for x in load_after)} after; 1-minute load average as each round "
+                      f"began (round 0 the warm-up): {', '.join(f'{x:.1f}' for x in round_loads)}.", 120),
         "",
         "| command | runs | wall (s) | CPU (s) | peak RSS (MB) | x copy | x (copy + torch) |",
         "|---|---|---|---|---|---|---|",
@@ -240,6 +251,11 @@ def main() -> None:
                     help="Counted rounds that also run the peers (the first ones; default 3; they take minutes).")
     ap.add_argument("--skip-peers", action="store_true", help="Leave out the peers' own compression.")
     ap.add_argument("--skip-verify", action="store_true", help="Leave out `ckaqad pack --verify`.")
+    ap.add_argument("--scale-rules", type=lambda v: tuple(r.strip() for r in v.split(",") if r.strip()), default=(),
+                    help="Comma-separated scale rules (e.g. amax,four-over-six,mse,mse-act): time one "
+                         "compressed-tensors pack per rule (mse-act calibrating on the built-in data) instead of the "
+                         "two formats' "
+                         "(docs/nvfp4.md, \"Scale rules\"). Default: none.")
     ap.add_argument("--workdir", type=Path, default=None, help="Where to write (default: the temp dir; removed after).")
     ap.add_argument("--results", type=Path, default=HERE / "results_pack_cpu.md")
     args = ap.parse_args()

@@ -12,16 +12,23 @@ AutoQuantize's NVFP4 fake quantization asserts ``amax.is_cuda`` on the CPU; ckaq
 registered as its quant backend (``register_quant_backend``) for the NVFP4 quantizers, so the search runs on the CPU
 (docs/plan.md, "AutoQuantize on the CPU").
 
-``cost``: the sensitivity of every unit of a Qwen3-0.6B-shaped model (random weights, ``--layers`` decoder layers
-instead of 28) against one diagnose pass (the teacher and one PTQ student, CKA at every layer, KL), the same
-tokens, in seconds and in whole-model forwards.
+``cost``: ``ckaqad plan`` (every unit's three scores, then uniform NVFP4 against the plan) and one
+``ckaqad diagnose --ptq w4a4`` pass, as whole commands on the same calibration tokens, on a Qwen3-0.6B-shaped model
+with random weights (``--layers`` decoder layers, 28 by default) saved under ``--workdir``; wall and CPU seconds,
+peak RSS, and the in-process breakdown (report.json's ``cost``, run.json's stage times).
 
-``distill``: CKA-QAD from uniform NVFP4, from AutoQuantize's choice and from ckaqad's at one budget, the same steps,
-then task accuracy and KL of each student.
+``qad``: CKA-QAD (``ckaqad distill``, its default steps) from uniform NVFP4 and from ``ckaqad plan``'s choice at each
+of ``--qad-budgets`` (the plan run first in the same run directory: distill takes it by default), then each PTQ start
+and each distilled student measured against the teacher as ``compare`` measures (KL, layer CKA, top-1 on the
+held-out text; task accuracy over the evaluation seeds).
 
-    python benchmarks/bench_plan.py compare --json /tmp/plan_compare.json
-    python benchmarks/bench_plan.py cost --layers 2 4 --cost-tokens 512 --json /tmp/plan_cost.json
-    python benchmarks/bench_plan.py distill --budget 5.0 --steps 150 --json /tmp/plan_distill.json
+``plot``: the Pareto plot (task accuracy against effective bits) from a compare result (default: the transcribed
+``results_plan_compare.json``) and, with ``--qad-json``, the qad result.
+
+    python benchmarks/bench_plan.py compare --json /tmp/plan_compare.json --plot benchmarks/results_plan_pareto.png
+    OMP_NUM_THREADS=1 python benchmarks/bench_plan.py cost --layers 28 --cost-tokens 128 --seq-len 128 --json /tmp/plan_cost.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_plan.py qad --qad-budgets 5.0 6.0 --calib-tokens 1024 --json benchmarks/results_plan_qad.json
+    python benchmarks/bench_plan.py plot --qad-json benchmarks/results_plan_qad.json --plot benchmarks/results_plan_pareto.png
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ import argparse
 import copy
 import json
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,12 +51,12 @@ from ckaqad_cli.models import load_model
 from ckaqad_cli.planning import sensitivity
 from ckaqad_cli.planning.budget import choose
 from ckaqad_cli.planning.evaluate import compare, task_accuracy
-from ckaqad_cli.planning.recipe import kept_exclude
 from ckaqad_cli.planning.switch import prepare
 from ckaqad_cli.planning.units import UnitTable
 from ckaqad_cli.settings.plan import SCORES
 
 BUDGETS = (4.75, 5.0, 5.5, 6.0)
+HERE = Path(__file__).resolve().parent
 BACKEND = "ckaqad_nvfp4"
 QUIET = Console(stderr=True, quiet=True)
 
@@ -127,14 +133,31 @@ def evaluate(model, tokenizer, table: UnitTable, plans: dict[str, tuple[str, ...
 
 
 @torch.no_grad()
-def held_out_kl(teacher, student, held_out: torch.Tensor) -> float:
-    """Mean per-token KL(teacher || student) on the held-out sequences."""
+def against_teacher(teacher, student, held_out: torch.Tensor, bos_token_id: int | None) -> dict:
+    """KL(teacher || student), layer CKA (mean and min over the decoder layers) and top-1 of a separately loaded
+    student on the held-out sequences: the arithmetic of ``planning.evaluate.compare`` (the PTQ rows), batches of 8,
+    the same token filter (position 0 / BOS dropped), the same streaming CKA."""
+    from ckaqad_cli.cka import TokenFilter
+    from ckaqad_cli.cka_streaming import StreamingCKA
     from ckaqad_cli.kl import token_kl
+    from ckaqad_cli.models import capture_residuals
 
-    total = 0.0
+    token_filter, acc, kl, top1 = TokenFilter(), [], 0.0, 0.0
     for ids in torch.split(held_out, 8):
-        total += float(token_kl(student(input_ids=ids).logits, teacher(input_ids=ids).logits).sum())
-    return total / held_out.numel()
+        with capture_residuals(teacher) as t:
+            teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+        with capture_residuals(student) as s:
+            logits = student(input_ids=ids, use_cache=False).logits
+        acc = acc or [StreamingCKA() for _ in t[:-1]]
+        keep = token_filter.mask(ids, None, (), bos_token_id)
+        for a, x, y in zip(acc, s[:-1], t[:-1], strict=True):
+            a.update_teacher(y[keep])
+            a.update_student("s", x[keep], y[keep])
+        kl += float(token_kl(logits, teacher_logits).sum())
+        top1 += float((logits.argmax(-1) == teacher_logits.argmax(-1)).sum())
+    linear = [a.linear("s") for a in acc]
+    return {"kl": kl / held_out.numel(), "mean_cka": sum(linear[1:]) / len(linear[1:]), "min_cka": min(linear[1:]),
+            "top1": top1 / held_out.numel(), "linear_cka": linear}
 
 
 def run_compare(args: argparse.Namespace) -> dict:
@@ -169,104 +192,286 @@ def run_compare(args: argparse.Namespace) -> dict:
             "scores": {u.name: {s: measured.scores(s)[u.name] for s in SCORES} for u in table.units}}
 
 
-def run_distill(args: argparse.Namespace) -> dict:
-    """CKA-QAD from uniform NVFP4, AutoQuantize's gradient choice and ckaqad's default choice at ``--budget``."""
-    from ckaqad_cli.rundir import RunDir
-    from ckaqad_cli.settings.distill import DistillConfig
-    from ckaqad_cli.settings.plan import DEFAULT_SCORE
-    from ckaqad_cli.stages.distill import run_distill as distill
+def run_qad(args: argparse.Namespace) -> dict:
+    """CKA-QAD (``ckaqad distill``, its defaults: the built-in preset, W4A4, seed 0) from uniform NVFP4 and from
+    ``ckaqad plan``'s choice at each of ``--qad-budgets`` (distill takes the run's plan by default), as whole
+    commands; then each PTQ start and each distilled student against the teacher on the held-out text and the task
+    suite (3 evaluation seeds), with the same arithmetic as ``compare``."""
+    import shutil
+    import subprocess
+    import sys
 
-    model, tokenizer = load_model("builtin", dtype=torch.float32)
-    teacher, _ = load_model("builtin", dtype=torch.float32)
-    calibration = sequences("train", args.calib_tokens, tokenizer)
+    from ckaqad_cli.models import ptq_student
+    from ckaqad_cli.quant import freeze_quantized_weights
+
+    ckaqad = str(Path(sys.executable).with_name("ckaqad"))
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    steps = [] if args.steps is None else ["--steps", str(args.steps)]
+    starts: dict[str, dict] = {"uniform NVFP4": {"budget": None, "run": work / "uniform", "exclude": []}}
+    starts.update({f"ckaqad plan {bits}": {"budget": bits, "run": work / f"plan-{bits}"} for bits in args.qad_budgets})
+    seconds: dict[str, float] = {}
+
+    def command(label: str, argv: list[str]) -> None:
+        print("ckaqad " + " ".join(argv), flush=True)
+        start = time.perf_counter()
+        subprocess.run([ckaqad, *argv], check=True, stdout=subprocess.DEVNULL)
+        seconds[label] = time.perf_counter() - start
+
+    for label, start in starts.items():
+        run = start["run"]
+        if not (run / "distill" / "student" / "config.json").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            if start["budget"] is not None:  # the compare subcommand's calibration: 4 batches of 8 x 128, seed 0
+                command(f"{label}: plan", ["plan", "--run", str(run), "--budget-bits", str(start["budget"]),
+                                           "--max-tokens", str(args.calib_tokens), "--seq-len", "128",
+                                           "--batch-size", "8", "--task-problems", "0", "--device", "cpu"])
+            command(f"{label}: distill", ["distill", "--run", str(run), "--device", "cpu", *steps])
+        if start["budget"] is not None:
+            report = json.loads((run / "plan" / "report.json").read_text())
+            start.update(exclude=report["exclude"], kept=report["kept"], bits=report["effective_bits"])
+        record = json.loads((run / "run.json").read_text())["stages"]["distill"]
+        start["distill_config"] = {k: record["config"].get(k) for k in ("steps", "scheme", "exclude", "seed")}
+        start["distill_metrics"] = record.get("metrics")
+
+    teacher, tokenizer = load_model("builtin", dtype=torch.float32)
     held_out = sequences("test", args.eval_tokens, tokenizer)
+    problems = {seed: tasks.generate("test", args.task_problems, seed) for seed in args.eval_seeds}
+
+    def measure(student) -> dict:
+        numbers = against_teacher(teacher, student, held_out, tokenizer.bos_token_id)
+        freeze_quantized_weights(student)  # the same numerics, quantized once for decoding
+        per_seed = [tasks.evaluate(student, tokenizer, problems[seed])["overall"] for seed in args.eval_seeds]
+        return {**numbers, "task_acc": statistics.mean(per_seed), "task_acc_seeds": per_seed}
+
+    rows = []
+    per_seed = [tasks.evaluate(teacher, tokenizer, problems[seed])["overall"] for seed in args.eval_seeds]
+    rows.append({"start": "teacher", "stage": "-", "bits": 16.0, "task_acc": statistics.mean(per_seed),
+                 "task_acc_seeds": per_seed})
+    model, _ = load_model("builtin", dtype=torch.float32)
     table, _ = prepare(model, "w4a4", ())
-    measured = sensitivity.measure(model, table, calibration, batch_size=8, bos_token_id=tokenizer.bos_token_id,
-                                   console=QUIET)
-    state, _ = autoquantize("gradient", list(torch.split(calibration, 8)))
-    starts = {"uniform NVFP4": (), "AutoQuantize gradient": autoquantize_kept(state, table, args.budget),
-              f"ckaqad {DEFAULT_SCORE}": choose(table, measured.scores(DEFAULT_SCORE), args.budget).kept}
-    out = {}
-    for label, kept in starts.items():
-        run = RunDir(Path(tempfile.mkdtemp()) / "run")
-        cfg = DistillConfig(exclude=tuple(kept_exclude(table, kept)), steps=args.steps, device="cpu")
-        summary = distill(cfg, run, console=QUIET, show_progress=False)
-        student, _ = load_model(str(run.stage_dir("distill") / "student"), dtype=torch.float32)
-        accuracy = [tasks.evaluate(student, tokenizer, tasks.generate("test", args.task_problems, seed))["overall"]
-                    for seed in args.eval_seeds]
-        out[label] = {"kept": list(kept), "bits": table.bits(table.bytes_of(kept)), "kl": held_out_kl(teacher, student, held_out),
-                      "task_acc": statistics.mean(accuracy), "task_acc_seeds": accuracy,
-                      "final_eval": summary.get("final_eval")}
-    return out
+    del model
+    for label, start in starts.items():
+        kept = tuple(start.get("kept", ()))
+        bits = table.bits(table.bytes_of(kept))
+        ptq, _ = ptq_student(teacher, "w4a4", exclude=tuple(start["exclude"]), dtype=torch.float32)
+        rows.append({"start": label, "stage": "PTQ", "kept": list(kept), "bits": bits, **measure(ptq)})
+        del ptq
+        student, _ = load_model(str(start["run"] / "distill" / "student"), dtype=torch.float32)
+        rows.append({"start": label, "stage": "CKA-QAD", "kept": list(kept), "bits": bits, **measure(student),
+                     "distill_config": start["distill_config"]})
+        del student
+        print(json.dumps(rows[-2:]), flush=True)
+    return {"rows": rows, "seconds": seconds, "eval_tokens": int(held_out.numel()),
+            "task_problems": args.task_problems, "eval_seeds": args.eval_seeds, "calib_tokens": args.calib_tokens}
 
 
-def pareto(result: dict, path: Path) -> None:
-    """Task accuracy (mean of the evaluation seeds) against effective bits: uniform NVFP4 and each method, the
-    teacher as a line."""
+def pareto(result: dict, path: Path, qad: dict | None = None) -> None:
+    """Task accuracy (mean of the evaluation seeds) against effective bits: uniform NVFP4 and each method (PTQ), the
+    teacher as a line; with ``qad`` (the qad subcommand's result) its PTQ starts and the students after CKA-QAD."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.8, 4.6), dpi=110)
     teacher = next(r["task_acc"] for r in result["rows"] if r["method"] == "teacher")
     ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher (BF16)")
     methods = list(dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "teacher"))
     for k, method in enumerate(methods):
         rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: r["bits"])
         ax.plot([r["bits"] for r in rows], [r["task_acc"] for r in rows], marker="osD^vP*X"[k % 8], mfc="none",
-                ls="-" if len(rows) > 1 else "none", label=method, alpha=0.8)
+                ls="-" if len(rows) > 1 else "none", label=f"PTQ: {method}", alpha=0.8)
+    if qad is not None:  # its PTQ starts are the compare rows above (the same numbers); the students after QAD
+        rows = sorted((r for r in qad["rows"] if r["stage"] == "CKA-QAD"), key=lambda r: r["bits"])
+        steps = rows[0]["distill_config"]["steps"] if rows else "?"
+        ax.plot([r["bits"] for r in rows], [r["task_acc"] for r in rows], marker="*", ms=11, color="tab:red",
+                label=f"after CKA-QAD ({steps} steps): uniform, ckaqad plan 5.0 and 6.0")
     ax.set_xlabel("effective bits per Linear weight")
     ax.set_ylabel(f"task accuracy (mean of {len(result['eval_seeds'])} seeds)")
-    ax.set_title("built-in teacher, W4A4 PTQ: uniform NVFP4, ckaqad plan, AutoQuantize", fontsize=9)
+    title = "built-in teacher, W4A4: uniform NVFP4, ckaqad plan, AutoQuantize"
+    ax.set_title(title + (" (PTQ and after CKA-QAD)" if qad else " (PTQ)"), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(0.0, 0.95))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
-def run_cost(args: argparse.Namespace) -> dict:
-    """Seconds of the sensitivity of every unit and of one diagnose pass, per depth."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def qwen3_shaped(directory: Path, layers: int) -> Path:
+    """A Qwen3-0.6B-shaped model with random weights (hidden 1024, MLP 3072, 16 q / 8 kv heads of 128, vocabulary
+    151936, tied embeddings, ``layers`` decoder layers) saved in bfloat16 with the built-in character tokenizer (its
+    112 ids are a subset of the vocabulary: the arithmetic is the real model's, nothing is downloaded)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
 
+    from ckaqad_cli.builtin.tokenizer import build_tokenizer
+
+    if (directory / "config.json").exists():
+        return directory
+    tokenizer = build_tokenizer()
+    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=layers,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    del model
+    return directory
+
+
+def timed(argv: list[str], log: Path) -> dict:
+    """Wall seconds, CPU seconds (user + system, less sensitive than wall to other jobs on a shared machine) and
+    peak RSS (MB) of one whole command (``/usr/bin/time``), its output kept in ``log``."""
+    import subprocess
+
+    start = time.perf_counter()
+    with log.open("w") as out:
+        subprocess.run(["/usr/bin/time", "-f", "peak_rss_kb=%M cpu_seconds=%U+%S", *argv], stdout=out, stderr=subprocess.STDOUT,
+                       check=True)
+    wall = time.perf_counter() - start
+    line = [line for line in log.read_text().splitlines() if line.startswith("peak_rss_kb=")][-1]
+    fields = dict(field.split("=") for field in line.split())
+    user, system = fields["cpu_seconds"].split("+")
+    return {"wall_seconds": wall, "cpu_seconds": float(user) + float(system),
+            "peak_rss_mb": int(fields["peak_rss_kb"]) / 1024}
+
+
+def stage_seconds(run: Path, stage: str) -> float:
+    """The stage's own seconds as run.json records them (started to ended, 1-second resolution)."""
+    import datetime as dt
+
+    entry = json.loads((run / "run.json").read_text())["stages"][stage]
+    return (dt.datetime.fromisoformat(entry["ended"]) - dt.datetime.fromisoformat(entry["started"])).total_seconds()
+
+
+@torch.no_grad()
+def forward_seconds(teacher_dir: Path, tokens: int, seq_len: int, repeats: int = 3) -> dict:
+    """In-process wall and CPU seconds (best of ``repeats``; CPU = this process's, less sensitive to other jobs) of
+    the pieces both commands are made of, on ``tokens`` tokens of the built-in train split: the teacher's whole
+    forward (logits), its decoder alone, its output head alone, and the uniform W4A4 PTQ student's whole forward
+    (fake quantization of every weight and input included)."""
+    from ckaqad_cli.models import ptq_student
+
+    model, tokenizer = load_model(str(teacher_dir), dtype=torch.float32)
+    ids = pack_sequences(load_texts("builtin", split="train", seed=0), tokenizer, seq_len, max_tokens=tokens, seed=0)
+    student, _ = ptq_student(model, "w4a4")
+    final = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    pieces = {"teacher_forward": lambda: model(input_ids=ids, use_cache=False).logits,
+              "decoder_only": lambda: model.base_model(input_ids=ids, use_cache=False).last_hidden_state,
+              "head_only": lambda: head(final),
+              "ptq_student_forward": lambda: student(input_ids=ids, use_cache=False).logits}
     out = {}
-    for layers in args.layers:
-        config = AutoConfig.for_model("qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                                      num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=8,
-                                      head_dim=128, tie_word_embeddings=True, max_position_embeddings=4096)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
-        ids = torch.randint(0, 151936, (args.cost_tokens // 256, 256), generator=torch.Generator().manual_seed(0))
-        table, _ = prepare(model, "w4a4", ())
-        start = time.perf_counter()
-        measured = sensitivity.measure(model, table, ids, batch_size=4, bos_token_id=None, console=QUIET)
-        plan_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        compare(model, table, {"ptq": ()}, ids, batch_size=4, bos_token_id=None, console=QUIET)
-        diagnose_seconds = time.perf_counter() - start
-        out[layers] = {"units": len(table.units), "forwards_per_batch": measured.forwards_per_batch,
-                       "plan_seconds": plan_seconds, "diagnose_seconds": diagnose_seconds,
-                       "ratio": plan_seconds / diagnose_seconds, "forward_ratio": measured.forwards_per_batch / 2}
+    for name, piece in pieces.items():
+        piece()  # warm-up
+        wall, cpu = [], []
+        for _ in range(repeats):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            piece()
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+        out[name] = {"wall": min(wall), "cpu": min(cpu)}
+    return out
+
+
+def run_cost(args: argparse.Namespace) -> dict:
+    """``ckaqad plan`` (every unit's three scores, then uniform-against-plan) and one ``ckaqad diagnose --ptq w4a4``
+    pass on a Qwen3-0.6B-shaped model, as whole commands on the same calibration tokens, with the in-process
+    breakdown that the reports record."""
+    import os
+    import shutil
+    import sys
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    teacher = qwen3_shaped(work / f"qwen3-shape-{args.layers}L", args.layers)
+    ckaqad = [str(Path(sys.executable).with_name("ckaqad"))]  # the console script of this environment
+    common = ["--teacher", str(teacher), "--data", "builtin", "--split", "train", "--seq-len", str(args.seq_len),
+              "--max-tokens", str(args.cost_tokens), "--batch-size", str(args.batch_size), "--device", "cpu",
+              "--dtype", "float32", "--task-problems", "0", "--seed", "0"]
+    out: dict = {"layers": args.layers, "tokens": args.cost_tokens, "seq_len": args.seq_len,
+                 "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "commands": {}}
+    for name, argv in (("diagnose", ["diagnose", "--ptq", "w4a4", *common]),
+                       ("plan", ["plan", "--budget-bits", str(args.cost_budget), *common])):
+        run = work / f"run-{name}"
+        command = [*ckaqad, *argv, "--run", str(run)]
+        print(" ".join(["ckaqad", *argv, "--run", str(run)]), flush=True)
+        if args.timing_only:  # the commands' numbers from the last run of this workdir
+            measured = json.loads((work / "cost.json").read_text())["commands"][name]
+            out["commands"][name] = measured
+            continue
+        shutil.rmtree(run, ignore_errors=True)
+        measured = timed(command, work / f"{name}.log")
+        report = json.loads((run / name / "report.json").read_text())
+        measured["stage_seconds"] = stage_seconds(run, name)
+        measured["command"] = " ".join(["ckaqad", *argv, "--run", str(run)])
+        if name == "plan":
+            measured.update(report["cost"])
+            measured["effective_bits"] = report["effective_bits"]
+            measured["kept"] = report["kept"]
+            measured["uniform_bits"] = report["uniform_bits"]
+        else:
+            measured["tokens"] = report["tokens"]
+        out["commands"][name] = measured
+        print(json.dumps(measured), flush=True)
+    plan, diagnose = out["commands"]["plan"], out["commands"]["diagnose"]
+    layers = args.layers
+    out["theory_forward_ratio"] = (3 * layers + 3) / 2
+    out["forward_ratio"] = plan["forwards_per_batch"] / 2
+    out["ratio_sensitivity_to_diagnose_stage"] = plan["sensitivity_seconds"] / diagnose["stage_seconds"]
+    out["ratio_plan_stage_to_diagnose_stage"] = plan["stage_seconds"] / diagnose["stage_seconds"]
+    out["ratio_whole_commands"] = plan["wall_seconds"] / diagnose["wall_seconds"]
+    out["ratio_whole_commands_cpu"] = plan["cpu_seconds"] / diagnose["cpu_seconds"]
+    if not args.timing_only:
+        (work / "cost.json").write_text(json.dumps(out, indent=1))
+    if args.no_pieces:
+        return out
+    pieces = forward_seconds(teacher, args.cost_tokens, args.seq_len)
+    out["pieces_seconds"] = pieces
+    forward = pieces["teacher_forward"]
+    out["sensitivity_in_teacher_forwards"] = plan["sensitivity_seconds"] / forward["wall"]
+    out["diagnose_stage_in_teacher_forwards"] = diagnose["stage_seconds"] / forward["wall"]
+    out["plan_command_cpu_in_teacher_forwards"] = plan["cpu_seconds"] / forward["cpu"]
+    out["diagnose_command_cpu_in_teacher_forwards"] = diagnose["cpu_seconds"] / forward["cpu"]
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("compare", "cost", "distill"))
+    parser.add_argument("what", choices=("compare", "cost", "qad", "plot"))
     parser.add_argument("--calib-tokens", type=int, default=4096)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--task-problems", type=int, default=256)
     parser.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, default=5.0)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--cost-tokens", type=int, default=512)
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--qad-budgets", type=float, nargs="+", default=[5.0, 6.0],
+                        help="qad: the plan budgets distilled from (beside uniform NVFP4)")
+    parser.add_argument("--steps", type=int, help="qad: distill steps (default: distill's own, the built-in preset)")
+    parser.add_argument("--layers", type=int, default=28, help="cost: decoder layers of the Qwen3-0.6B shape")
+    parser.add_argument("--cost-tokens", type=int, default=512, help="cost: calibration tokens of both commands")
+    parser.add_argument("--seq-len", type=int, default=256, help="cost: tokens per sequence")
+    parser.add_argument("--batch-size", type=int, default=1, help="cost: sequences per forward")
+    parser.add_argument("--cost-budget", type=float, default=8.0, help="cost: plan's --budget-bits")
+    parser.add_argument("--no-pieces", action="store_true", help="cost: the commands only, not the in-process pieces")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="cost: only the in-process pieces; the commands' numbers from the workdir's cost.json")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ckaqad_plan_bench"),
+                        help="cost, qad: where the model and the runs are written (qad reuses finished runs)")
+    parser.add_argument("--compare-json", type=Path, default=HERE / "results_plan_compare.json",
+                        help="plot: the compare result (the PTQ points)")
+    parser.add_argument("--qad-json", type=Path, help="plot: the qad result (the after-QAD points)")
+    parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, help="compare: the Pareto plot (task accuracy against bits) as a PNG")
     args = parser.parse_args()
-    result = {"compare": run_compare, "cost": run_cost, "distill": run_distill}[args.what](args)
-    args.json.write_text(json.dumps(result, indent=1))
+    if args.what == "plot":
+        qad = json.loads(args.qad_json.read_text()) if args.qad_json else None
+        pareto(json.loads(args.compare_json.read_text()), args.plot, qad)
+        return
+    result = {"compare": run_compare, "cost": run_cost, "qad": run_qad}[args.what](args)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
     if args.plot is not None and args.what == "compare":
         pareto(result, args.plot)
     print(json.dumps(result, indent=1))

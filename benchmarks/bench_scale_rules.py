@@ -32,7 +32,16 @@ and the mean ratio of each rule's error to amax's, and the same as JSON with ``-
 quantized values; mse-act calibrated on ``--samples`` training texts; W4A4 inputs dynamic, as ptq_student): the mean
 KL(teacher || student) per token and the mean and min linear CKA of the residual stream after each decoder layer,
 teacher-forced on ``--texts`` held-out texts per seed, and exact-match accuracy on ``--accuracy`` problems per seed
-(greedy decoding is slow on the CPU; 0 skips it).
+(greedy decoding is slow on the CPU; 0 skips it). With ``--accuracy`` the BF16 teacher answers the same problems, and
+the table gives each student's accuracy (mean over seeds +- one standard error over the seeds), its loss against the
+teacher and its gain over amax, both as paired differences over all the seeds' problems +- one paired standard error
+(sd of the per-problem differences / sqrt(problems)), and the fraction of amax's loss the rule cuts.
+
+``--rules bf16-weights`` adds a student whose weights stay BF16 and only its inputs are quantized (for W4A4: the
+activations' share of the loss, which no weight scale rule can cut).
+
+``--students RULE=DIR`` (repeatable) measures distilled students (``ckaqad distill``'s ``RUN/distill/student``) the
+same way, under the scheme label ``qad``, instead of the PTQ students: e.g. CKA-QAD from each rule's PTQ student.
 """
 
 from __future__ import annotations
@@ -169,12 +178,27 @@ def modelopt_search(rule: str, weight: torch.Tensor, hessian: torch.Tensor) -> t
 # -- PTQ students of the built-in teacher ------------------------------------------------------------------------
 
 
+WEIGHTS_BF16 = "bf16-weights"
+"""The --ptq pseudo-rule of a student whose weights stay BF16 and only its inputs are quantized (W4A4's activation
+quantization alone): the floor of what any weight scale rule can reach."""
+
+
 def ptq_student(teacher: torch.nn.Module, tokenizer, scheme: str, rule: str, samples: int) -> torch.nn.Module:
-    """A fake-quantized copy of the teacher under ``rule``, its weights frozen to their quantized values."""
+    """A fake-quantized copy of the teacher under ``rule``, its weights frozen to their quantized values (for
+    WEIGHTS_BF16, left in BF16: only the inputs are quantized)."""
     import copy
 
     from ckaqad_cli.builtin.tasks import generate
-    from ckaqad_cli.quant import apply_fake_quant, freeze_quantized_weights, record_inputs, set_channel_weights
+    from ckaqad_cli.quant import (apply_fake_quant, freeze_quantized_weights, set_channel_weights,
+                                  stop_weight_quantization)
+
+    if rule == WEIGHTS_BF16:
+        student = copy.deepcopy(teacher).eval().requires_grad_(False)
+        apply_fake_quant(student, scheme=scheme)
+        stop_weight_quantization(student)
+        return student
+
+    from ckaqad_cli.quant_calibration import record_inputs
 
     student = copy.deepcopy(teacher).eval().requires_grad_(False)
     apply_fake_quant(student, scheme=scheme, scale_rule=rule)
@@ -210,37 +234,124 @@ def compare(teacher, student, tokenizer, texts: list[str]) -> dict[str, float]:
     return {"kl": kl_sum / tokens, "cka_mean": sum(ckas) / len(ckas), "cka_min": min(ckas)}
 
 
-def measure_ptq(rules: list[str], seeds: list[int], texts: int, accuracy: int, samples: int) -> dict:
-    """{scheme: {rule: {metric: [one value per seed]}}} for the built-in teacher's PTQ students."""
-    from ckaqad_cli.builtin.tasks import evaluate, generate
+def answers_correct(model, tokenizer, problems) -> list[bool]:
+    """Exact match of each problem's greedy answer, in problem order, batched as tasks.evaluate batches (one family
+    per batch of 64), so that the mean is evaluate's ``overall``."""
+    from ckaqad_cli.builtin.tasks import greedy_answers
+
+    hits: dict[int, bool] = {}
+    for family in dict.fromkeys(p.family for p in problems):
+        index = [i for i, p in enumerate(problems) if p.family == family]
+        for start in range(0, len(index), 64):
+            batch = index[start : start + 64]
+            answers = greedy_answers(model, tokenizer, [problems[i].prompt for i in batch])
+            hits.update({i: a == problems[i].answer for i, a in zip(batch, answers)})
+    return [hits[i] for i in range(len(problems))]
+
+
+def load_distilled(directory: Path, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A distilled student (``RUN/distill/student``) fake-quantized as distill ran it, in ``dtype``, with its mse-act
+    channel weights when it has them."""
+    from ckaqad_cli.models import load_model
+    from ckaqad_cli.quant import set_channel_weights
+    from ckaqad_cli.quant_calibration import SECOND_MOMENTS_FILE, load_second_moments
+
+    student, _ = load_model(directory, dtype=dtype)
+    if (directory / SECOND_MOMENTS_FILE).is_file():
+        set_channel_weights(student, load_second_moments(directory))
+    return student
+
+
+def measure_ptq(rules: list[str], seeds: list[int], texts: int, accuracy: int, samples: int,
+                students: dict[str, Path] | None = None, schemes: tuple[str, ...] = ("w4a16", "w4a4")) -> dict:
+    """{scheme: {rule: {metric: [one value per seed]}}} for the built-in teacher's PTQ students (or, with
+    ``students``, {"qad": {rule: ...}} for those distilled students); with ``accuracy`` also "teacher": {"accuracy":
+    [per seed]} and, per student, "correct" / the teacher's "correct": [per seed [0/1 per problem]]."""
+    from ckaqad_cli.builtin.tasks import generate
     from ckaqad_cli.models import BUILTIN, load_model
 
     teacher, tokenizer = load_model(BUILTIN, dtype=torch.bfloat16)
     teacher.eval().requires_grad_(False)
     report: dict[str, dict] = {}
-    for scheme in ("w4a16", "w4a4"):
-        for rule in rules:
-            student = ptq_student(teacher, tokenizer, scheme, rule, samples)
-            row: dict[str, list[float]] = {}
-            for seed in seeds:
+    if accuracy:
+        teacher_row: dict[str, list] = {"accuracy": [], "correct": []}
+        for seed in seeds:
+            hits = answers_correct(teacher, tokenizer, generate("test", accuracy, seed))
+            teacher_row["accuracy"].append(sum(hits) / len(hits))
+            teacher_row["correct"].append([int(h) for h in hits])
+        report["teacher"] = teacher_row
+        print(f"teacher: accuracy {sum(teacher_row['accuracy']) / len(seeds):.4g}", flush=True)
+    if students:
+        todo = [("qad", rule, lambda d=directory: load_distilled(d)) for rule, directory in students.items()]
+    else:
+        todo = [(scheme, rule, lambda s=scheme, r=rule: ptq_student(teacher, tokenizer, s, r, samples))
+                for scheme in schemes for rule in rules]
+    for scheme, rule, build in todo:
+        student = build()
+        row: dict[str, list] = {}
+        started = time.perf_counter()
+        for seed in seeds:
+            metrics = {}
+            if texts:
                 metrics = compare(teacher, student, tokenizer, [p.text for p in generate("test", texts, seed)])
-                if accuracy:
-                    metrics["accuracy"] = evaluate(student, tokenizer, generate("test", accuracy, seed))["overall"]
-                for key, value in metrics.items():
-                    row.setdefault(key, []).append(value)
-            report.setdefault(scheme, {})[rule] = row
-            print(f"{scheme} {rule}: " + ", ".join(f"{k} {sum(v) / len(v):.4g}" for k, v in row.items()), flush=True)
+            if accuracy:
+                hits = answers_correct(student, tokenizer, generate("test", accuracy, seed))
+                metrics["accuracy"] = sum(hits) / len(hits)
+                row.setdefault("correct", []).append([int(h) for h in hits])
+            for key, value in metrics.items():
+                row.setdefault(key, []).append(value)
+        report.setdefault(scheme, {})[rule] = row
+        print(f"{scheme} {rule} ({time.perf_counter() - started:.0f} s): "
+              + ", ".join(f"{k} {sum(v) / len(v):.4g}" for k, v in row.items() if k != "correct"), flush=True)
     return report
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and one standard error of the mean (sample sd / sqrt(n); 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def _flat(per_seed: list[list[int]]) -> list[int]:
+    return [c for seed in per_seed for c in seed]
 
 
 def ptq_markdown(report: dict) -> str:
     lines = []
+    teacher = report.get("teacher")
+    if teacher:
+        mean, se = _mean_se(teacher["accuracy"])
+        lines += [f"BF16 teacher accuracy on the same problems: {100 * mean:.2f}% +- {100 * se:.2f} "
+                  f"(seeds: {', '.join(f'{100 * a:.2f}%' for a in teacher['accuracy'])})", ""]
     for scheme, rows in report.items():
-        metrics = list(next(iter(rows.values())))
-        lines += [f"| {scheme} rule | " + " | ".join(f"{m} (mean over seeds; min..max)" for m in metrics) + " |",
-                  "|---|" + "---|" * len(metrics)]
+        if scheme == "teacher":
+            continue
+        metrics = [m for m in next(iter(rows.values())) if m not in ("correct", "accuracy")]
+        head = [f"{m} (mean +- SE over seeds)" for m in metrics]
+        if teacher and "accuracy" in next(iter(rows.values())):
+            head += ["accuracy (mean +- SE over seeds)", "loss vs teacher, points (paired SE)",
+                     "gain over amax, points (paired SE)", "fraction of amax's loss cut"]
+        lines += [f"| {scheme} rule | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+        base = rows.get("amax")
         for rule, row in rows.items():
-            cells = [f"{sum(v) / len(v):.4g} ({min(v):.4g}..{max(v):.4g})" for v in row.values()]
+            cells = [f"{_mean_se(row[m])[0]:.4g} +- {_mean_se(row[m])[1]:.2g}" for m in metrics]
+            if teacher and "accuracy" in row:
+                mean, se = _mean_se(row["accuracy"])
+                cells.append(f"{100 * mean:.2f}% +- {100 * se:.2f}")
+                loss = [t - c for t, c in zip(_flat(teacher["correct"]), _flat(row["correct"]))]
+                l_mean, l_se = _mean_se(loss)
+                cells.append(f"{100 * l_mean:.2f} +- {100 * l_se:.2f}")
+                if base is not None:
+                    gain = [c - b for c, b in zip(_flat(row["correct"]), _flat(base["correct"]))]
+                    g_mean, g_se = _mean_se(gain)
+                    base_loss = _mean_se([t - b for t, b in zip(_flat(teacher["correct"]), _flat(base["correct"]))])[0]
+                    cells.append(f"{100 * g_mean:+.2f} +- {100 * g_se:.2f}")
+                    cells.append(f"{g_mean / base_loss:+.2f}" if base_loss > 0 else "")
+                else:
+                    cells += ["", ""]
             lines.append(f"| {rule} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -310,15 +421,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--ptq", action="store_true", help="measure the built-in teacher's PTQ students instead")
     parser.add_argument("--seeds", default="0,1,2", help="--ptq: held-out draws (default 0,1,2)")
-    parser.add_argument("--texts", type=int, default=256, help="--ptq: texts for KL and CKA per seed (default 256)")
+    parser.add_argument("--texts", type=int, default=256,
+                        help="--ptq: texts for KL and CKA per seed (default 256; 0 skips them)")
     parser.add_argument("--accuracy", type=int, default=0, help="--ptq: problems for exact match per seed (default 0)")
+    parser.add_argument("--schemes", default="w4a16,w4a4", help="--ptq: schemes of the PTQ students (default both)")
+    parser.add_argument("--students", action="append", default=[], metavar="RULE=DIR",
+                        help="--ptq: measure these distilled students (label=directory) instead of PTQ students")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     if args.ptq:
-        report = measure_ptq([r for r in rules if r in SCALE_RULES], [int(v) for v in args.seeds.split(",")],
-                             args.texts, args.accuracy, args.samples)
+        students = {label: Path(path) for label, _, path in (s.partition("=") for s in args.students)}
+        report = measure_ptq([r for r in rules if r in (*SCALE_RULES, WEIGHTS_BF16)],
+                             [int(v) for v in args.seeds.split(",")],
+                             args.texts, args.accuracy, args.samples, students,
+                             tuple(v.strip() for v in args.schemes.split(",") if v.strip()))
         print("\n" + ptq_markdown(report))
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
