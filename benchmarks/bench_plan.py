@@ -122,7 +122,8 @@ def evaluate(model, tokenizer, table: UnitTable, plans: dict[str, tuple[str, ...
     """KL, layer CKA, top-1 on held-out text and task accuracy per seed of each distinct plan."""
     measured = compare(model, table, plans, held_out, batch_size=8, bos_token_id=tokenizer.bos_token_id,
                        console=QUIET)
-    accuracy = {seed: task_accuracy(model, tokenizer, table, plans, tasks.generate("test", problems, seed))
+    accuracy = {seed: task_accuracy(model, tokenizer, table, plans, tasks.generate("test", problems, seed),
+                                     tasks.evaluate)
                 for seed in seeds}
     out = {}
     for label in ["teacher", *plans]:

@@ -70,7 +70,8 @@ def builtin_layers(samples: int) -> Iterator[tuple[str, torch.Tensor, torch.Tens
     """(name, bf16 weight [out, in], float32 inputs [tokens, in]) of every quantized Linear of the built-in teacher,
     the inputs recorded on ``samples`` generated training texts."""
     from ckaqad_cli.builtin.tasks import generate
-    from ckaqad_cli.models import BUILTIN, load_model
+    from ckaqad_cli.models import load_model
+    from ckaqad_cli.settings import BUILTIN
     from ckaqad_cli.quant import DEFAULT_EXCLUDE
 
     model, tokenizer = load_model(BUILTIN, dtype=torch.bfloat16)
@@ -268,7 +269,8 @@ def measure_ptq(rules: list[str], seeds: list[int], texts: int, accuracy: int, s
     ``students``, {"qad": {rule: ...}} for those distilled students); with ``accuracy`` also "teacher": {"accuracy":
     [per seed]} and, per student, "correct" / the teacher's "correct": [per seed [0/1 per problem]]."""
     from ckaqad_cli.builtin.tasks import generate
-    from ckaqad_cli.models import BUILTIN, load_model
+    from ckaqad_cli.models import load_model
+    from ckaqad_cli.settings import BUILTIN
 
     teacher, tokenizer = load_model(BUILTIN, dtype=torch.bfloat16)
     teacher.eval().requires_grad_(False)

@@ -18,7 +18,8 @@ from rich.console import Console
 
 from ckaqad_cli.atomic import atomic_write_json
 from ckaqad_cli.builtin.tasks import FAMILIES, evaluate, generate
-from ckaqad_cli.models import BUILTIN, load_model, ptq_student
+from ckaqad_cli.models import load_model, ptq_student
+from ckaqad_cli.settings import BUILTIN
 from ckaqad_cli.report import summary_table
 
 SCHEMES = ("bf16", "w4a16", "w4a4")

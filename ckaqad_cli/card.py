@@ -188,12 +188,12 @@ def _section_evaluation(manifest: dict | None, has_plot: bool) -> str:
 
 
 def is_builtin(base_model: str | None) -> bool:
-    """True for the built-in teacher, by name or by its directory."""
+    """True for a built-in teacher, by name or by its directory."""
     if not base_model:
         return False
-    from ckaqad_cli.builtin import TEACHER_DIR
+    from ckaqad_cli.builtin import TEACHER_DIRS
 
-    return base_model == "builtin" or Path(base_model).resolve() == TEACHER_DIR.resolve()
+    return base_model in TEACHER_DIRS or Path(base_model).resolve() in {d.resolve() for d in TEACHER_DIRS.values()}
 
 
 def _section_usage(model_ref: str, fmt: str, prompt: str, placeholder: bool) -> str:

@@ -11,20 +11,21 @@ from typing import Any
 import torch
 
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.settings import BUILTIN
+from ckaqad_cli.settings import BUILTIN_TEACHERS
 
-BUILTIN_TEXTS = 4096  # built-in problems drawn per call (about 25 characters each)
+BUILTIN_TEXTS = 4096  # built-in problems drawn per call (about 25 characters each; the reasoner's about 110)
 
 
 def load_texts(source: str | Path, *, split: str = "train", seed: int = 0, text_field: str = "text") -> list[str]:
-    """The texts of ``source``: "builtin" (the task suite's ``split``), a .txt file (one text per paragraph, blank
-    lines separate), a .jsonl file (field ``text_field``), or a directory written by ``datasets.save_to_disk``."""
-    if str(source) == BUILTIN:
-        from ckaqad_cli.builtin import tasks
+    """The texts of ``source``: "builtin" or "builtin-reasoner" (that built-in teacher's task suite's ``split``,
+    prompt and answer), a .txt file (one text per paragraph, blank lines separate), a .jsonl file (field
+    ``text_field``), or a directory written by ``datasets.save_to_disk``."""
+    if str(source) in BUILTIN_TEACHERS:
+        from ckaqad_cli.builtin import suite, tasks
 
         if split not in tasks.SPLITS:
             raise CkaqadError(f"--split of the built-in data must be one of {', '.join(tasks.SPLITS)}, not {split!r}")
-        return tasks.corpus_texts(split, BUILTIN_TEXTS, seed)
+        return [problem.text for problem in suite(str(source)).generate(split, BUILTIN_TEXTS, seed)]
     path = Path(source)
     if path.is_dir():
         texts = _datasets_dir(path, split, text_field)
@@ -36,7 +37,8 @@ def load_texts(source: str | Path, *, split: str = "train", seed: int = 0, text_
         except (OSError, UnicodeDecodeError) as e:
             raise CkaqadError(f"cannot read {path} as UTF-8 text: {_reason(e)}") from None
     else:
-        raise CkaqadError(f"data source {source} is not 'builtin', a file or a directory")
+        raise CkaqadError(f"data source {source} is not {' or '.join(map(repr, BUILTIN_TEACHERS))}, a file or a "
+                          "directory")
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise CkaqadError(f"data source {source} holds no text")

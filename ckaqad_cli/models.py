@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.settings import BUILTIN
+from ckaqad_cli.settings import BUILTIN_TEACHERS
 from ckaqad_kernels.nvfp4_spec import DEFAULT_ACTIVATION_ARITHMETIC, DEFAULT_SCALE_RULE
 
 if TYPE_CHECKING:
@@ -24,22 +24,23 @@ RECIPE_FILE = "quant_recipe.json"  # the same name as quant.RECIPE_FILE; checked
 
 
 def resolve_spec(spec: str | os.PathLike) -> str:
-    """A local path for "builtin", otherwise the spec unchanged."""
-    if str(spec) == BUILTIN:
-        from ckaqad_cli.builtin import TEACHER_DIR
+    """A local path for a built-in teacher's name ("builtin", "builtin-reasoner"), otherwise the spec unchanged."""
+    if str(spec) in BUILTIN_TEACHERS:
+        from ckaqad_cli.builtin import TEACHER_DIRS
 
-        if not (TEACHER_DIR / "config.json").exists():
-            raise CkaqadError(f"the built-in teacher is missing from {TEACHER_DIR} (reinstall ckaqad)")
-        return str(TEACHER_DIR)
+        directory = TEACHER_DIRS[str(spec)]
+        if not (directory / "config.json").exists():
+            raise CkaqadError(f"the built-in teacher {spec} is missing from {directory} (reinstall ckaqad)")
+        return str(directory)
     return str(spec)
 
 
 def check_spec(spec: str | os.PathLike, option: str) -> None:
-    """Refuse, before anything loads or the run directory is touched, a model ``spec`` that is neither "builtin", an
-    existing directory, nor a well-formed hub id ("org/name"): a missing local path such as ``/data/model``,
-    ``./out``, ``~/m`` or ``a/b/c`` would otherwise be tried (and recorded) as a hub id."""
+    """Refuse, before anything loads or the run directory is touched, a model ``spec`` that is neither a built-in
+    teacher's name, an existing directory, nor a well-formed hub id ("org/name"): a missing local path such as
+    ``/data/model``, ``./out``, ``~/m`` or ``a/b/c`` would otherwise be tried (and recorded) as a hub id."""
     name = str(spec)
-    if name == BUILTIN:
+    if name in BUILTIN_TEACHERS:
         return
     path = Path(name)
     if path.is_dir():

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ckaqad_cli.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ckaqad_cli.settings import BUILTIN_TEACHERS
 from ckaqad_cli.units import fmt
 
 WORST_MARK = "▼"
@@ -146,7 +147,7 @@ def perplexity_note(report: Mapping) -> str | None:
     ppl = report["teacher"].get("perplexity")
     if not isinstance(ppl, (int, float)) or not ppl > HUGE_PERPLEXITY:
         return None
-    if report.get("teacher_spec") == "builtin":
+    if report.get("teacher_spec") in BUILTIN_TEACHERS:
         why = ("the built-in teacher learnt only the answers of its task problems, never the randomly drawn prompts "
                "or other text, so its perplexity is huge by design")
     else:

@@ -30,6 +30,7 @@ from typing import Any
 from ckaqad_cli import __version__
 from ckaqad_cli.atomic import atomic_write_json, pid_alive
 from ckaqad_cli.errors import CkaqadError, RunLockedError, StageDoneError
+from ckaqad_cli.settings import BUILTIN_TEACHERS
 
 SCHEMA_VERSION = 1
 MANIFEST = "run.json"
@@ -104,8 +105,8 @@ def describe_input(
             if p.is_file() and not any(part.startswith(".") for part in name.parts):
                 files[name.as_posix()] = given.get(name.as_posix()) or _file_digest(p)
         return {"path": str(path.resolve()), "files": files}
-    if str(value) == "builtin":
-        return {"builtin": "builtin"}
+    if str(value) in BUILTIN_TEACHERS:
+        return {"builtin": str(value)}
     return {"hub_id": str(value)}
 
 

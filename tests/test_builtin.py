@@ -14,12 +14,11 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ckaqad_cli.builtin import TEACHER_DIR
+from ckaqad_cli.builtin import TEACHER_DIR, suite
 from ckaqad_cli.builtin.tasks import (
     FAMILIES,
     MAX_ANSWER_CHARS,
     Problem,
-    corpus_texts,
     evaluate,
     generate,
     greedy_answers,
@@ -27,6 +26,8 @@ from ckaqad_cli.builtin.tasks import (
 )
 from ckaqad_cli.builtin.tokenizer import CHARACTERS, SPECIAL_TOKENS, VOCAB_SIZE, build_tokenizer
 from ckaqad_cli.builtin.train_teacher import encode_batch, learning_rate
+from ckaqad_cli.data import load_texts
+from ckaqad_cli.settings import BUILTIN, BUILTIN_TEACHERS, builtin_data
 
 TEACHER_FLOOR = 0.75  # the shipped teacher scores 0.903 on 1000 held-out problems; random weights score 0
 
@@ -111,8 +112,11 @@ def test_answers_are_short_and_tokenizable():
     assert 0.3 < brackets.count("True") / len(brackets) < 0.7
 
 
-def test_corpus_texts_are_prompt_plus_answer():
-    assert corpus_texts("train", 30, 5) == [p.prompt + p.answer for p in generate("train", 30, 5)]
+@pytest.mark.parametrize("name", BUILTIN_TEACHERS)
+def test_builtin_data_are_the_suites_prompt_plus_answer(name):
+    texts = load_texts(name, split="train", seed=5)
+    assert texts == [p.prompt + p.answer for p in suite(name).generate("train", len(texts), 5)]
+    assert builtin_data(BUILTIN, name) == name  # --data builtin follows the built-in teacher
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------------------------

@@ -311,3 +311,29 @@ def test_rl_keeps_right_final_answers_and_resumes_mid_round(tmp_path, monkeypatc
     assert resumed["round"]["reward"] == {"multiplication": 1.0, "program_trace": 0.0, "list_pipeline": 1.0,
                                           "string_pipeline": 0.0}
     assert resumed["log"]["history"][0]["step"] == 0  # the accuracy before RL is logged first
+
+
+# ---- the shipped reasoner -----------------------------------------------------------------------------------------
+
+
+def test_shipped_reasoner_is_the_rl_model_and_reproduces_its_recorded_sample(tokenizer):
+    """The package's builtin-reasoner: safetensors in bfloat16 under 25 MB, at least 6 layers, post-trained by
+    expert iteration from an SFT model, and its replies to the report draw's first problems exactly those recorded
+    when it was trained (the shipped accuracy, reproduced on a fixed sample)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from ckaqad_cli.builtin import REASONER_DIR
+
+    with safe_open(REASONER_DIR / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert sum(p.stat().st_size for p in REASONER_DIR.iterdir()) < 25e6
+    log = json.loads((REASONER_DIR / "training_log.json").read_text())
+    assert log["config"]["phase"] == "rl" and log["history"][0]["step"] == 0  # the accuracy before RL, first
+    model = AutoModelForCausalLM.from_pretrained(REASONER_DIR, dtype=torch.bfloat16)
+    assert model.config.num_hidden_layers >= 6
+    recorded = log["final_accuracy"]["sample_correct"]
+    assert len(recorded) == tr.SAMPLE_PROBLEMS and 0 < sum(recorded) < len(recorded)
+    assert tr.sample_correct(model, tokenizer) == recorded

@@ -206,11 +206,6 @@ def draw(table: dict[str, Callable[[random.Random], tuple[str, str]]], suite: st
     return problems
 
 
-def corpus_texts(split: str, n: int, seed: int) -> list[str]:
-    """``n`` training texts (prompt followed by answer) of ``split``."""
-    return [problem.text for problem in generate(split, n, seed)]
-
-
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX_ANSWER_CHARS) -> list[str]:
     """Greedy continuations of ``prompts`` up to EOS, batched with left padding.

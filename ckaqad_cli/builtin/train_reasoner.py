@@ -40,6 +40,7 @@ from ckaqad_cli.progress import make_progress
 CHECKPOINT, MODEL = "checkpoint.pt", "model"
 VALIDATION_SEED = 10_000  # checkpoint selection draws from the held-out split with this seed
 REPORT_SEED = 0  # the final accuracy uses the held-out split with this seed
+SAMPLE_PROBLEMS = 24  # the shipped model's fingerprint: its replies to the report draw's first problems (a test reruns it)
 POSITIONS = 512  # the longest problem (prompt, trace, BOS, EOS) is under 300 tokens
 RUNTIME = ("run_dir", "resume", "minutes", "chunk_steps", "checkpoint_every", "checkpoint_minutes", "threads")
 """Options of one invocation; every other option is the run's and is taken from the checkpoint on --resume."""
@@ -254,18 +255,28 @@ def train(args: argparse.Namespace) -> dict:
                 last_save = time.monotonic()
             if budget_over:
                 break
-    if state["step"] == total and "final_accuracy" not in state["log"]:
+    if state["step"] == total and "sample_correct" not in state["log"].get("final_accuracy", {}):
         report(args, state)
         checkpoint()
     return state["log"]
 
 
+def sample_correct(model, tokenizer) -> list[int]:
+    """1/0 per problem of the first SAMPLE_PROBLEMS of the report draw, greedy, in one batch."""
+    problems = generate("test", SAMPLE_PROBLEMS, REPORT_SEED)
+    replies = decode(model, tokenizer, [p.prompt for p in problems], max_new_tokens=MAX_TRACE_CHARS)
+    return [int(is_correct(reply, problem)) for reply, problem in zip(replies, problems)]
+
+
 def report(args: argparse.Namespace, state: dict) -> None:
-    """Score the shipped form (the best model, in bfloat16) on the report draw of the held-out split."""
+    """Score the shipped form (the best model, in bfloat16) on the report draw of the held-out split, and record its
+    replies' correctness on the first SAMPLE_PROBLEMS (what tests/test_builtin_reasoner.py reproduces)."""
     out = args.run_dir / MODEL
     shipped = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
-    final = evaluate(shipped, build_tokenizer(), generate("test", args.report_size, REPORT_SEED), progress=True)
-    state["log"]["final_accuracy"] = {**final, "dtype": "bfloat16", "split": "test", "seed": REPORT_SEED}
+    tokenizer = build_tokenizer()
+    final = evaluate(shipped, tokenizer, generate("test", args.report_size, REPORT_SEED), progress=True)
+    state["log"]["final_accuracy"] = {**final, "dtype": "bfloat16", "split": "test", "seed": REPORT_SEED,
+                                      "sample_correct": sample_correct(shipped, tokenizer)}
     atomic_write_json(out / "training_log.json", state["log"]).chmod(0o644)
     print(f"held-out accuracy (bf16, {final['n']} problems): {final['overall']:.4f} "
           + " ".join(f"{k}={v:.3f}" for k, v in final["per_family"].items()), flush=True)

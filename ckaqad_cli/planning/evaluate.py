@@ -4,7 +4,7 @@ student), and the built-in task accuracy, each plan run by switching its NVFP4 u
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from rich.console import Console
@@ -59,16 +59,15 @@ def compare(model: nn.Module, table: UnitTable, plans: Mapping[str, Collection[s
 
 
 def task_accuracy(model: nn.Module, tokenizer, table: UnitTable, plans: Mapping[str, Collection[str]],
-                  problems: Sequence) -> dict[str, float]:
-    """Built-in task accuracy (exact match) of the teacher (label ``teacher``) and of each plan, each plan on a copy
-    whose NVFP4 weights are quantized once (``quant.freeze_quantized_weights``) rather than at every decoding step."""
-    from ckaqad_cli.builtin import tasks
-
-    out = {"teacher": tasks.evaluate(model, tokenizer, problems)["overall"]}
+                  problems: Sequence, evaluate: Callable[..., dict]) -> dict[str, float]:
+    """Built-in task accuracy (``evaluate``: the suite's exact-match scorer) of the teacher (label ``teacher``) and of
+    each plan, each plan on a copy whose NVFP4 weights are quantized once (``quant.freeze_quantized_weights``) rather
+    than at every decoding step."""
+    out = {"teacher": evaluate(model, tokenizer, problems)["overall"]}
     for label, kept in plans.items():
         with quantized(model, nvfp4_units(table, kept), table.scheme):
             student = copy.deepcopy(model)
         freeze_quantized_weights(student)
-        out[label] = tasks.evaluate(student, tokenizer, problems)["overall"]
+        out[label] = evaluate(student, tokenizer, problems)["overall"]
         del student
     return out

@@ -18,6 +18,18 @@ from ckaqad_cli.errors import CkaqadError
 
 BUILTIN = "builtin"
 """The name that selects the built-in teacher (--teacher) and its task texts (--data)."""
+BUILTIN_REASONER = "builtin-reasoner"
+"""The name that selects the built-in reasoner (--teacher) and its worked-trace texts (--data)."""
+BUILTIN_TEACHERS = (BUILTIN, BUILTIN_REASONER)
+TEACHER_HELP = "Teacher: 'builtin' (the fast default), 'builtin-reasoner', a local HF directory or a hub id."
+DATA_HELP = ("'builtin' (the built-in teacher's task suite: the reasoner's traces with --teacher builtin-reasoner), "
+             "'builtin-reasoner', a .txt file, a .jsonl file or a saved datasets dir.")
+
+
+def builtin_data(data: str, teacher: str) -> str:
+    """The text source ``data`` names for ``teacher``: --data builtin means the built-in suite of the built-in teacher
+    in use (the reasoner's traces under --teacher builtin-reasoner, the short task suite otherwise)."""
+    return teacher if data == BUILTIN and teacher in BUILTIN_TEACHERS else data
 SCHEMES = ("w4a4", "w4a16")
 """NVFP4 schemes: weights and activations (w4a4) or weights only (w4a16)."""
 

@@ -10,8 +10,11 @@ from ckaqad_cli.settings import (
     ACTIVATION_ARITHMETIC_HELP,
     BUILTIN,
     CKA_PRECISIONS,
+    DATA_HELP,
     MSE_ACT_CALIBRATION_TOKENS,
     SCALE_RULE_HELP,
+    TEACHER_HELP,
+    builtin_data,
     check_at_least,
     check_choice,
     check_scheme,
@@ -43,7 +46,7 @@ def _comma_separated(values: list[str]) -> list[str]:
 class DiagnoseConfig:
     """Options of ``ckaqad diagnose`` (what run.json records)."""
 
-    teacher: str = setting(BUILTIN, "Teacher: 'builtin', a local HF dir or a hub id.")
+    teacher: str = setting(BUILTIN, TEACHER_HELP)
     students: list[tuple[str, str]] = setting(
         [], "A student to compare, LABEL=PATH or PATH (HF dir, packed NVFP4 dir, distilled dir); repeatable.",
         flags=("--student",), parse=_students, cli_type=list[str],
@@ -56,7 +59,7 @@ class DiagnoseConfig:
     use_run_student: bool = setting(
         True, "Add the run's distilled student when the run has one.", flags=("--run-student/--no-run-student",)
     )
-    data: str = setting(BUILTIN, "Text source: 'builtin', a .txt file, a .jsonl file or a saved datasets dir.")
+    data: str = setting(BUILTIN, "Text source: " + DATA_HELP)
     split: str = setting("test", "Split of the built-in data or of a datasets dir.")
     text_field: str = setting("text", "JSONL field / dataset column holding the text.")
     seq_len: int = setting(128, "Tokens per packed sequence.")
@@ -73,7 +76,10 @@ class DiagnoseConfig:
     drop_massive: bool = setting(False, "Drop tokens carrying massive activations from CKA.")
     massive_ratio: float = setting(100.0, "A token is massive above this x the layer's median |activation|.")
     standardize: bool = setting(False, "Scale features by the teacher's per-feature std before CKA.")
-    task_problems: int = setting(256, "Built-in task problems for accuracy (built-in teacher only; 0 = off).")
+    task_problems: int = setting(
+        256, "Built-in task problems for accuracy, greedy decoding scored by exact match of the final answer (a "
+        "built-in teacher only; 0 = off)."
+    )
     lm_eval_tasks: list[str] = setting(
         [], "lm-evaluation-harness task names, local task .yaml files or multiple-choice .jsonl files "
         "(query/choices/gold); repeatable or comma-separated; needs lm-eval.", parse=_comma_separated,
@@ -92,7 +98,9 @@ class DiagnoseConfig:
     )
 
     def check(self) -> None:
-        """The options that need no model, each error naming its option and value."""
+        """The options that need no model, each error naming its option and value; --data builtin becomes the
+        built-in teacher's own suite (:func:`builtin_data`)."""
+        self.data = builtin_data(self.data, self.teacher)
         check_at_least(self, {"seq_len": 2, "batch_size": 1, "max_tokens": 1, "chunk_batches": 1, "task_problems": 0},
                        {"task_problems": " (0 = no task accuracy)"})
         for scheme in self.ptq:

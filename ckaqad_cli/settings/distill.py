@@ -8,8 +8,12 @@ from dataclasses import dataclass
 from ckaqad_cli.settings import (
     ACTIVATION_ARITHMETIC_HELP,
     BUILTIN,
+    BUILTIN_REASONER,
+    DATA_HELP,
     SCALE_RULE_HELP,
+    TEACHER_HELP,
     SettingError,
+    builtin_data,
     check_at_least,
     check_choice,
     check_not_negative,
@@ -34,6 +38,9 @@ BUILTIN_PRESET = {
     "steps": 300, "batch_size": 32, "seq_len": 128, "lr": 3e-4,
     "eval_every": 50, "save_every": 100, "eval_sequences": 64, "cka_layers": "all",
 }
+# The built-in reasoner's traces are 100-300 tokens: sequences twice as long, half as many, the same tokens a step.
+PRESETS = {BUILTIN: BUILTIN_PRESET, BUILTIN_REASONER: {**BUILTIN_PRESET, "batch_size": 16, "seq_len": 256,
+                                                         "eval_sequences": 32}}
 def warmup_steps(warmup: float, total_steps: int) -> int:
     """``warmup`` below 1 is a fraction of the run, 1 or more a whole number of steps, at most ``total_steps``."""
     if warmup < 0:
@@ -62,8 +69,8 @@ _P = "Default: the built-in preset with the built-in teacher, else the real-mode
 class DistillConfig:
     """Options of ``ckaqad distill`` (what run.json records); None takes the teacher's preset (:meth:`resolved`)."""
 
-    teacher: str = setting(BUILTIN, "Teacher: 'builtin', a local HF directory or a hub id.")
-    data: str = setting(BUILTIN, "Training text: 'builtin', a .txt, a .jsonl or a saved datasets dir.")
+    teacher: str = setting(BUILTIN, TEACHER_HELP)
+    data: str = setting(BUILTIN, "Training text: " + DATA_HELP)
     text_field: str = setting("text", "Field of a .jsonl / dataset that holds the text.")
     scheme: str = setting("w4a4", "w4a4 (weights and activations NVFP4) or w4a16 (weights only).")
     exclude: tuple[str, ...] = setting(
@@ -143,9 +150,10 @@ class DistillConfig:
     def resolved(self) -> DistillConfig:
         """A copy with the preset filled in for every option left unset (the built-in preset for the built-in
         teacher), validated."""
-        preset = BUILTIN_PRESET if self.teacher == BUILTIN else REAL_MODEL_PRESET
+        preset = PRESETS.get(self.teacher, REAL_MODEL_PRESET)
         values = {k: (preset[k] if getattr(self, k) is None and k in preset else getattr(self, k))
                   for k in (f.name for f in dataclasses.fields(self))}
+        values["data"] = builtin_data(self.data, self.teacher)
         cfg = DistillConfig(**values)
         cfg.exclude = tuple(cfg.exclude)
         if cfg.eval_batch_size is None:

@@ -10,6 +10,7 @@ from ckaqad_cli.settings import (
     REQUIRED,
     SCALE_RULE_HELP,
     SettingError,
+    builtin_data,
     check_at_least,
     check_choice,
     check_scheme,
@@ -64,7 +65,9 @@ class PlanConfig:
     force: bool = setting(False, "Run again when the run already has a finished plan.")
 
     def check(self) -> None:
-        """The options that need no model, each error naming its option and value."""
+        """The options that need no model, each error naming its option and value; --data builtin becomes the
+        built-in teacher's own suite (:func:`builtin_data`)."""
+        self.data = builtin_data(self.data, self.teacher)
         check_budget_range(self.budget_bits)
         check_choice(self.score, SCORES, "score")
         check_scheme(self.scheme)

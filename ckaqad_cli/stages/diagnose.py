@@ -41,7 +41,7 @@ from ckaqad_cli.report import write_report
 from ckaqad_cli.records import DiagnoseRecord
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_write import ensure_writable
-from ckaqad_cli.settings import MSE_ACT_CALIBRATION_TOKENS
+from ckaqad_cli.settings import BUILTIN_TEACHERS, MSE_ACT_CALIBRATION_TOKENS
 from ckaqad_cli.settings.diagnose import DiagnoseConfig
 
 DEVICE_MAPS = ("auto",)
@@ -290,11 +290,12 @@ def _on_device(model: nn.Module, device: torch.device, sequential: bool) -> Iter
 
 
 def task_accuracy(teacher: _Model, students: list[_Model], cfg: DiagnoseConfig, device: torch.device) -> dict:
-    """Exact-match accuracy on the built-in task suite (only when the teacher is the built-in model)."""
-    if cfg.teacher != models.BUILTIN or cfg.task_problems <= 0:
+    """Exact-match accuracy of greedy decoding on the built-in teacher's task suite (only with a built-in teacher)."""
+    if cfg.teacher not in BUILTIN_TEACHERS or cfg.task_problems <= 0:
         return {}
-    from ckaqad_cli.builtin import tasks
+    from ckaqad_cli.builtin import suite
 
+    tasks = suite(cfg.teacher)
     problems = tasks.generate("test", cfg.task_problems, cfg.seed)
     out = {}
     for m in [teacher, *students]:

@@ -20,14 +20,14 @@ from rich.console import Console
 from ckaqad_cli import distributed as D
 from ckaqad_cli.atomic import atomic_directory
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.models import check_spec
+from ckaqad_cli.models import check_spec, resolve_spec
 from ckaqad_cli.objective import CausalLMBody, parse_layers
 from ckaqad_cli.planning.recipe import exclude_or_plan
 from ckaqad_cli.quant_calibration import fit_channel_weights, save_second_moments
 from ckaqad_cli.records import DistillRecord
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_write import ensure_writable
-from ckaqad_cli.settings import BUILTIN, MSE_ACT_CALIBRATION_TOKENS, SettingError
+from ckaqad_cli.settings import MSE_ACT_CALIBRATION_TOKENS, SettingError
 from ckaqad_cli.settings.distill import DistillConfig
 from ckaqad_cli.trainer import Models, Trainer
 
@@ -147,9 +147,7 @@ def memory_estimate(cfg: DistillConfig, device: torch.device, world_size: int) -
     from transformers import AutoConfig
 
     from ckaqad_cli import memory
-    from ckaqad_cli.builtin import TEACHER_DIR
-
-    source = TEACHER_DIR if cfg.teacher == BUILTIN else cfg.teacher
+    source = resolve_spec(cfg.teacher)
     config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     sizes = memory.model_sizes(config, cfg.scheme, exclude=cfg.exclude, device_type=device.type, name=cfg.teacher)
     settings = memory.Settings.of(cfg, len(parse_layers(cfg.cka_layers, config.num_hidden_layers)))

@@ -28,7 +28,7 @@ from ckaqad_cli.planning.units import UnitTable
 from ckaqad_cli.quant_calibration import fit_channel_weights
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_write import ensure_writable
-from ckaqad_cli.settings import MSE_ACT_CALIBRATION_TOKENS
+from ckaqad_cli.settings import BUILTIN_TEACHERS, MSE_ACT_CALIBRATION_TOKENS
 from ckaqad_cli.settings.plan import PlanConfig
 
 
@@ -92,11 +92,12 @@ def run_plan(cfg: PlanConfig, run: RunDir, *, console: Console | None = None) ->
                                   bos_token_id=tokenizer.bos_token_id, console=console),
             "task_accuracy": {},
         }
-        if cfg.teacher == models.BUILTIN and cfg.task_problems > 0:
-            from ckaqad_cli.builtin import tasks
+        if cfg.teacher in BUILTIN_TEACHERS and cfg.task_problems > 0:
+            from ckaqad_cli.builtin import suite
 
-            problems = tasks.generate("test", cfg.task_problems, cfg.seed)
-            report["task_accuracy"] = task_accuracy(model, tokenizer, table, plans, problems)
+            tasks = suite(cfg.teacher)
+            report["task_accuracy"] = task_accuracy(model, tokenizer, table, plans,
+                                                    tasks.generate("test", cfg.task_problems, cfg.seed), tasks.evaluate)
         paths = {"recipe": recipe.save(run.stage_dir(STAGE)),
                  **write_plan_report(report, run.stage_dir(STAGE), console=console)}
         rec.outputs.update({key: run.relpath(p) for key, p in paths.items()})

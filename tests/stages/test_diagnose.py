@@ -257,6 +257,22 @@ def test_builtin_teacher_reports_task_accuracy(tmp_path):
     assert RunDir(tmp_path / "run").stage_entry("diagnose")["metrics"]["self"]["task_acc"] == acc["self"]["overall"]
 
 
+def test_builtin_reasoner_scores_its_own_suite_by_decoding_whole_traces(tmp_path):
+    """--teacher builtin-reasoner: --data builtin means the reasoner's traces, and task accuracy is the reasoner
+    suite's (its families, its scorer on whole decoded traces), the same numbers as the suite's own evaluate."""
+    from ckaqad_cli.builtin import reasoner_tasks
+    from ckaqad_cli.models import load_model
+
+    cfg = DiagnoseConfig(teacher="builtin-reasoner", ptq=["w4a16"], use_run_student=False, seq_len=64, max_tokens=256,
+                         task_problems=4)
+    report = run_diagnose(cfg, RunDir(tmp_path / "run"))
+    assert RunDir(tmp_path / "run").stage_entry("diagnose")["config"]["data"] == "builtin-reasoner"
+    model, tokenizer = load_model("builtin-reasoner", dtype=torch.float32)
+    expected = reasoner_tasks.evaluate(model, tokenizer, reasoner_tasks.generate("test", 4, 0))
+    assert report["task_accuracy"]["teacher"] == expected
+    assert set(expected["per_family"]) == set(reasoner_tasks.FAMILIES)
+
+
 def test_parse_student():
     assert parse_student("kl=runs/a/distill/student") == ("kl", "runs/a/distill/student")
     assert parse_student("out/qwen3-nvfp4") == ("qwen3-nvfp4", "out/qwen3-nvfp4")

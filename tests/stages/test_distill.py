@@ -48,8 +48,12 @@ def test_parse_layers_forms():
 def test_presets_fill_unset_options_and_validate():
     builtin = DistillConfig().resolved()
     assert builtin.lr == BUILTIN_PRESET["lr"] and builtin.seq_len == BUILTIN_PRESET["seq_len"]
+    assert builtin.data == "builtin"
+    reasoner = DistillConfig(teacher="builtin-reasoner").resolved()  # longer sequences, the same tokens a step
+    assert (reasoner.seq_len, reasoner.batch_size, reasoner.data) == (256, 16, "builtin-reasoner")
+    assert reasoner.seq_len * reasoner.batch_size == builtin.seq_len * builtin.batch_size
     real = DistillConfig(teacher="Qwen/Qwen3-0.6B", steps=5).resolved()
-    assert real.lr == 1e-5 == REAL_MODEL_PRESET["lr"] and real.steps == 5
+    assert real.lr == 1e-5 == REAL_MODEL_PRESET["lr"] and real.steps == 5 and real.data == "builtin"
     with pytest.raises(CkaqadError, match="--scheme"):
         DistillConfig(scheme="w8a8").resolved()
     with pytest.raises(CkaqadError, match="--batch-size"):
