@@ -46,6 +46,7 @@ from ckaqad_cli.data import pack_sequences  # noqa: E402
 from ckaqad_cli.models import load_model, ptq_student  # noqa: E402
 from ckaqad_cli.quant import freeze_quantized_weights  # noqa: E402
 from ckaqad_cli.settings import BUILTIN_REASONER  # noqa: E402
+from ckaqad_cli.settings.distill import PRESETS  # noqa: E402
 
 SCHEME = "w4a4"
 STUDENTS = ("ptq", "kl-only", "cka-qad")
@@ -56,12 +57,16 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def distill(run: Path, teacher: str, seed: int, lambda_cka: float | None, steps: int | None) -> Path:
-    """``ckaqad distill`` into ``run`` (skipped when its student exists); the student's directory."""
+    """``ckaqad distill`` into ``run`` with the built-in reasoner's preset and data (skipped when its student exists);
+    the student's directory."""
     student = run / "distill" / "student"
     if (student / "config.json").exists():
         return student
     argv = [str(Path(sys.executable).with_name("ckaqad")), "distill", "--run", str(run), "--teacher", teacher,
-            "--seed", str(seed), "--scheme", SCHEME, "--device", "cpu", "--force"]
+            "--data", BUILTIN_REASONER, "--seed", str(seed), "--scheme", SCHEME, "--device", "cpu", "--force"]
+    # the reasoner's preset, spelled out: a teacher given as a directory (the SFT checkpoint) would take the real-model one
+    argv += [f"--{key.replace('_', '-')}={value}" for key, value in PRESETS[BUILTIN_REASONER].items()
+             if not (key == "steps" and steps is not None)]
     argv += [] if lambda_cka is None else ["--lambda-cka", str(lambda_cka)]
     argv += [] if steps is None else ["--steps", str(steps)]
     print(" ".join(argv[1:]), flush=True)
