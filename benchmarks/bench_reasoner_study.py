@@ -64,7 +64,7 @@ def distill(run: Path, teacher: str, seed: int, lambda_cka: float | None, steps:
         return student
     argv = [str(Path(sys.executable).with_name("ckaqad")), "distill", "--run", str(run), "--teacher", teacher,
             "--data", BUILTIN_REASONER, "--seed", str(seed), "--scheme", SCHEME, "--device", "cpu", "--force"]
-    # the reasoner's preset, spelled out: a teacher given as a directory (the SFT checkpoint) would take the real-model one
+    # the reasoner's preset spelled out: a teacher given as a directory (the SFT model) would get the real-model one
     argv += [f"--{key.replace('_', '-')}={value}" for key, value in PRESETS[BUILTIN_REASONER].items()
              if not (key == "steps" and steps is not None)]
     argv += [] if lambda_cka is None else ["--lambda-cka", str(lambda_cka)]
@@ -240,7 +240,8 @@ def summarize(work: Path) -> dict:
         for path in sorted(study.glob("sweep-*.json")):
             r = json.loads(path.read_text())
             c = layer_cka(r)
-            sweep[r["factor"]] = {"lambda_cka": r["lambda_cka"], "accuracy": accuracy(r), "mean_cka": statistics.mean(c),
+            sweep[r["factor"]] = {"lambda_cka": r["lambda_cka"], "accuracy": accuracy(r),
+                                  "mean_cka": statistics.mean(c),
                                   "min_cka": min(c), "kl": statistics.mean(x["kl"] for x in r["per_family"].values()),
                                   "problems": len(r["correct"])}
         out[study.name] = {"config": json.loads((study / "study.json").read_text()), "seeds": seeds,
@@ -282,7 +283,8 @@ def markdown(summary: dict) -> str:
                   "1 - CKA per layer " + ", ".join(f"L{i + 1} {v:+.2f}" for i, v in enumerate(r["per_layer"]))
                   + f"; mean over layers {r['mean_drift']:+.2f}; KL {r['kl']:+.2f}.", ""]
         if s["sweep"]:
-            lines += ["| lambda factor | lambda | task accuracy % | mean CKA | min CKA | KL |", "|---|---|---|---|---|---|"]
+            lines += ["| lambda factor | lambda | task accuracy % | mean CKA | min CKA | KL |",
+                      "|---|---|---|---|---|---|"]
             for factor, w in sorted(s["sweep"].items()):
                 lines.append(f"| {factor:g} | {w['lambda_cka']:.3g} | {100 * w['accuracy']:.1f} | "
                              f"{w['mean_cka']:.4f} | {w['min_cka']:.4f} | {w['kl']:.4f} |")

@@ -40,7 +40,7 @@ from ckaqad_cli.progress import make_progress
 CHECKPOINT, MODEL = "checkpoint.pt", "model"
 VALIDATION_SEED = 10_000  # checkpoint selection draws from the held-out split with this seed
 REPORT_SEED = 0  # the final accuracy uses the held-out split with this seed
-SAMPLE_PROBLEMS = 24  # the shipped model's fingerprint: its replies to the report draw's first problems (a test reruns it)
+SAMPLE_PROBLEMS = 24  # the shipped model's fingerprint: its replies to the report draw's first problems
 POSITIONS = 512  # the longest problem (prompt, trace, BOS, EOS) is under 300 tokens
 RUNTIME = ("run_dir", "resume", "minutes", "chunk_steps", "checkpoint_every", "checkpoint_minutes", "threads")
 """Options of one invocation; every other option is the run's and is taken from the checkpoint on --resume."""

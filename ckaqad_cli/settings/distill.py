@@ -62,7 +62,7 @@ def check_rules(scale_rule: str, activation_arithmetic: str) -> None:
     check_choice(activation_arithmetic, ACTIVATION_ARITHMETICS, "activation_arithmetic")
 
 
-_P = "Default: the built-in preset with the built-in teacher, else the real-model preset (docs/distill.md)."
+_P = "Default: the built-in preset with a built-in teacher, else the real-model preset (docs/distill.md)."
 
 
 @dataclass
@@ -81,9 +81,11 @@ class DistillConfig:
                               "packed with.")
     activation_arithmetic: str = setting(DEFAULT_ACTIVATION_ARITHMETIC, ACTIVATION_ARITHMETIC_HELP)
     steps: int | None = setting(None, f"Optimizer steps. Real models 1000, built-in 300. {_P}")
-    batch_size: int | None = setting(None, f"Sequences per micro-batch over all processes. 8 / built-in 32. {_P}")
+    batch_size: int | None = setting(
+        None, f"Sequences per micro-batch over all processes. 8 / built-in 32 (builtin-reasoner 16). {_P}"
+    )
     grad_accum: int = setting(1, "Micro-batches per optimizer step.")
-    seq_len: int | None = setting(None, f"Tokens per packed sequence. 2048 / built-in 128. {_P}")
+    seq_len: int | None = setting(None, f"Tokens per packed sequence. 2048 / built-in 128 (builtin-reasoner 256). {_P}")
     lr: float | None = setting(None, f"Peak learning rate (AdamW). 1e-5 (NVIDIA's QAD) / built-in 3e-4. {_P}")
     warmup: float = setting(0.05, "Warmup: below 1 a fraction of --steps, else steps.")
     weight_decay: float = setting(0.0, "AdamW weight decay.")
@@ -125,7 +127,7 @@ class DistillConfig:
     )
     max_tokens: int | None = setting(None, "Cap on the packed training + held-out tokens. Default: all data.")
     eval_every: int | None = setting(None, f"Held-out KL / layer CKA every N steps. 100 / built-in 50. {_P}")
-    eval_sequences: int | None = setting(None, f"Held-out sequences. 32 / built-in 64. {_P}")
+    eval_sequences: int | None = setting(None, f"Held-out sequences. 32 / built-in 64 (builtin-reasoner 32). {_P}")
     eval_batch_size: int | None = setting(None, "Held-out sequences per forward; None = --batch-size.", cli=False)
     eval_tokens: int = setting(2048, "Held-out token positions for the per-layer CKA metric.")
     save_every: int | None = setting(None, f"Checkpoint every N steps. 200 / built-in 100. {_P}")
