@@ -230,12 +230,24 @@ def summarize(work: Path) -> dict:
                 for f in families:
                     lost = accuracy(load["teacher", s], f) - accuracy(load[k, s], f)
                     drift = [1 - c for c in load[k, s]["per_family"][f]["linear_cka"][1:]]
-                    points.append((lost, drift, load[k, s]["per_family"][f]["kl"]))
+                    points.append((lost, drift, load[k, s]["per_family"][f]["kl"], f))
         layers = len(points[0][1])
-        correlation = {"per_layer": [pearson([d[i] for _, d, _ in points], [x for x, _, _ in points])
-                                     for i in range(layers)],
-                       "mean_drift": pearson([statistics.mean(d) for _, d, _ in points], [x for x, _, _ in points]),
-                       "kl": pearson([kl for _, _, kl in points], [x for x, _, _ in points]), "points": len(points)}
+        # within families: each family's mean taken out of both sides, so that what differs between families (how
+        # hard, how long its traces) does not make the correlation
+        centred = []
+        for f in families:
+            mine = [p for p in points if p[3] == f]
+            lost_mean = statistics.mean(p[0] for p in mine)
+            drift_mean = [statistics.mean(p[1][i] for p in mine) for i in range(layers)]
+            centred += [(p[0] - lost_mean, [p[1][i] - drift_mean[i] for i in range(layers)]) for p in mine]
+        lost_all = [p[0] for p in points]
+        correlation = {"per_layer": [pearson([p[1][i] for p in points], lost_all) for i in range(layers)],
+                       "mean_drift": pearson([statistics.mean(p[1]) for p in points], lost_all),
+                       "kl": pearson([p[2] for p in points], lost_all), "points": len(points),
+                       "within_family_per_layer": [pearson([d[i] for _, d in centred], [x for x, _ in centred])
+                                                   for i in range(layers)],
+                       "within_family_mean_drift": pearson([statistics.mean(d) for _, d in centred],
+                                                           [x for x, _ in centred])}
         sweep = {}
         for path in sorted(study.glob("sweep-*.json")):
             r = json.loads(path.read_text())
@@ -281,7 +293,10 @@ def markdown(summary: dict) -> str:
         r = s["correlation"]
         lines += [f"Drift against accuracy lost ({r['points']} points: student x seed x family): Pearson r of "
                   "1 - CKA per layer " + ", ".join(f"L{i + 1} {v:+.2f}" for i, v in enumerate(r["per_layer"]))
-                  + f"; mean over layers {r['mean_drift']:+.2f}; KL {r['kl']:+.2f}.", ""]
+                  + f"; mean over layers {r['mean_drift']:+.2f}; KL {r['kl']:+.2f}. Within families (each family's "
+                  "mean taken out): "
+                  + ", ".join(f"L{i + 1} {v:+.2f}" for i, v in enumerate(r["within_family_per_layer"]))
+                  + f"; mean over layers {r['within_family_mean_drift']:+.2f}.", ""]
         if s["sweep"]:
             lines += ["| lambda factor | lambda | task accuracy % | mean CKA | min CKA | KL |",
                       "|---|---|---|---|---|---|"]
