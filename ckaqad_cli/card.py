@@ -18,15 +18,17 @@ from ckaqad_cli import formats, units
 from ckaqad_cli.atomic import atomic_write_bytes
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.records import DiagnoseRecord, DistillRecord, PackRecord
+from ckaqad_cli.settings import BUILTIN, BUILTIN_REASONER
 from ckaqad_cli.settings.push import CARD_MODES, CardMode
 
 CARD_FILE = "README.md"
 PLOT_FILE = "cka_per_layer.png"
 SECTIONS = ("summary", "method", "evaluation", "usage")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-# The usage snippets' prompt: one the model answers. The built-in teacher knows only its task families
-# (builtin/tasks.py); this list_ops problem (a family it and its NVFP4 students answer 100%) gives "[1,3,8]".
-BUILTIN_PROMPT = "sorted([3,8,1])="
+# The usage snippets' prompt: one the model answers. The built-in teachers know only their task families: for
+# `builtin` a list_ops problem (a family it and its NVFP4 students answer 100%) that gives "[1,3,8]"; for
+# `builtin-reasoner` a multiplication (its strongest family, 95%+), answered with the partial products and "#1786".
+BUILTIN_PROMPTS = {BUILTIN: "sorted([3,8,1])=", BUILTIN_REASONER: "47*38="}
 GENERIC_PROMPT = "The capital of France is"
 
 
@@ -187,13 +189,14 @@ def _section_evaluation(manifest: dict | None, has_plot: bool) -> str:
     return "\n".join(lines)
 
 
-def is_builtin(base_model: str | None) -> bool:
-    """True for a built-in teacher, by name or by its directory."""
+def builtin_name(base_model: str | None) -> str | None:
+    """The name of the built-in teacher ``base_model`` is, by name or by its directory; None for any other model."""
     if not base_model:
-        return False
+        return None
     from ckaqad_cli.builtin import TEACHER_DIRS
 
-    return base_model in TEACHER_DIRS or Path(base_model).resolve() in {d.resolve() for d in TEACHER_DIRS.values()}
+    return next((name for name, directory in TEACHER_DIRS.items()
+                 if base_model == name or Path(base_model).resolve() == directory.resolve()), None)
 
 
 def _section_usage(model_ref: str, fmt: str, prompt: str, placeholder: bool) -> str:
@@ -332,7 +335,8 @@ def render_model_card(
             manifest, (folder / PLOT_FILE).is_file() if with_plot is None else with_plot
         ),
         "usage": _section_usage(repo_id or f"./{Path(model_path or folder).name}", fmt,
-                                BUILTIN_PROMPT if is_builtin(base_model) else GENERIC_PROMPT, placeholder=not repo_id),
+                                BUILTIN_PROMPTS.get(builtin_name(base_model), GENERIC_PROMPT),
+                                placeholder=not repo_id),
     }
     ours = _metadata(folder, base_model, fmt, method)
     if mode == "merge" and existing is not None:

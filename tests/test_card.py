@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -221,3 +222,25 @@ def test_usage_prompt_is_one_the_model_answers(tmp_path):
     model, tokenizer = AutoModelForCausalLM.from_pretrained(TEACHER_DIR), AutoTokenizer.from_pretrained(TEACHER_DIR)
     digits = [int(c) for c in re.findall(r"\d", prompt)]
     assert greedy_answers(model, tokenizer, [prompt]) == ["[" + ",".join(map(str, sorted(digits))) + "]"]
+
+
+def test_reasoner_card_asks_a_multiplication_it_answers(tmp_path):
+    """The built-in reasoner's card (by name or directory) asks a multiplication, and the reasoner's whole trace ends
+    in the right product."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ckaqad_cli.builtin import REASONER_DIR
+    from ckaqad_cli.builtin.generation import decode
+    from ckaqad_cli.builtin.reasoner_tasks import MAX_TRACE_CHARS, final_answer
+
+    folder = _folder(tmp_path)
+    prompts = set()
+    for base in ("builtin-reasoner", str(REASONER_DIR)):
+        _, body = _split(_render(folder, base_model=base, repo_id="me/m"))
+        prompts |= _usage_prompts(body)
+    assert len(prompts) == 1
+    prompt = prompts.pop()
+    a, b = map(int, re.fullmatch(r"(\d+)\*(\d+)=", prompt).groups())  # a problem of the multiplication family
+    model = AutoModelForCausalLM.from_pretrained(REASONER_DIR, dtype=torch.bfloat16)
+    reply = decode(model, AutoTokenizer.from_pretrained(REASONER_DIR), [prompt], max_new_tokens=MAX_TRACE_CHARS)[0]
+    assert final_answer(reply) == str(a * b)
