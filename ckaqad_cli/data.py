@@ -13,7 +13,7 @@ import torch
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.settings import BUILTIN_TEACHERS
 
-BUILTIN_TEXTS = 4096  # built-in problems drawn per call (about 25 characters each; the reasoner's about 110)
+BUILTIN_TEXTS = 4096  # built-in problems drawn per call (about 23 characters each; the reasoner's about 152)
 
 
 def load_texts(source: str | Path, *, split: str = "train", seed: int = 0, text_field: str = "text") -> list[str]:

@@ -201,6 +201,16 @@ def _usage_prompts(body: str) -> set[str]:
     return set(re.findall(r'(?:generate\(\[|tokenizer\()"([^"]*)"', body))
 
 
+def _one_usage_prompt(folder, bases: tuple[str, ...]) -> str:
+    """The usage prompt of the cards rendered for each of ``bases`` (a name and a directory): one and the same."""
+    prompts = set()
+    for base in bases:
+        _, body = _split(_render(folder, base_model=base, repo_id="me/m"))
+        prompts |= _usage_prompts(body)
+    assert len(prompts) == 1
+    return prompts.pop()
+
+
 def test_usage_prompt_is_one_the_model_answers(tmp_path):
     """The built-in teacher knows only its task families: its card asks it a task problem it answers; any other
     model gets a plain sentence to complete."""
@@ -212,12 +222,7 @@ def test_usage_prompt_is_one_the_model_answers(tmp_path):
     folder = _folder(tmp_path)
     _, body = _split(_render(folder, repo_id="me/m"))
     assert _usage_prompts(body) == {"The capital of France is"}
-    prompts = set()
-    for base in ("builtin", str(TEACHER_DIR)):
-        _, body = _split(_render(folder, base_model=base, repo_id="me/m"))
-        prompts |= _usage_prompts(body)
-    assert len(prompts) == 1
-    prompt = prompts.pop()
+    prompt = _one_usage_prompt(folder, ("builtin", str(TEACHER_DIR)))
     assert re.fullmatch(r"sorted\(\[\d(,\d){2,4}\]\)=", prompt)  # a problem of the list_ops family (tasks.py)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(TEACHER_DIR), AutoTokenizer.from_pretrained(TEACHER_DIR)
     digits = [int(c) for c in re.findall(r"\d", prompt)]
@@ -234,12 +239,7 @@ def test_reasoner_card_asks_a_multiplication_it_answers(tmp_path):
     from ckaqad_cli.builtin.reasoner_tasks import MAX_TRACE_CHARS, final_answer
 
     folder = _folder(tmp_path)
-    prompts = set()
-    for base in ("builtin-reasoner", str(REASONER_DIR)):
-        _, body = _split(_render(folder, base_model=base, repo_id="me/m"))
-        prompts |= _usage_prompts(body)
-    assert len(prompts) == 1
-    prompt = prompts.pop()
+    prompt = _one_usage_prompt(folder, ("builtin-reasoner", str(REASONER_DIR)))
     a, b = map(int, re.fullmatch(r"(\d+)\*(\d+)=", prompt).groups())  # a problem of the multiplication family
     model = AutoModelForCausalLM.from_pretrained(REASONER_DIR, dtype=torch.bfloat16)
     reply = decode(model, AutoTokenizer.from_pretrained(REASONER_DIR), [prompt], max_new_tokens=MAX_TRACE_CHARS)[0]

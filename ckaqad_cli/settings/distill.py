@@ -38,7 +38,8 @@ BUILTIN_PRESET = {
     "steps": 300, "batch_size": 32, "seq_len": 128, "lr": 3e-4,
     "eval_every": 50, "save_every": 100, "eval_sequences": 64, "cka_layers": "all",
 }
-# The built-in reasoner's traces are 100-300 tokens: sequences twice as long, half as many, the same tokens a step.
+# The built-in reasoner's texts (prompt and trace) are 60-254 tokens, 152 on average: sequences twice as long, half as
+# many, the same tokens a step.
 PRESETS = {BUILTIN: BUILTIN_PRESET, BUILTIN_REASONER: {**BUILTIN_PRESET, "batch_size": 16, "seq_len": 256,
                                                          "eval_sequences": 32}}
 def warmup_steps(warmup: float, total_steps: int) -> int:
