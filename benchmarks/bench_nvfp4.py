@@ -5,9 +5,13 @@ and ModelOpt's NVFP4QTensor.quantize on the same bf16 matrices; each timing cove
 scales, codes, packing). The ratios are against the C kernel (the reference where no C compiler is found).
 GPU: the Triton kernels against a device-to-device copy of the same tensor, in GB/s of input read, and bit-exactness
 against the CPU reference. rules: the C kernel under each scale rule (docs/nvfp4.md, "Scale rules"), in GB/s of bf16
-input read and relative to the amax rule.
+input read and relative to the amax rule. fake: fake quantization (quantize and decode, what a quantization-aware
+student runs twice per linear layer and step) of float32 activations: the C kernel, the reference and ModelOpt's
+NVFP4QTensor quantize + dequantize (ModelOpt's training quantizer, TensorQuantizer, refuses CPU tensors), bit-exactness
+of each against the reference.
 
     python benchmarks/bench_nvfp4.py cpu --markdown benchmarks/results_nvfp4_cpu.md
+    python benchmarks/bench_nvfp4.py fake --shapes 4096x128 4096x512 8192x4096 --threads 1
     python benchmarks/bench_nvfp4.py rules --shapes 4096x4096 --threads 1
     python benchmarks/bench_nvfp4.py gpu --shapes 8192x28672 16384x16384
 """
@@ -189,6 +193,53 @@ def bench_rules(shapes: list[tuple[int, int]], repeats: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _modelopt_fake() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    try:
+        from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+    except ImportError:
+        return None
+
+    def fake(x: torch.Tensor) -> torch.Tensor:
+        packed, scale, double_scale = NVFP4QTensor.quantize(x, 16)
+        return packed.dequantize(dtype=x.dtype, scale=scale, double_scale=double_scale, block_sizes={-1: 16})
+
+    return fake
+
+
+def _agreement(out: torch.Tensor, expected: torch.Tensor) -> str:
+    if torch.equal(out.view(torch.int32), expected.view(torch.int32)):
+        return "bits"
+    return "values" if torch.equal(out, expected) else "NO"
+
+
+def bench_fake(shapes: list[tuple[int, int]], repeats: int) -> str:
+    """Fake quantization of N(0, 1) float32 activations, dynamic global scale: time and bit-exactness."""
+    contenders = {"ours (torch reference)": ref.fake_quantize}
+    if nvfp4_cpu.available():
+        contenders = {"ours (C kernel)": nvfp4_cpu.fake_quantize, **contenders}
+    if _modelopt_fake() is not None:
+        contenders["ModelOpt NVFP4QTensor"] = _modelopt_fake()
+    first = next(iter(contenders))
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [f"Best of {repeats} rounds, {torch.get_num_threads()} torch threads, wall milliseconds; load average "
+             f"(1/5/15 min) at the start {load}. x: how many times {first}'s time; then its agreement with the "
+             "reference: bits (the same bits), values (equal values, but +0.0 where the reference decodes a negative "
+             "value rounded to zero as -0.0) or NO.", "",
+             "| activations (float32) | " + " | ".join(f"{label} ms (x, agreement)" for label in contenders) + " |",
+             "|---|" + "---|" * len(contenders)]
+    for rows, cols in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(rows, cols)
+        expected = ref.fake_quantize(x)
+        exact = {label: _agreement(fn(x), expected) for label, fn in contenders.items()}
+        best = _best_of({label: (lambda fn=fn: fn(x)) for label, fn in contenders.items()}, repeats)
+        cells = [f"{best[label][0] * 1e3:.2f} ({best[label][0] / best[first][0]:.1f}x, {exact[label]})"
+                 for label in contenders]
+        lines.append(f"| {rows}x{cols} | " + " | ".join(cells) + " |")
+    lines += ["", "load average (1/5/15 min) at the end " + " / ".join(f"{x:.1f}" for x in os.getloadavg())]
+    return "\n".join(lines) + "\n"
+
+
 def _cuda_time(fn: Callable[[], object], repeats: int) -> float:
     fn()
     torch.cuda.synchronize()
@@ -265,9 +316,9 @@ def render(rows: list[dict], mode: str, device: str, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("cpu", "gpu", "agreement", "rules"),
+    parser.add_argument("mode", choices=("cpu", "gpu", "agreement", "rules", "fake"),
                         help="cpu / gpu: time quantize-and-pack; agreement: compare codes with the libraries; "
-                             "rules: the C kernel under each scale rule")
+                             "rules: the C kernel under each scale rule; fake: fake quantization on the CPU")
     parser.add_argument("--seeds", type=int, default=4, help="agreement: random matrices per shape "
                         "(default: %(default)s)")
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), help="ROWSxCOLS (default: %(default)s)")
@@ -280,8 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python " + " ".join(["benchmarks/bench_nvfp4.py", *sys.argv[1:]])
-    if args.mode in ("agreement", "rules"):
-        body = agreement(shapes, args.seeds) if args.mode == "agreement" else bench_rules(shapes, args.repeats)
+    if args.mode in ("agreement", "rules", "fake"):
+        run_mode = {"agreement": lambda: agreement(shapes, args.seeds),
+                    "rules": lambda: bench_rules(shapes, args.repeats),
+                    "fake": lambda: bench_fake(shapes, args.repeats)}
+        body = run_mode[args.mode]()
         text = f"Command: `{command}`\n\n" + body
         print(text)
         if args.markdown:

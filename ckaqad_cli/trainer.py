@@ -25,7 +25,7 @@ from ckaqad_cli import checkpoints
 from ckaqad_cli import distributed as D
 from ckaqad_cli.cka import Standardizer, TokenFilter
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.objective import CausalLMBody, Objective, ObjectiveSettings, parse_layers
+from ckaqad_cli.objective import CausalLMBody, Objective, ObjectiveSettings, TeacherMemo, parse_layers
 from ckaqad_cli.progress import make_progress
 from ckaqad_cli.settings.distill import warmup_steps
 from ckaqad_cli.training import (
@@ -142,9 +142,11 @@ class Trainer:
         fingerprint: dict[str, Any],
         console: Console,
         on_save: Callable[[Path], None] | None = None,
+        teacher_memo: TeacherMemo | None = None,
     ) -> Trainer:
         """Hook, shard and optimize the student against the frozen teacher; resume from the latest complete
-        checkpoint under ``out_dir/checkpoints`` (with ``cfg.resume``), or start over there."""
+        checkpoint under ``out_dir/checkpoints`` (with ``cfg.resume``), or start over there. ``teacher_memo`` is used
+        in a single CPU process only (elsewhere the teacher's forward is cheap, or collective)."""
         from ckaqad_cli.models import decoder_layers
 
         student_model, teacher_model = models.student, models.teacher
@@ -160,6 +162,7 @@ class Trainer:
             student, teacher, student_layers, teacher_layers, settings, ctx,
             bos_token_id=getattr(models.tokenizer, "bos_token_id", None),
             standardizer=Standardizer() if cfg.cka_standardize else None,
+            teacher_memo=teacher_memo if ctx.device.type == "cpu" and not ctx.distributed else None,
         )
         D.shard(student, student_layers, ctx)  # no-ops in one process
         D.shard(teacher, teacher_layers, ctx, offload=cfg.teacher_offload)

@@ -2,7 +2,9 @@
  *
  * Compiled at first use by nvfp4_cpu.py with -O3 -ffp-contract=off and no fast-math flags: every float operation
  * is the IEEE float32 operation of the definition, so the bytes equal nvfp4_ref's (tests/kernels/test_nvfp4_cpu.py).
- * Single-threaded; the caller runs chunks of rows on several threads (ctypes releases the GIL).
+ * nvfp4_fake_quantize is the quantize-decode of the same steps (nvfp4_ref.fake_quantize, divide arithmetic), for
+ * quantization-aware training. Single-threaded; the caller runs chunks of rows on several threads (ctypes releases
+ * the GIL).
  */
 #include <stdint.h>
 #include <string.h>
@@ -124,13 +126,14 @@ static void search_scales(const float *x, const float *w, const float *s, float 
     for (int64_t b = 0; b < blocks; b++) byte[b] = (uint8_t)best[b];
 }
 
-/* One piece of a row: k elements (k a multiple of 16, at most ROW_BUFFER) already in float32. Returns 1 if a block
- * holds NaN or Inf. Each loop runs over all blocks or over a fixed block of 16, so that the compiler vectorizes it. */
-static int quantize_piece(const float *x, int64_t k, float g, float six_g, int rule, const float *w, uint8_t *packed,
-                          uint8_t *scales) {
+/* Steps 3-8 (and the searching rules) for the blocks of one piece of a row: k elements (k a multiple of 16, at most
+ * ROW_BUFFER) already in float32 -> the E4M3 scale bytes and the divisors d = s * g. Returns 1 if a block holds NaN or
+ * Inf; such a block is given the scale of an all-zero block (its outputs are the caller's to replace). Each loop runs
+ * over all blocks or over a fixed block of 16, so that the compiler vectorizes it. */
+static int piece_scales(const float *x, int64_t k, float g, float six_g, int rule, const float *w, uint8_t *scales,
+                        float *divisor, uint32_t *amax_bits) {
     const int64_t blocks = k / BLOCK;
-    uint32_t amax_bits[MAX_BLOCKS];
-    float divisor[MAX_BLOCKS], s[MAX_BLOCKS];
+    float s[MAX_BLOCKS];
     /* Step 3 on the bits: for |x| (sign cleared) the integer order of the bits is the order of the values, and every
      * NaN or Inf lies above the largest finite bits. */
     for (int64_t b = 0; b < blocks; b++) {
@@ -141,21 +144,30 @@ static int quantize_piece(const float *x, int64_t k, float g, float six_g, int r
         }
         amax_bits[b] = m;
     }
-    uint32_t worst = 0;
-    for (int64_t b = 0; b < blocks; b++) worst = amax_bits[b] > worst ? amax_bits[b] : worst;
-    if (worst >= 0x7F800000u) return 1;
+    int nonfinite = 0;
+    for (int64_t b = 0; b < blocks; b++) nonfinite |= amax_bits[b] >= 0x7F800000u;
     for (int64_t b = 0; b < blocks; b++) {
-        float sb = from_bits(amax_bits[b]) / six_g;                       /* step 4 */
-        s[b] = sb = sb == 0.0f ? 1.0f : sb;                               /* step 5 */
-        sb = sb < 0x1p-9f ? 0x1p-9f : (sb > 448.0f ? 448.0f : sb);        /* step 6 */
+        float sb = (amax_bits[b] >= 0x7F800000u ? 0.0f : from_bits(amax_bits[b])) / six_g; /* step 4 */
+        s[b] = sb = sb == 0.0f ? 1.0f : sb;                                                /* step 5 */
+        sb = sb < 0x1p-9f ? 0x1p-9f : (sb > 448.0f ? 448.0f : sb);                         /* step 6 */
         float s_q;
-        scales[b] = e4m3_encode(sb, &s_q);                                /* step 7 */
-        divisor[b] = s_q * g;                                             /* step 8 */
+        scales[b] = e4m3_encode(sb, &s_q);                                                 /* step 7 */
+        divisor[b] = s_q * g;                                                              /* step 8 */
     }
-    if (rule != RULE_AMAX) {
+    if (rule != RULE_AMAX) { /* a non-finite block's errors are NaN: it keeps its byte */
         search_scales(x, w, s, g, rule, blocks, scales);
         for (int64_t b = 0; b < blocks; b++) divisor[b] = e4m3_value(scales[b]) * g;
     }
+    return nonfinite;
+}
+
+/* One piece of a row, quantized and packed (steps 9-11). Returns 1 if a block holds NaN or Inf. */
+static int quantize_piece(const float *x, int64_t k, float g, float six_g, int rule, const float *w, uint8_t *packed,
+                          uint8_t *scales) {
+    const int64_t blocks = k / BLOCK;
+    uint32_t amax_bits[MAX_BLOCKS];
+    float divisor[MAX_BLOCKS];
+    if (piece_scales(x, k, g, six_g, rule, w, scales, divisor, amax_bits)) return 1;
     for (int64_t b = 0; b < blocks; b++) {
         const float d = divisor[b];
         int32_t codes[BLOCK];
@@ -164,6 +176,25 @@ static int quantize_piece(const float *x, int64_t k, float g, float six_g, int r
             packed[b * BLOCK / 2 + i] = (uint8_t)(codes[2 * i] | (codes[2 * i + 1] << 4));
     }
     return 0;
+}
+
+/* One piece of a row, quantized and decoded again: E2M1 value of x / d, times d (nvfp4_ref.fake_quantize); a block
+ * holding NaN or Inf decodes to NaN, as its NaN scale makes it in the reference. */
+static void fake_quantize_piece(const float *x, int64_t k, float g, float six_g, int rule, const float *w,
+                                float *out) {
+    const int64_t blocks = k / BLOCK;
+    uint32_t amax_bits[MAX_BLOCKS];
+    uint8_t scales[MAX_BLOCKS];
+    float divisor[MAX_BLOCKS];
+    int nonfinite = piece_scales(x, k, g, six_g, rule, w, scales, divisor, amax_bits);
+    for (int64_t b = 0; b < blocks; b++) {
+        const float d = divisor[b];
+        for (int i = 0; i < BLOCK; i++) out[b * BLOCK + i] = e2m1_value(x[b * BLOCK + i] / d) * d;
+    }
+    if (nonfinite)
+        for (int64_t b = 0; b < blocks; b++)
+            if (amax_bits[b] >= 0x7F800000u)
+                for (int i = 0; i < BLOCK; i++) out[b * BLOCK + i] = __builtin_nanf("");
 }
 
 /* x: rows x k elements of the given kind (0 float32, 1 bfloat16), row-major. rule: the index of the scale rule in
@@ -190,4 +221,16 @@ int nvfp4_quantize_pack(const void *x, int kind, int64_t rows, int64_t k, float 
         }
     }
     return nonfinite;
+}
+
+/* x: rows x k float32 elements, row-major; g finite and positive. out: rows x k float32, the fake-quantized values
+ * (NaN for a block holding NaN or Inf). rule and weights as in nvfp4_quantize_pack. */
+void nvfp4_fake_quantize(const float *x, int64_t rows, int64_t k, float g, int rule, const float *weights,
+                         float *out) {
+    const float six_g = 6.0f * g;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t c0 = 0; c0 < k; c0 += ROW_BUFFER) {
+            int64_t n = k - c0 < ROW_BUFFER ? k - c0 : ROW_BUFFER;
+            fake_quantize_piece(x + r * k + c0, n, g, six_g, rule, weights ? weights + c0 : 0, out + r * k + c0);
+        }
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -289,18 +290,37 @@ def _on_device(model: nn.Module, device: torch.device, sequential: bool) -> Iter
             torch.cuda.empty_cache()
 
 
-def task_accuracy(teacher: _Model, students: list[_Model], cfg: DiagnoseConfig, device: torch.device) -> dict:
-    """Exact-match accuracy of greedy decoding on the built-in teacher's task suite (only with a built-in teacher)."""
+# The recorded settings that do not change a teacher's or PTQ student's task accuracy.
+_NOT_IN_TASK_MEMO_KEY = ("stage", "students", "force", "use_run_student", "lm_eval_tasks")
+
+
+def task_accuracy(teacher: _Model, students: list[_Model], cfg: DiagnoseConfig, device: torch.device,
+                  memo: dict[str, dict] | None = None, settings: dict | None = None) -> dict:
+    """Exact-match accuracy of greedy decoding on the built-in teacher's task suite (only with a built-in teacher).
+
+    ``memo`` keeps the teacher's and the PTQ students' results under the stage's recorded ``settings``: the pipeline's
+    final diagnose reads them from its PTQ diagnose instead of decoding the same problems with the same models again
+    (a distilled student is always decoded: its files are outside the memo's knowledge).
+    """
     if cfg.teacher not in BUILTIN_TEACHERS or cfg.task_problems <= 0:
         return {}
     from ckaqad_cli.builtin import suite
 
     tasks = suite(cfg.teacher)
     problems = tasks.generate("test", cfg.task_problems, cfg.seed)
+    shared = {k: v for k, v in (settings or {}).items() if k not in _NOT_IN_TASK_MEMO_KEY}
     out = {}
     for m in [teacher, *students]:
+        key = None
+        if memo is not None and (m is teacher or m.label.startswith("ptq-")):
+            key = json.dumps({"model": m.label, **shared}, sort_keys=True, default=str)
+        if key in (memo or {}):
+            out[m.label] = memo[key]
+            continue
         with _on_device(m.model, device, cfg.sequential):
             out[m.label] = tasks.evaluate(m.model, m.tokenizer, problems)
+        if key is not None:
+            memo[key] = out[m.label]
     return out
 
 
@@ -341,8 +361,11 @@ def lm_eval_scores(teacher: _Model, students: list[_Model], plan: LmEvalPlan | N
     return out
 
 
-def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = None) -> dict:
-    """Load, check, measure, write diagnose/report.json, report.md and cka.png; record the stage. The report."""
+def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = None,
+                 task_memo: dict[str, dict] | None = None) -> dict:
+    """Load, check, measure, write diagnose/report.json, report.md and cka.png; record the stage. The report.
+
+    ``task_memo``: see :func:`task_accuracy` (the pipeline shares one between its two diagnose stages)."""
     console = console or Console(stderr=True)
     cfg.check()
     check_device_map(cfg)
@@ -382,7 +405,7 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
             filters=token_filter(cfg).describe(),
             cka_precision=cka_precision(cfg, teacher.model),
             layers=["embeddings"] + [f"layer {i}" for i in range(1, len(models.decoder_layers(teacher.model)) + 1)],
-            task_accuracy=task_accuracy(teacher, students, cfg, device),
+            task_accuracy=task_accuracy(teacher, students, cfg, device, task_memo, config),
             lm_eval=lm_eval_scores(teacher, students, lm_eval_plan, cfg, device),
             seq_len=cfg.seq_len,
         )

@@ -21,7 +21,7 @@ from ckaqad_cli import distributed as D
 from ckaqad_cli.atomic import atomic_directory
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import check_spec, resolve_spec
-from ckaqad_cli.objective import CausalLMBody, parse_layers
+from ckaqad_cli.objective import CausalLMBody, TeacherMemo, parse_layers
 from ckaqad_cli.planning.recipe import exclude_or_plan
 from ckaqad_cli.quant_calibration import fit_channel_weights, save_second_moments
 from ckaqad_cli.records import DistillRecord
@@ -105,6 +105,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     on_save: Callable[[Path], None] | None = None,
     show_progress: bool = True,
+    teacher_memo: TeacherMemo | None = None,
 ) -> dict[str, Any]:
     """The training loop; ``cfg`` must be resolved. Returns the summary metrics; writes under ``out_dir``.
 
@@ -115,7 +116,7 @@ def train(
     out_dir = Path(out_dir)
     fingerprint = {k: _jsonable(getattr(cfg, k)) for k in _RESUME_MUST_MATCH}
     trainer = Trainer.setup(cfg, models, train_ids, eval_ids, out_dir, ctx, fingerprint=fingerprint,
-                            console=console or Console(stderr=True), on_save=on_save)
+                            console=console or Console(stderr=True), on_save=on_save, teacher_memo=teacher_memo)
     summary = trainer.fit(on_step=on_step, show_progress=show_progress)
     _save_student(trainer.student, models, out_dir / "student", ctx)
     return summary
@@ -175,10 +176,12 @@ def run_distill(
     on_step: Callable[[int], None] | None = None,
     show_progress: bool = True,
     stage: str = STAGE,
+    teacher_memo: TeacherMemo | None = None,
 ) -> dict[str, Any]:
     """Run the stage in ``run`` (one process, or every rank under torchrun); returns the summary metrics.
 
-    ``stage`` names the record in run.json and the folder (the pipeline's KL-only baseline is "distill-kl").
+    ``stage`` names the record in run.json and the folder (the pipeline's KL-only baseline is "distill-kl", which
+    reads the teacher's outputs from the CKA-QAD run's ``teacher_memo``).
     """
     console = console or Console(stderr=True)
     check_launch(cfg)
@@ -225,7 +228,7 @@ def run_distill(
 
         with run.stage(stage, config=record_config, inputs=inputs, force=True) as rec:
             summary = train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
-                            on_save=saved, show_progress=show_progress)
+                            on_save=saved, show_progress=show_progress, teacher_memo=teacher_memo)
             summary.update(train_sequences=int(train_ids.shape[0]), eval_sequences=int(eval_ids.shape[0]))
             DistillRecord.write(rec, student=run.relpath(out_dir / "student"),
                                 metrics_file=run.relpath(out_dir / "metrics.jsonl"), summary=summary)

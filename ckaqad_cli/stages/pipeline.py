@@ -22,6 +22,7 @@ from ckaqad_cli import formats
 from ckaqad_cli import report as report_io
 from ckaqad_cli.atomic import atomic_write_json, atomic_write_text
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.objective import TeacherMemo
 from ckaqad_cli.rundir import RunDir
 from ckaqad_cli.settings.diagnose import DiagnoseConfig
 from ckaqad_cli.settings.distill import DistillConfig
@@ -133,16 +134,28 @@ def _steps(cfg: PipelineConfig, run: RunDir, console: Console) -> list[_Step]:
     if cfg.budget_bits is not None:
         plan = _plan_config(cfg)
         steps.append(_Step("plan", asdict(plan), lambda: run_plan(plan, run, console=console)))
+    # the KL-only run reads the CKA-QAD run's rows in the same order: it takes the teacher's outputs from memory
+    memo = TeacherMemo() if cfg.baseline else None
+
+    def baseline() -> Any:
+        try:
+            return run_distill(distill_kl, run, console=console, stage="distill-kl", teacher_memo=memo)
+        finally:
+            memo.clear()
+
+    task_memo: dict[str, dict] = {}  # the teacher's and PTQ student's task accuracy, decoded once for both diagnoses
     steps += [
-        _Step("diagnose-ptq", asdict(diagnose_ptq), lambda: run_diagnose(diagnose_ptq, run, console=console)),
-        _Step("distill", asdict(distill_cka.resolved()), lambda: run_distill(distill_cka, run, console=console)),
+        _Step("diagnose-ptq", asdict(diagnose_ptq),
+              lambda: run_diagnose(diagnose_ptq, run, console=console, task_memo=task_memo)),
+        _Step("distill", asdict(distill_cka.resolved()),
+              lambda: run_distill(distill_cka, run, console=console, teacher_memo=memo)),
     ]
     if cfg.baseline:
-        steps.append(_Step("distill-kl", asdict(distill_kl.resolved()),
-                           lambda: run_distill(distill_kl, run, console=console, stage="distill-kl")))
+        steps.append(_Step("distill-kl", asdict(distill_kl.resolved()), baseline))
     steps += [
         _Step("diagnose", asdict(diagnose_final), lambda: run_diagnose(
-            dataclasses.replace(diagnose_final, students=final_students()), run, console=console)),
+            dataclasses.replace(diagnose_final, students=final_students()), run, console=console,
+            task_memo=task_memo)),
         _Step("pack", asdict(pack), lambda: run_pack(pack, run)),
         _Step("push-dry-run", push_settings, push_dry_run),
     ]

@@ -1,4 +1,5 @@
-"""The C quantize-and-pack kernel (nvfp4_cpu) against the PyTorch reference, bit for bit; its build and dispatch."""
+"""The C kernels (nvfp4_cpu: quantize-and-pack, fake quantization) against the PyTorch reference, bit for bit; their
+build and dispatch."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from ckaqad_kernels import dispatch, nvfp4_cpu
+from ckaqad_kernels.fake_quant import fake_quantize_ste
 from ckaqad_kernels import nvfp4_ref as ref
 from ckaqad_kernels.nvfp4_spec import SCALE_RULES
 
@@ -153,6 +155,91 @@ def test_dispatch_picks_the_c_kernel_on_cpu(monkeypatch):
     assert scales.shape == (128, 4)  # swizzled like the other backends
     dispatch.quantize_and_pack(x, backend="torch")
     assert calls == [1]
+
+
+def _check_fake(x: torch.Tensor, g=None, rules=SCALE_RULES) -> None:
+    """C fake quantization against the reference under every scale rule: the same bits, NaN where it has NaN (a NaN's
+    payload and sign are not specified)."""
+    for rule in rules:
+        w = weights_for(rule, x.shape[-1])
+        c = nvfp4_cpu.fake_quantize(x, g, scale_rule=rule, channel_weights=w)
+        r = ref.fake_quantize(x, g, scale_rule=rule, channel_weights=w)
+        assert c.dtype == x.dtype and c.shape == x.shape
+        nan = torch.isnan(r)
+        assert torch.equal(torch.isnan(c), nan), rule
+        assert_same_bits(c[~nan], r[~nan])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 16), (3, 48), (17, 272), (2, 5, 32), (3, 4096 + 64), (300, 4096 * 2)])
+def test_fake_quantize_random_shapes_bit_exact(shape, dtype):
+    torch.manual_seed(sum(shape) + DTYPES.index(dtype))
+    x = (torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_fake(x)
+    finally:
+        torch.set_num_threads(before)
+    _check_fake(x, 0.37)
+    _check_fake(x.transpose(0, -2) if x.ndim > 2 else x.T.contiguous().T)  # not contiguous
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fake_quantize_planted_cases_and_every_scale_midpoint_bit_exact(dtype):
+    _check_fake(planted(dtype))
+    _check_fake(scale_midpoints(dtype))
+    _check_fake(torch.zeros(2, 32, dtype=dtype))
+    _check_fake(torch.zeros(0, 32, dtype=dtype))
+
+
+@needs_kernel
+@settings(max_examples=200, deadline=None)
+@given(
+    arrays(dtype="float32", shape=st.tuples(st.integers(1, 4), st.sampled_from([16, 32, 80])), elements=finite_float32),
+    st.one_of(st.none(), st.floats(min_value=2.0**-100, max_value=2.0**100, width=32)),
+)
+def test_fake_quantize_any_float32_input_bit_exact(x, g):
+    _check_fake(torch.from_numpy(x.copy()), g)
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_fake_quantize_propagates_a_nonfinite_block_as_nan(bad):
+    """A block holding NaN or Inf decodes to NaN and its neighbours are untouched (the scale search of the other
+    blocks of its row piece included); a non-finite or zero global scale gives what the reference gives."""
+    torch.manual_seed(5)
+    x = torch.randn(40, 4096 + 32)
+    x[37, 4100] = bad  # in the second row piece of a late row
+    for g in (None, 0.01, float("nan"), float("inf"), 0.0):
+        _check_fake(x, g)
+    out = nvfp4_cpu.fake_quantize(x, 0.01)
+    assert torch.isnan(out[37, 4096:4112]).all() and not torch.isnan(out[37, 4112:]).any()
+    assert torch.isnan(nvfp4_cpu.fake_quantize(x)).all()  # the dynamic global scale of amax = Inf or NaN
+
+
+@needs_kernel
+def test_fake_quantize_dispatch_and_training_use_the_c_kernel(monkeypatch):
+    """dispatch and fake_quantize_ste run the C kernel on CPU tensors (not for the engines' reciprocal arithmetic,
+    which only the reference computes); the gradient still passes straight through."""
+    calls = []
+    real = nvfp4_cpu.fake_quantize
+    monkeypatch.setattr(nvfp4_cpu, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(8, 64, requires_grad=True)
+    y = fake_quantize_ste(x)
+    assert calls == [1]
+    assert_same_bits(y.detach(), ref.fake_quantize(x.detach()))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    dispatch.fake_quantize(x.detach(), backend="torch")
+    dispatch.fake_quantize(x.detach(), arithmetic="reciprocal")
+    dispatch.fake_quantize(x.detach().double())
+    assert calls == [1]
+    dispatch.fake_quantize(x.detach(), backend="c")
+    assert calls == [1, 1]
 
 
 def test_build_is_cached_and_a_broken_compiler_falls_back(monkeypatch, tmp_path):

@@ -257,6 +257,29 @@ def test_builtin_teacher_reports_task_accuracy(tmp_path):
     assert RunDir(tmp_path / "run").stage_entry("diagnose")["metrics"]["self"]["task_acc"] == acc["self"]["overall"]
 
 
+def test_task_memo_decodes_the_teacher_and_ptq_student_once_for_both_diagnoses(tmp_path, monkeypatch):
+    """The pipeline's two diagnose stages share a memo: the second decodes only its distilled student and reports the
+    first one's teacher and PTQ numbers; other settings (another seed) miss it."""
+    from ckaqad_cli.builtin import TEACHER_DIR
+    from ckaqad_cli.builtin import tasks as builtin_tasks
+
+    decoded = []
+    real = builtin_tasks.evaluate
+    monkeypatch.setattr(builtin_tasks, "evaluate", lambda model, *a, **k: decoded.append(model) or real(model, *a, **k))
+    memo: dict = {}
+    common = dict(ptq=["w4a4"], use_run_student=False, seq_len=32, max_tokens=128, task_problems=8)
+    run = RunDir(tmp_path / "run")
+    first = run_diagnose(DiagnoseConfig(stage="diagnose-ptq", **common), run, task_memo=memo)
+    assert len(decoded) == 2 and len(memo) == 2  # the teacher, the PTQ student
+    second = run_diagnose(DiagnoseConfig(students=[("self", str(TEACHER_DIR))], **common), run, task_memo=memo)
+    assert len(decoded) == 3  # the student only
+    for label in ("teacher", "ptq-w4a4"):
+        assert second["task_accuracy"][label] == first["task_accuracy"][label]
+    assert second["task_accuracy"]["self"] == first["task_accuracy"]["teacher"]  # the same model, decoded afresh
+    run_diagnose(DiagnoseConfig(stage="other", seed=1, **common), run, task_memo=memo)
+    assert len(decoded) == 5 and len(memo) == 4
+
+
 def test_builtin_reasoner_scores_its_own_suite_by_decoding_whole_traces(tmp_path):
     """--teacher builtin-reasoner: --data builtin means the reasoner's traces, and task accuracy is the reasoner
     suite's (its families, its scorer on whole decoded traces), the same numbers as the suite's own evaluate."""

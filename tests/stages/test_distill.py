@@ -21,7 +21,15 @@ from ckaqad_cli.app import app
 from ckaqad_cli.cka import Standardizer, TokenFilter, cka_loss
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.models import decoder_layers
-from ckaqad_cli.objective import CausalLMBody, LayerTap, Objective, ObjectiveSettings, parse_layers, sample_positions
+from ckaqad_cli.objective import (
+    CausalLMBody,
+    LayerTap,
+    Objective,
+    ObjectiveSettings,
+    TeacherMemo,
+    parse_layers,
+    sample_positions,
+)
 from ckaqad_cli.settings.distill import BUILTIN_PRESET, REAL_MODEL_PRESET, DistillConfig
 from ckaqad_cli.rundir import RunDir
 from ckaqad_cli.stages.distill import check_launch, run_distill, split_heldout, train
@@ -246,11 +254,12 @@ TINY_RUN = dict(teacher="tiny", steps=2, batch_size=4, seq_len=24, lr=1e-3, eval
 TIMING = ("tokens_per_s", "step_time_s", "peak_mem_mb")
 
 
-def _train(out: Path, models=None, **overrides) -> tuple[dict, list[dict]]:
+def _train(out: Path, models=None, teacher_memo=None, **overrides) -> tuple[dict, list[dict]]:
     """A tiny in-process run; (summary, metrics.jsonl records without the timing fields)."""
     cfg = DistillConfig(**{**TINY_RUN, **overrides}).resolved()
     train_ids, eval_ids = split_heldout(tiny_sequences(), cfg.eval_sequences, 1)
-    summary = train(cfg, models or tiny_models(), train_ids, eval_ids, out, D.DistContext(), show_progress=False)
+    summary = train(cfg, models or tiny_models(), train_ids, eval_ids, out, D.DistContext(), show_progress=False,
+                    teacher_memo=teacher_memo)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return summary, [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
@@ -268,6 +277,31 @@ def test_grad_checkpointing_recomputes_the_layers_and_changes_nothing_else(tmp_p
     assert ckpt == plain  # every logged loss, KL, CKA term, lambda and eval metric: bit-identical on the CPU
     assert all(torch.equal(plain_weights[k], ckpt_weights[k]) for k in plain_weights)
     assert [r["step"] for r in plain if r["type"] == "train"] == [1, 2] and plain[1]["cka_term"] > 0
+
+
+def test_teacher_memo_gives_the_kl_only_run_the_teachers_outputs_and_changes_nothing(tmp_path):
+    """The pipeline's KL-only baseline after CKA-QAD: with the memo its teacher runs only for evaluation, and its logs
+    and student are bit for bit those of a run without it; the memo's budget is kept."""
+    def kl_only(out: Path, memo):
+        models = tiny_models()
+        calls = []
+        models.teacher.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+        _, records = _train(out, models, lambda_cka=0.0, grad_accum=2, teacher_memo=memo)
+        return records, models.student.state_dict(), len(calls)
+
+    memo = TeacherMemo()
+    _train(tmp_path / "cka", lambda_cka=None, grad_accum=2, teacher_memo=memo)  # CKA-QAD fills it: 2 x 2 micro-batches
+    assert len(memo._hidden) == 4 and memo.hits == 0
+    with_memo, weights, teacher_calls = kl_only(tmp_path / "kl-memo", memo)
+    without, plain_weights, plain_calls = kl_only(tmp_path / "kl", None)
+    assert memo.hits == 4 and teacher_calls == plain_calls - 4
+    assert with_memo == without
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
+    small = TeacherMemo(max_bytes=next(iter(memo._hidden.values())).nbytes)  # room for one micro-batch only
+    _train(tmp_path / "small", lambda_cka=0.0, teacher_memo=small)
+    assert len(small._hidden) == 1 and small.bytes <= small.max_bytes
+    memo.clear()
+    assert memo.get(torch.zeros(2, 3, dtype=torch.long)) is None and memo.bytes == 0
 
 
 def _direct_topk_kl(student_logits, teacher_logits, k):
