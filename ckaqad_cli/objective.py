@@ -25,7 +25,7 @@ from ckaqad_cli.kl import chunked_kl
 # lambda is balanced as factor * KL / CKA-term; a CKA term this small counts as zero (no blow-up at CKA = 1).
 _MIN_CKA_TERM = 1e-8
 TEACHER_MEMO_BYTES = 2 * 2**30
-"""What a TeacherMemo holds at most: the built-in teachers' 300 steps take 0.6 and 0.9 GB."""
+"""What a TeacherMemo holds at most: either built-in teacher's 300 preset steps take 0.63 GB."""
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -167,9 +167,9 @@ class TeacherMemo:
     """The teacher's last hidden states of training micro-batches, kept in memory for a later run over the same rows.
 
     The pipeline's KL-only baseline reads the rows its CKA-QAD run read, in the same order, from the same teacher: with
-    the memo that run's teacher forward is a lookup (a third of a step on the CPU), and its results are bit for bit
-    those without, the tensors being the ones the same forward gave. Keyed by the token ids themselves; storing stops
-    at ``max_bytes`` (the later steps then run the teacher).
+    the memo that run's teacher forward is a lookup (about a fifth of a step on the CPU), and its results are bit for
+    bit those without, the tensors being the ones the same forward gave. Keyed by the token ids themselves; storing
+    stops at ``max_bytes`` (the later steps then run the teacher).
     """
 
     def __init__(self, max_bytes: int = TEACHER_MEMO_BYTES):
