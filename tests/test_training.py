@@ -77,14 +77,18 @@ def test_nan_guard_names_the_step_and_checkpoint():
 
 
 def test_stop_request_catches_first_sigint_only_while_installed():
-    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background job
-    stop = StopRequest()
-    with stop.installed():
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.requested
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
+    # Python's own handler, as in a terminal (under nohup or in a background job SIGINT starts ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop = StopRequest()
+        with stop.installed():
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+            assert stop.requested
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_metrics_log_appends_and_truncates_past_resume_point(tmp_path):
