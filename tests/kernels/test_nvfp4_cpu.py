@@ -44,27 +44,45 @@ def _check(x: torch.Tensor, g=None, rules=SCALE_RULES) -> None:
         assert_same_bits(cs, rs)
 
 
+def _check_fake(x: torch.Tensor, g=None, rules=SCALE_RULES) -> None:
+    """C fake quantization against the reference under every scale rule: the same bits, NaN where it has NaN (a NaN's
+    payload and sign are not specified)."""
+    for rule in rules:
+        w = weights_for(rule, x.shape[-1])
+        c = nvfp4_cpu.fake_quantize(x, g, scale_rule=rule, channel_weights=w)
+        r = ref.fake_quantize(x, g, scale_rule=rule, channel_weights=w)
+        assert c.dtype == x.dtype and c.shape == x.shape
+        nan = torch.isnan(r)
+        assert torch.equal(torch.isnan(c), nan), rule
+        assert_same_bits(c[~nan], r[~nan])
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 16), (3, 48), (17, 272), (2, 5, 32), (3, 4096 + 64), (300, 4096 * 2)])
 def test_random_shapes_bit_exact(shape, dtype):
-    # widths across the kernel's 4096-element row pieces; 300 x 8192 splits into several row tasks on two threads
+    # widths across the kernel's 4096-element row pieces; 300 x 8192 splits into several row tasks on two threads;
+    # quantize-and-pack and fake quantization alike
     torch.manual_seed(sum(shape) + DTYPES.index(dtype))
     x = (torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10).to(dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         _check(x)
+        _check_fake(x)
     finally:
         torch.set_num_threads(before)
     _check(x, 0.37)
+    _check_fake(x, 0.37)
+    _check_fake(x.transpose(0, -2) if x.ndim > 2 else x.T.contiguous().T)  # not contiguous
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_planted_cases_and_every_scale_midpoint_bit_exact(dtype):
-    _check(planted(dtype))
-    _check(scale_midpoints(dtype))  # every E4M3 value and midpoint, subnormal scales included
+    for check in (_check, _check_fake):
+        check(planted(dtype))
+        check(scale_midpoints(dtype))  # every E4M3 value and midpoint, subnormal scales included
     codes, _, _ = float64_model(planted(dtype), 1.0)  # and the definition itself, in float64
     assert torch.equal(ref.unpack_fp4(nvfp4_cpu.quantize_and_pack(planted(dtype))[0]), codes)
 
@@ -81,6 +99,7 @@ def test_every_float32_block_scale_rounds_like_the_reference():
     blocks = torch.rand(len(amax), 16, generator=torch.Generator().manual_seed(0)) * amax[:, None]
     blocks[:, 3] = -amax  # the amax, negative
     _check(blocks, g)
+    _check_fake(blocks, g)
 
 
 @needs_kernel
@@ -104,15 +123,17 @@ finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False, allo
 )
 def test_any_float32_input_bit_exact(x, g):
     _check(torch.from_numpy(x.copy()), g)
+    _check_fake(torch.from_numpy(x.copy()), g)
 
 
 @needs_kernel
 def test_non_contiguous_input_and_zeros():
     torch.manual_seed(3)
     x = torch.randn(64, 48, dtype=torch.bfloat16).T  # [48, 64], not contiguous
-    _check(x)
-    _check(torch.zeros(2, 32, dtype=torch.float16))
-    _check(torch.zeros(0, 32))
+    for check in (_check, _check_fake):
+        check(x)
+        check(torch.zeros(2, 32, dtype=torch.float16))
+        check(torch.zeros(0, 32))
 
 
 @needs_kernel
@@ -155,54 +176,6 @@ def test_dispatch_picks_the_c_kernel_on_cpu(monkeypatch):
     assert scales.shape == (128, 4)  # swizzled like the other backends
     dispatch.quantize_and_pack(x, backend="torch")
     assert calls == [1]
-
-
-def _check_fake(x: torch.Tensor, g=None, rules=SCALE_RULES) -> None:
-    """C fake quantization against the reference under every scale rule: the same bits, NaN where it has NaN (a NaN's
-    payload and sign are not specified)."""
-    for rule in rules:
-        w = weights_for(rule, x.shape[-1])
-        c = nvfp4_cpu.fake_quantize(x, g, scale_rule=rule, channel_weights=w)
-        r = ref.fake_quantize(x, g, scale_rule=rule, channel_weights=w)
-        assert c.dtype == x.dtype and c.shape == x.shape
-        nan = torch.isnan(r)
-        assert torch.equal(torch.isnan(c), nan), rule
-        assert_same_bits(c[~nan], r[~nan])
-
-
-@needs_kernel
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 16), (3, 48), (17, 272), (2, 5, 32), (3, 4096 + 64), (300, 4096 * 2)])
-def test_fake_quantize_random_shapes_bit_exact(shape, dtype):
-    torch.manual_seed(sum(shape) + DTYPES.index(dtype))
-    x = (torch.randn(shape) * torch.rand(shape[:-1] + (1,)) * 10).to(dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _check_fake(x)
-    finally:
-        torch.set_num_threads(before)
-    _check_fake(x, 0.37)
-    _check_fake(x.transpose(0, -2) if x.ndim > 2 else x.T.contiguous().T)  # not contiguous
-
-
-@needs_kernel
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_fake_quantize_planted_cases_and_every_scale_midpoint_bit_exact(dtype):
-    _check_fake(planted(dtype))
-    _check_fake(scale_midpoints(dtype))
-    _check_fake(torch.zeros(2, 32, dtype=dtype))
-    _check_fake(torch.zeros(0, 32, dtype=dtype))
-
-
-@needs_kernel
-@settings(max_examples=200, deadline=None)
-@given(
-    arrays(dtype="float32", shape=st.tuples(st.integers(1, 4), st.sampled_from([16, 32, 80])), elements=finite_float32),
-    st.one_of(st.none(), st.floats(min_value=2.0**-100, max_value=2.0**100, width=32)),
-)
-def test_fake_quantize_any_float32_input_bit_exact(x, g):
-    _check_fake(torch.from_numpy(x.copy()), g)
 
 
 @needs_kernel
