@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
@@ -142,38 +142,32 @@ def _over_row_chunks(rows: int, k: int, run: Callable[[slice], Any]) -> list[Any
     return [run(rs) for rs in tasks]
 
 
-def _checked_weights(x: torch.Tensor, scale_rule: str, channel_weights: torch.Tensor | None) -> torch.Tensor | None:
-    """Raise unless the kernel can take x; the channel weights as a contiguous float32 [K] (None for rules without)."""
+def _check_kernel_input(x: torch.Tensor) -> None:
+    """Raise unless the kernel is here and takes x."""
     if not available():
         raise RuntimeError(f"the NVFP4 C kernel is not available: {unavailable_reason()}")
     if x.device.type != "cpu" or x.dtype not in DTYPES:
         raise ValueError(f"the NVFP4 C kernel takes CPU tensors of {', '.join(map(str, DTYPES))}, got {x.dtype} "
                          f"on {x.device}")
-    ref.check_last_dim(x)
-    k = x.shape[-1]
-    weights = ref.resolve_channel_weights(scale_rule, channel_weights, k, x.device)
+
+
+def _flat_weights(weights: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """Resolved channel weights as the kernel reads them: contiguous float32 [K] (None for rules without)."""
     return None if weights is None else weights.reshape(k).contiguous()
 
 
 def quantize_and_pack(
-    x: torch.Tensor,
-    global_scale: torch.Tensor | float | None = None,
-    *,
-    name: str | None = None,
-    scale_rule: str = DEFAULT_SCALE_RULE,
-    channel_weights: torch.Tensor | None = None,
+    x: torch.Tensor, global_scale: torch.Tensor | float | None = None, **options: Unpack[ref.EncodeOptions]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """nvfp4_ref.quantize_and_pack, in C: the same (packed uint8 [..., K/2], E4M3 scales [..., K/16], g) bit for bit.
 
-    x must be a CPU tensor of a dtype in DTYPES. NaN or Inf in x raises a ValueError naming ``name``. ``scale_rule``
-    and ``channel_weights`` as in nvfp4_ref.quantize.
+    x must be a CPU tensor of a dtype in DTYPES. NaN or Inf in x raises a ValueError naming ``name``; the options are
+    nvfp4_ref.EncodeOptions.
     """
-    weights = _checked_weights(x, scale_rule, channel_weights)
-    k = x.shape[-1]
+    _check_kernel_input(x)
+    k, g, weights, scale_rule, name = ref.encoding(x, global_scale, **options)
+    weights = _flat_weights(weights, k)
     rule = SCALE_RULES.index(scale_rule)
-    g = ref.resolve_global_scale(x, global_scale)
-    if not bool(torch.isfinite(g)):
-        raise ref.nonfinite_error(name)
     x2 = x.detach().reshape(-1, k).contiguous()
     rows = x2.shape[0]
     packed = torch.empty(rows, k // 2, dtype=torch.uint8)
@@ -201,12 +195,14 @@ def fake_quantize(
     x must be a CPU tensor of a dtype in DTYPES. NaN and Inf propagate as in the reference: a block holding one gives
     NaN. A global scale that is not finite and positive (NaN everywhere in the reference) is left to the reference.
     """
-    weights = _checked_weights(x, scale_rule, channel_weights)
+    _check_kernel_input(x)
+    ref.check_last_dim(x)
+    k = x.shape[-1]
+    weights = _flat_weights(ref.resolve_channel_weights(scale_rule, channel_weights, k, x.device), k)
     g = ref.resolve_global_scale(x, global_scale)
     gf = float(g)
     if not (math.isfinite(gf) and gf > 0):
         return ref.fake_quantize(x, g, scale_rule=scale_rule, channel_weights=channel_weights)
-    k = x.shape[-1]
     x2 = x.detach().reshape(-1, k).to(torch.float32).contiguous()
     rows = x2.shape[0]
     out = torch.empty(rows, k, dtype=torch.float32)

@@ -7,6 +7,8 @@ differently.
 
 from __future__ import annotations
 
+from typing import NamedTuple, TypedDict, Unpack
+
 import torch
 import torch.nn.functional as F
 
@@ -314,25 +316,50 @@ def scaled_blocks(
     return r.reshape(*x.shape[:-1], -1, BLOCK_SIZE)
 
 
-def _check_global_scale(g: torch.Tensor, name: str | None) -> None:
-    if not bool(torch.isfinite(g)):
-        raise nonfinite_error(name)
+class EncodeOptions(TypedDict, total=False):
+    """The keyword options of every NVFP4 encoder (quantize, quantize_and_pack, nvfp4_cpu.quantize_and_pack).
+
+    ``name`` labels the tensor in the NaN/Inf error; ``scale_rule`` is one of nvfp4_spec.SCALE_RULES (default
+    DEFAULT_SCALE_RULE); ``channel_weights`` [K], the inputs' E[x^2] per channel, is what "mse-act" needs.
+    """
+
+    name: str | None
+    scale_rule: str
+    channel_weights: torch.Tensor | None
 
 
-def _encode(
+class Encoding(NamedTuple):
+    """An encoder's checked inputs: the last dimension, g (float32 0-d, finite), the resolved channel weights."""
+
+    k: int
+    g: torch.Tensor
+    channel_weights: torch.Tensor | None
+    scale_rule: str
+    name: str | None
+
+
+def encoding(
     x: torch.Tensor,
-    global_scale: torch.Tensor | float | None,
-    name: str | None,
+    global_scale: torch.Tensor | float | None = None,
     *,
-    pack: bool,
-    scale_rule: str,
-    channel_weights: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    name: str | None = None,
+    scale_rule: str = DEFAULT_SCALE_RULE,
+    channel_weights: torch.Tensor | None = None,
+) -> Encoding:
+    """Check an encoder's inputs (EncodeOptions) and resolve them; NaN or Inf in g raises the error naming ``name``."""
     check_last_dim(x)
     k = x.shape[-1]
     w = resolve_channel_weights(scale_rule, channel_weights, k, x.device)
     g = resolve_global_scale(x, global_scale)
-    _check_global_scale(g, name)
+    if not bool(torch.isfinite(g)):
+        raise nonfinite_error(name)
+    return Encoding(k, g, w, scale_rule, name)
+
+
+def _encode(
+    x: torch.Tensor, global_scale: torch.Tensor | float | None, pack: bool, options: EncodeOptions
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k, g, w, scale_rule, name = encoding(x, global_scale, **options)
     x2 = x.detach().reshape(-1, k)
     rows = x2.shape[0]
     width = k // 2 if pack else k
@@ -348,19 +375,14 @@ def _encode(
 
 
 def quantize(
-    x: torch.Tensor,
-    global_scale: torch.Tensor | float | None = None,
-    *,
-    name: str | None = None,
-    scale_rule: str = DEFAULT_SCALE_RULE,
-    channel_weights: torch.Tensor | None = None,
+    x: torch.Tensor, global_scale: torch.Tensor | float | None = None, **options: Unpack[EncodeOptions]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., K] -> (codes uint8 [..., K] = sign << 3 | index, block scales float8_e4m3fn [..., K/16], g float32 0-d).
 
-    global_scale None computes g from amax(x). NaN or Inf in x raises a ValueError naming ``name``. ``scale_rule``
-    is one of nvfp4_spec.SCALE_RULES; "mse-act" needs ``channel_weights`` [K] (the inputs' E[x^2] per channel).
+    global_scale None computes g from amax(x). NaN or Inf in x raises a ValueError naming ``name``; the options are
+    EncodeOptions.
     """
-    return _encode(x, global_scale, name, pack=False, scale_rule=scale_rule, channel_weights=channel_weights)
+    return _encode(x, global_scale, False, options)
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
@@ -378,18 +400,13 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_and_pack(
-    x: torch.Tensor,
-    global_scale: torch.Tensor | float | None = None,
-    *,
-    name: str | None = None,
-    scale_rule: str = DEFAULT_SCALE_RULE,
-    channel_weights: torch.Tensor | None = None,
+    x: torch.Tensor, global_scale: torch.Tensor | float | None = None, **options: Unpack[EncodeOptions]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., K] -> (packed uint8 [..., K/2], block scales float8_e4m3fn [..., K/16], g float32 0-d).
 
-    The bytes of pack_fp4(quantize(x)[0]) (same parameters), made chunk by chunk of rows to bound memory.
+    The bytes of pack_fp4(quantize(x)[0]) (same options), made chunk by chunk of rows to bound memory.
     """
-    return _encode(x, global_scale, name, pack=True, scale_rule=scale_rule, channel_weights=channel_weights)
+    return _encode(x, global_scale, True, options)
 
 
 def _decode(codes: torch.Tensor, divisors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
