@@ -185,6 +185,8 @@ def _checkpoint(src: Path, geometry: Geometry) -> tuple[int, str]:
 
 def bench(geometry: Geometry, args: argparse.Namespace, *, peers: bool, verify: bool) -> list[str]:
     """Time every command on a synthetic checkpoint of ``geometry``; the Markdown lines of its section."""
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_pack.", dir=args.workdir))
     src = work / "src"
     try:
@@ -256,7 +258,7 @@ def main() -> None:
                          "compressed-tensors pack per rule (mse-act calibrating on the built-in data) instead of the "
                          "two formats' "
                          "(docs/nvfp4.md, \"Scale rules\"). Default: none.")
-    ap.add_argument("--workdir", type=Path, default=None, help="Where to write (default: the temp dir; removed after).")
+    ap.add_argument("--workdir", type=Path, default=None, help="Where to write, made if missing (default: the temp dir; removed after).")
     ap.add_argument("--results", type=Path, default=HERE / "results_pack_cpu.md")
     args = ap.parse_args()
     lines = [

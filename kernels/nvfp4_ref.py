@@ -409,23 +409,40 @@ def quantize_and_pack(
     return _encode(x, global_scale, True, options)
 
 
-def _decode(codes: torch.Tensor, divisors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """value = E2M1(code) * d, computed in float32, cast to dtype last."""
-    values = _E2M1_SIGNED.to(codes.device)[codes.to(torch.int32)]
-    out = values.reshape(*codes.shape[:-1], -1, BLOCK_SIZE) * divisors.unsqueeze(-1)
-    return out.reshape(codes.shape).to(dtype)
+def _unpacked_shape(packed: torch.Tensor) -> tuple[int, ...]:
+    """The codes' shape [..., K] of packed bytes [..., K/2]; raises unless they are uint8 and blocks of 16 tile K."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_fp4 needs uint8 bytes, got {packed.dtype}")
+    shape = (*packed.shape[:-1], 2 * packed.shape[-1]) if packed.ndim else ()
+    if not shape or shape[-1] % BLOCK_SIZE:
+        raise ValueError(f"packed NVFP4 data (unpacked) needs a last dimension that is a multiple of {BLOCK_SIZE}, "
+                         f"got shape {shape}")
+    return shape
+
+
+def _decode(packed: torch.Tensor, divisors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """value = E2M1(code) * d, computed in float32, cast to dtype last; chunk by chunk of rows, so that the float32
+    temporaries stay small (and are reused) whatever the tensor's size."""
+    shape = _unpacked_shape(packed)
+    k = shape[-1]
+    packed2, divisors2 = packed.reshape(-1, k // 2), divisors.reshape(-1, k // BLOCK_SIZE)
+    out = torch.empty(packed2.shape[0], k, dtype=dtype, device=packed.device)
+    table = _E2M1_SIGNED.to(packed.device)
+    for rows in _row_chunks(packed2.shape[0], k):
+        values = table[unpack_fp4(packed2[rows]).to(torch.int32)].reshape(-1, k // BLOCK_SIZE, BLOCK_SIZE)
+        out[rows] = (values * divisors2[rows].unsqueeze(-1)).reshape(-1, k).to(dtype)
+    return out.reshape(shape)
 
 
 def dequantize_with_divisors(packed: torch.Tensor, divisors: torch.Tensor, dtype: torch.dtype = torch.float32
                              ) -> torch.Tensor:
     """Packed bytes [..., K/2] + float32 block divisors d [..., K/16] -> E2M1 value * d [..., K] in ``dtype``: the
     decode of a reader that forms d its own way (compressed-tensors divides s by its stored reciprocal of g)."""
-    codes = unpack_fp4(packed)
-    check_last_dim(codes, "packed NVFP4 data (unpacked)")
-    if divisors.shape != (*codes.shape[:-1], codes.shape[-1] // BLOCK_SIZE) or divisors.dtype != torch.float32:
+    shape = _unpacked_shape(packed)
+    if divisors.shape != (*shape[:-1], shape[-1] // BLOCK_SIZE) or divisors.dtype != torch.float32:
         raise ValueError(f"block divisors of shape {tuple(divisors.shape)} ({divisors.dtype}) do not match packed "
                          f"data {tuple(packed.shape)} (float32 wanted)")
-    return _decode(codes, divisors, dtype)
+    return _decode(packed, divisors, dtype)
 
 
 def dequantize(
@@ -435,14 +452,13 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Packed bytes [..., K/2] + linear block scales [..., K/16] + g -> values [..., K] in ``dtype``."""
-    codes = unpack_fp4(packed)
-    check_last_dim(codes, "packed NVFP4 data (unpacked)")
-    if block_scales.shape != (*codes.shape[:-1], codes.shape[-1] // BLOCK_SIZE):
+    shape = _unpacked_shape(packed)
+    if block_scales.shape != (*shape[:-1], shape[-1] // BLOCK_SIZE):
         raise ValueError(
             f"block scales of shape {tuple(block_scales.shape)} do not match packed data {tuple(packed.shape)}"
         )
     g = torch.as_tensor(global_scale).to(device=packed.device, dtype=torch.float32).reshape(())
-    return _decode(codes, block_divisors(block_scales, g), dtype)
+    return _decode(packed, block_divisors(block_scales, g), dtype)
 
 
 def fake_quantize(

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -133,6 +134,32 @@ def test_w4a4_ptq_of_the_builtin_teacher_verifies_exactly_and_reports_compressed
     assert logits["weights_only_max_abs_diff"] == logits["max_abs_diff"] == 0.0
     assert logits["transformers"]["weights_only_max_abs_diff"] == 0.0
     assert 0.0 < logits["transformers"]["top1_agreement"] < 1.0  # reported, and below 1 here: not gated
+
+
+def test_verify_logits_fail_when_one_weight_differs_from_the_student(tmp_path, monkeypatch):
+    """The logits check runs its bf16 GEMMs as float32 ones on the CPU (packing.verify._cpu_linears_in_float32):
+    still the same path for the student and both decodes, so a student whose weight differs from what was packed
+    fails the logits check, through our unpacker and through transformers; F.linear is torch's own again after."""
+    import torch.nn.functional as F
+
+    from ckaqad_cli.errors import CkaqadError
+    from ckaqad_cli.packing import verify
+
+    native_linear, load_student = F.linear, verify.load_student
+
+    def student_with_a_changed_row(*args, **kwargs):
+        model, tokenizer = load_student(*args, **kwargs)
+        with torch.no_grad():
+            model.get_submodule("model.layers.1.mlp.down_proj").weight[3] *= 4
+        return model, tokenizer
+
+    monkeypatch.setattr(verify, "load_student", student_with_a_changed_row)
+    source = make_model(tmp_path / "dense", student=None)
+    with pytest.raises(CkaqadError, match=r"verify failed \(ckaqad unpacker; transformers") as failure:
+        pack_model(PackConfig(model=str(source), out=str(tmp_path / "out"), scheme="w4a16", verify=True))
+    unpacker_diff = float(re.search(r"weights only ([0-9.e+-]+)\)", str(failure.value)).group(1))
+    assert unpacker_diff > 0 and "the same as our unpacker" in str(failure.value)
+    assert F.linear is native_linear
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "modelopt"])
