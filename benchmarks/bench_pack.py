@@ -258,7 +258,8 @@ def main() -> None:
                          "compressed-tensors pack per rule (mse-act calibrating on the built-in data) instead of the "
                          "two formats' "
                          "(docs/nvfp4.md, \"Scale rules\"). Default: none.")
-    ap.add_argument("--workdir", type=Path, default=None, help="Where to write, made if missing (default: the temp dir; removed after).")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="Where to write, made if missing (default: the temp dir; removed after).")
     ap.add_argument("--results", type=Path, default=HERE / "results_pack_cpu.md")
     args = ap.parse_args()
     lines = [
