@@ -420,10 +420,10 @@ def _unpacked_shape(packed: torch.Tensor) -> tuple[int, ...]:
     return shape
 
 
-def _decode(packed: torch.Tensor, divisors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _decode(packed: torch.Tensor, shape: tuple[int, ...], divisors: torch.Tensor, dtype: torch.dtype
+            ) -> torch.Tensor:
     """value = E2M1(code) * d, computed in float32, cast to dtype last; chunk by chunk of rows, so that the float32
-    temporaries stay small (and are reused) whatever the tensor's size."""
-    shape = _unpacked_shape(packed)
+    temporaries stay small (and are reused) whatever the tensor's size. ``shape``: _unpacked_shape(packed)."""
     k = shape[-1]
     packed2, divisors2 = packed.reshape(-1, k // 2), divisors.reshape(-1, k // BLOCK_SIZE)
     out = torch.empty(packed2.shape[0], k, dtype=dtype, device=packed.device)
@@ -442,7 +442,7 @@ def dequantize_with_divisors(packed: torch.Tensor, divisors: torch.Tensor, dtype
     if divisors.shape != (*shape[:-1], shape[-1] // BLOCK_SIZE) or divisors.dtype != torch.float32:
         raise ValueError(f"block divisors of shape {tuple(divisors.shape)} ({divisors.dtype}) do not match packed "
                          f"data {tuple(packed.shape)} (float32 wanted)")
-    return _decode(packed, divisors, dtype)
+    return _decode(packed, shape, divisors, dtype)
 
 
 def dequantize(
@@ -458,7 +458,7 @@ def dequantize(
             f"block scales of shape {tuple(block_scales.shape)} do not match packed data {tuple(packed.shape)}"
         )
     g = torch.as_tensor(global_scale).to(device=packed.device, dtype=torch.float32).reshape(())
-    return _decode(packed, block_divisors(block_scales, g), dtype)
+    return _decode(packed, shape, block_divisors(block_scales, g), dtype)
 
 
 def fake_quantize(
