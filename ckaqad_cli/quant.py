@@ -20,6 +20,7 @@ from torch import nn
 
 from ckaqad_cli.atomic import atomic_write_json
 from ckaqad_cli.errors import CkaqadError
+from ckaqad_cli.quant_fp8 import FP8Linear
 from ckaqad_cli.quant_moe import (
     NVFP4Experts,
     expert_module_names,
@@ -95,6 +96,11 @@ class QuantRecipe:
     activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC
     """How W4A4 inputs are fake-quantized (nvfp4_spec.ACTIVATION_ARITHMETICS): "divide" or the engines'
     "reciprocal"."""
+    fp8: list[str] = field(default_factory=list)
+    """Linears in FP8 (docs/fp8.md) instead of NVFP4: W8A8 in a w4a4 recipe, W8A16 in a w4a16 one; ``fp8_globs``
+    chose them. Not in ``quantized`` (the NVFP4 modules)."""
+    fp8_globs: list[str] = field(default_factory=list)
+    """The fnmatch globs (``--fp8``) that put Linears in FP8; an excluded Linear stays unquantized."""
 
     def __post_init__(self) -> None:
         check_scheme(self.scheme, "scheme")
@@ -238,7 +244,7 @@ def freeze_quantized_weights(model: nn.Module) -> None:
     packed checkpoint decodes from; copied into a model of another dtype, each is rounded once, as the checkpoint
     decodes into that dtype (pack's verify of a student deployed in another dtype).
     """
-    linears = [m for m in model.modules() if isinstance(m, NVFP4Linear) and m.quantize_weight]
+    linears = [m for m in model.modules() if isinstance(m, (NVFP4Linear, FP8Linear)) and m.quantize_weight]
     experts = [m for m in model.modules() if isinstance(m, NVFP4Experts) and m.quantize_weight]
     # every value first: a fused group's global scale reads its members' weights
     values = [(m.weight, m.quantized_weight()) for m in linears]
@@ -252,7 +258,7 @@ def stop_weight_quantization(model: nn.Module) -> None:
     """Leave the weights of every fake-quantized module as they are (they already hold quantized values); input
     quantization is untouched."""
     for module in model.modules():
-        if isinstance(module, (NVFP4Linear, NVFP4Experts)):
+        if isinstance(module, (NVFP4Linear, NVFP4Experts, FP8Linear)):
             module.quantize_weight = False
 
 
@@ -267,8 +273,14 @@ def _wrap(
     scheme: str,
     scale_rule: str,
     activation_arithmetic: str,
+    fp8: Sequence[str] = (),
 ) -> None:
-    """Wrap the named Linears and, for per-expert names (``M.E.gate_proj``...), their fused experts module ``M``."""
+    """Wrap the named Linears and, for per-expert names (``M.E.gate_proj``...), their fused experts module ``M``, in
+    NVFP4; the Linears named in ``fp8`` in FP8."""
+    for name in fp8:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, FP8Linear(getattr(parent, leaf), quantize_input=scheme == "w4a4"))
     experts = {e for n in names if (e := expert_of(n)) is not None and is_fused_experts(model, e)}
     for name in sorted(experts):
         wrap_experts(model.get_submodule(name), scheme, scale_rule, activation_arithmetic)
@@ -288,10 +300,13 @@ def _wrap(
 
 
 def _select_linear(recipe: QuantRecipe, name: str, in_features: int) -> None:
-    """Add one Linear to the recipe: quantized, or skipped with why (an exclusion, or a width blocks cannot tile)."""
+    """Add one Linear to the recipe: NVFP4, FP8 (an ``fp8_globs`` match), or skipped with why (an exclusion, or a
+    width NVFP4 blocks cannot tile)."""
     pattern = _matches(name, recipe.exclude)
     if pattern is not None:
         recipe.skipped[name] = f"excluded by {pattern!r}"
+    elif _matches(name, recipe.fp8_globs) is not None:
+        recipe.fp8.append(name)
     elif in_features % BLOCK_SIZE:
         recipe.skipped[name] = f"in_features {in_features} is not a multiple of {BLOCK_SIZE}"
     else:
@@ -304,17 +319,25 @@ def _group_recipe(recipe: QuantRecipe) -> None:
     Engines run q/k/v and gate/up as one GEMM over their concatenated weights: vLLM refuses a checkpoint whose fused
     group is partly quantized, so an exclusion must take the whole group or none of it.
     """
-    if not recipe.quantized:
+    if not recipe.quantized and not recipe.fp8:
         raise CkaqadError(f"nothing to quantize: every Linear is excluded or too narrow ({len(recipe.skipped)} skipped)")
-    for group in fused_groups([*recipe.quantized, *recipe.skipped]):
+    fp8 = set(recipe.fp8)
+    for group in fused_groups([*recipe.quantized, *recipe.skipped, *recipe.fp8]):
+        leaves = [_split_name(n)[1] for n in group]
         kept = [n for n in group if n in recipe.skipped]
         if kept and len(kept) < len(group):
             quantized = [n for n in group if n not in recipe.skipped]
-            leaves = [_split_name(n)[1] for n in group]
             raise CkaqadError(
                 f"{kept[0]} is {recipe.skipped[kept[0]]} but {', '.join(quantized)} of its fused group would be "
                 f"quantized: engines run {' / '.join(leaves)} as one GEMM and need them all quantized or all kept; "
                 f"exclude {' and '.join(repr('*.' + leaf) for leaf in leaves)} together, or none of them"
+            )
+        in_fp8 = [n for n in group if n in fp8]
+        if in_fp8 and len(in_fp8) < len(group):
+            raise CkaqadError(
+                f"{in_fp8[0]} would be FP8 but {', '.join(n for n in group if n not in fp8)} of its fused group "
+                f"NVFP4: engines run {' / '.join(leaves)} as one GEMM in one format; give --fp8 "
+                f"{' and '.join(repr('*.' + leaf) for leaf in leaves)} together, or none of them"
             )
     recipe.fused_groups = fused_groups(recipe.quantized)
 
@@ -325,11 +348,12 @@ def recipe_for_linears(
     exclude: Iterable[str] = (),
     scale_rule: str = DEFAULT_SCALE_RULE,
     activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
+    fp8: Iterable[str] = (),
 ) -> QuantRecipe:
     """The recipe apply_fake_quant would make for a model whose only quantizable modules are these
     (name, in_features) Linears, in module order: for pack, which knows some layouts without building the model."""
     recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude], scale_rule=scale_rule,
-                         activation_arithmetic=activation_arithmetic)
+                         activation_arithmetic=activation_arithmetic, fp8_globs=list(fp8))
     for name, in_features in linears:
         _select_linear(recipe, name, in_features)
     _group_recipe(recipe)
@@ -342,6 +366,7 @@ def apply_fake_quant(
     exclude: Iterable[str] = (),
     scale_rule: str = DEFAULT_SCALE_RULE,
     activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
+    fp8: Iterable[str] = (),
 ) -> QuantRecipe:
     """Wrap every nn.Linear not excluded (DEFAULT_EXCLUDE plus ``exclude``) in an NVFP4Linear, and fake-quantize
     every fused MoE experts module per expert (NVFP4Experts), in place.
@@ -351,24 +376,28 @@ def apply_fake_quant(
     in_features is not a multiple of 16 stay as they are and are listed in ``recipe.skipped``, as are excluded
     modules and fused experts in a layout fused_experts_problem refuses. ``scale_rule`` (weights) and
     ``activation_arithmetic`` (W4A4 inputs) are recorded in the recipe; an mse-act model needs set_channel_weights
-    (after calibrating with quant_calibration.record_inputs) before it runs outside calibration.
+    (after calibrating with quant_calibration.record_inputs) before it runs outside calibration. Linears matching an
+    ``fp8`` glob (and no exclusion) are FP8Linears instead (``recipe.fp8``); fused experts take no FP8.
     """
     recipe = QuantRecipe(scheme=scheme, exclude=[*DEFAULT_EXCLUDE, *exclude], scale_rule=scale_rule,
-                         activation_arithmetic=activation_arithmetic)
+                         activation_arithmetic=activation_arithmetic, fp8_globs=list(fp8))
     for name, module in model.named_modules():
-        if isinstance(module, (NVFP4Linear, NVFP4Experts)):
+        if isinstance(module, (NVFP4Linear, NVFP4Experts, FP8Linear)):
             raise CkaqadError(f"{name} is already fake-quantized; apply_fake_quant runs once per model")
         if isinstance(module, nn.Linear):
             _select_linear(recipe, name, module.in_features)
         elif any(p.ndim == 3 for p in module.parameters(recurse=False)):
             pattern = _matches(name, recipe.exclude)
             problem = f"excluded by {pattern!r}" if pattern is not None else fused_experts_problem(module)
+            if problem is None and _matches(name, recipe.fp8_globs) is not None:
+                problem = "FP8 is for Linear modules; fused experts are NVFP4 or kept"
+                raise CkaqadError(f"{name} matches --fp8 {_matches(name, recipe.fp8_globs)!r}: {problem}")
             if problem is not None:
                 recipe.skipped[name] = problem
             else:
                 recipe.quantized += expert_module_names(name, num_experts(module))
     _group_recipe(recipe)
-    _wrap(model, recipe.quantized, recipe.fused_groups, scheme, scale_rule, activation_arithmetic)
+    _wrap(model, recipe.quantized, recipe.fused_groups, scheme, scale_rule, activation_arithmetic, recipe.fp8)
     return recipe
 
 
@@ -388,8 +417,13 @@ def apply_recipe(
             module = model.get_submodule(name)
         except AttributeError:
             raise CkaqadError(f"the quantization recipe names {name}, which this model does not have") from None
-        if not isinstance(module, nn.Linear) or isinstance(module, NVFP4Linear) or module.in_features % BLOCK_SIZE:
+        if not isinstance(module, nn.Linear) or isinstance(module, (NVFP4Linear, FP8Linear)) or (
+                module.in_features % BLOCK_SIZE):
             raise CkaqadError(f"the quantization recipe names {name}, which is not a quantizable nn.Linear here")
+    for name in recipe.fp8:
+        module = _submodule_or_none(model, name)
+        if not isinstance(module, nn.Linear) or isinstance(module, (NVFP4Linear, FP8Linear)) or name in listed:
+            raise CkaqadError(f"the quantization recipe puts {name} in FP8, which is not an nn.Linear of its own here")
     grouped = {tuple(g) for g in recipe.fused_groups}
     for name in sorted(experts):
         module = model.get_submodule(name)
@@ -405,7 +439,7 @@ def apply_recipe(
         if not set(group) <= listed:
             raise CkaqadError(f"fused group {group} of the quantization recipe has unquantized members")
     _wrap(model, recipe.quantized, recipe.fused_groups, recipe.scheme, recipe.scale_rule,
-          recipe.activation_arithmetic)
+          recipe.activation_arithmetic, recipe.fp8)
     set_input_amax(model, recipe.input_amax)
     if second_moments is not None:
         set_channel_weights(model, second_moments)

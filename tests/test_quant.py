@@ -231,3 +231,51 @@ def test_w4a4_inputs_follow_the_activation_arithmetic():
     x = torch.randn(2, 3, 32)
     w = ref.fake_quantize(up.weight.detach(), up.weight_global_scale())
     assert torch.equal(up(x), F.linear(ref.fake_quantize(x, arithmetic="reciprocal"), w))
+
+
+def test_fp8_units_are_fp8_linears_with_the_reference_values_and_a_straight_through_gradient(tmp_path):
+    from ckaqad_cli.quant_fp8 import FP8Linear
+    from ckaqad_kernels import fp8_ref
+
+    model = tiny_llama()
+    keys = list(model.state_dict())
+    recipe = quant.apply_fake_quant(model, scheme="w4a4", fp8=["*.o_proj", "model.layers.0.mlp.down_proj"])
+    assert list(model.state_dict()) == keys
+    o_proj = model.model.layers[1].self_attn.o_proj
+    assert isinstance(o_proj, FP8Linear) and o_proj.quantize_input
+    # FP8 needs no blocks of 16: down_proj (in_features 40) is FP8 where NVFP4 would have skipped it
+    assert recipe.fp8 == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+                          "model.layers.1.self_attn.o_proj"]
+    assert not set(recipe.fp8) & set(recipe.quantized) and not set(recipe.fp8) & set(recipe.skipped)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    out = o_proj(x)
+    expected = F.linear(fp8_ref.fake_quantize(x.detach()), fp8_ref.fake_quantize(o_proj.weight.detach()))
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    # straight through: d(sum)/dW is the sum of the quantized inputs, d(sum)/dx the column sums of the FP8 weight
+    assert torch.allclose(o_proj.weight.grad, fp8_ref.fake_quantize(x.detach()).reshape(6, 32).sum(0).expand(32, 32))
+    assert torch.allclose(x.grad, fp8_ref.fake_quantize(o_proj.weight.detach()).sum(0).expand(2, 3, 32))
+    # the recipe round trip builds the same model; w4a16 leaves FP8 inputs alone
+    recipe.save(tmp_path)
+    fresh = tiny_llama()
+    quant.apply_recipe(fresh, quant.QuantRecipe.load(tmp_path))
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+    w4a16 = tiny_llama()
+    quant.apply_fake_quant(w4a16, scheme="w4a16", fp8=["*.o_proj"])
+    assert not w4a16.model.layers[0].self_attn.o_proj.quantize_input
+    # frozen: the stored weight is the FP8 value and is not quantized again
+    quant.freeze_quantized_weights(model)
+    assert torch.equal(o_proj.weight, fp8_ref.fake_quantize(o_proj.weight)) and not o_proj.quantize_weight
+
+
+def test_fp8_errors():
+    with pytest.raises(CkaqadError, match="one GEMM in one format"):
+        quant.apply_fake_quant(tiny_llama(), fp8=["*.q_proj"])
+    # an exclusion wins over --fp8: the module stays unquantized
+    recipe = quant.apply_fake_quant(tiny_llama(), exclude=["*.o_proj"], fp8=["*.o_proj"])
+    assert recipe.fp8 == [] and "excluded" in recipe.skipped["model.layers.0.self_attn.o_proj"]
+    bad = quant.QuantRecipe(quantized=["model.layers.0.self_attn.q_proj"], fp8=["model.layers.0.self_attn.q_proj"])
+    with pytest.raises(CkaqadError, match="FP8"):
+        quant.apply_recipe(tiny_llama(), bad)
+    with pytest.raises(CkaqadError, match="FP8"):
+        quant.apply_recipe(tiny_llama(), quant.QuantRecipe(fp8=["model.layers.0.mlp"]))
