@@ -250,11 +250,12 @@ def ptq_student(
     dtype: torch.dtype | None = None,
     scale_rule: str = DEFAULT_SCALE_RULE,
     activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
+    fp8: tuple[str, ...] = (),
 ) -> tuple[nn.Module, QuantRecipe]:
     """A deep copy of ``teacher`` with NVFP4 fake quantization (``scheme`` "w4a4" or "w4a16") on its Linears, in eval
     mode without gradients; the teacher is left untouched.
 
-    ``exclude`` globs stay in high precision on top of ``quant.DEFAULT_EXCLUDE``; ``dtype`` casts the copy before it
+    ``exclude`` globs stay in high precision on top of ``quant.DEFAULT_EXCLUDE``, ``fp8`` globs are FP8; ``dtype`` casts the copy before it
     is wrapped (distill trains float32 master weights); ``scale_rule`` and ``activation_arithmetic`` as in
     docs/nvfp4.md (an mse-act student needs :func:`quant_calibration.fit_channel_weights` before its weights are quantized with it).
     Returns (student, its ``QuantRecipe``): the recipe to save with it, so that pack and load_model apply the same
@@ -266,7 +267,7 @@ def ptq_student(
     if dtype is not None:
         student.to(dtype)
     recipe = apply_fake_quant(student, scheme=scheme, exclude=exclude, scale_rule=scale_rule,
-                              activation_arithmetic=activation_arithmetic)
+                              activation_arithmetic=activation_arithmetic, fp8=fp8)
     student.eval()
     student.requires_grad_(False)
     return student, recipe

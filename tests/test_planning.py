@@ -18,7 +18,7 @@ from ckaqad_cli.kl import token_kl
 from ckaqad_cli.models import decoder_layers
 from ckaqad_cli.planning import sensitivity
 from ckaqad_cli.planning.budget import budget_bytes, check_budget, choose
-from ckaqad_cli.planning.recipe import kept_exclude, plan_exclude, plan_recipe
+from ckaqad_cli.planning.recipe import fp8_members, kept_exclude, plan_exclude, plan_fp8, plan_recipe
 from ckaqad_cli.planning.switch import prepare
 from ckaqad_cli.planning.units import Unit, UnitTable
 from ckaqad_cli.quant import apply_fake_quant, group_weight_global_scale
@@ -28,8 +28,10 @@ from fixtures import tiny_model, tiny_sequences
 QUIET = Console(stderr=True, quiet=True)
 
 
-def _table(sizes: list[int], fixed: int = 4096) -> UnitTable:
-    units = tuple(Unit(f"u{i}", (f"u{i}",), (f"u{i}",), (f"u{i}",), 16 * n, None) for i, n in enumerate(sizes))
+def _table(sizes: list[int], fixed: int = 4096, experts: int = 0) -> UnitTable:
+    """Units of 16 * n weights in rows of 16 (FP8-able), and ``experts`` more of 1024 weights that cannot be FP8."""
+    units = tuple(Unit(f"u{i}", (f"u{i}",), (f"u{i}",), (f"u{i}",), 16 * n, None, n) for i, n in enumerate(sizes))
+    units += tuple(Unit(f"e{i}", (f"e{i}",), (f"e{i}",), (f"e{i}",), 1024, None) for i in range(experts))
     return UnitTable(units, {"lm_head": fixed}, "w4a4")
 
 
@@ -88,7 +90,7 @@ def test_budget_is_respected_to_the_byte_and_filled(seed):
     assert choice.weight_bytes == table.bytes_of(choice.kept) <= choice.budget_bytes == budget_bytes(table, bits)
     assert choice.budget_bytes == math.floor(bits * table.total_weights / 8)
     leftover = choice.budget_bytes - choice.weight_bytes
-    assert all(u.extra_bytes > leftover for u in table.units if u.name not in choice.kept)  # nothing else fits
+    assert all(u.extra_bytes() > leftover for u in table.units if u.name not in choice.kept)  # nothing else fits
     assert choose(table, scores, bits) == choice  # deterministic
 
 
@@ -136,8 +138,11 @@ def test_budget_below_what_the_bf16_modules_need_or_keeping_everything_is_one_li
     with pytest.raises(CkaqadError, match=r"^--budget-bits 5 is below .*stay BF16 whatever the plan \(lm_head\)") as e:
         check_budget(table, 5.0)
     assert "\n" not in str(e.value)
-    with pytest.raises(CkaqadError, match=r"keeps every unit in BF16.*nothing would be quantized") as e:
+    with pytest.raises(CkaqadError, match=r"puts every unit it can in BF16.*nothing would be quantized") as e:
         check_budget(table, 16.0)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CkaqadError, match=r"puts every unit it can in FP8.*nothing would be NVFP4") as e:
+        check_budget(_table([64, 64], fixed=16), 11.0, "fp8")  # all FP8: 10.05 bits
     assert "\n" not in str(e.value)
 
 
@@ -244,3 +249,42 @@ def test_plan_recipe_round_trips_through_the_exclude_globs():
     again = apply_fake_quant(tiny_model(), "w4a4", plan_exclude(planned))
     assert again == planned
     assert plan_exclude(planned)[0] == "*.layers.1.mlp.down_proj"
+
+
+# -- FP8 as the upgrade ----------------------------------------------------------------------------------------------
+def test_fp8_bytes_are_a_byte_a_weight_and_a_float32_scale_per_output_channel():
+    model, table, _ = _prepared()
+    qkv = table.units[0]
+    rows = sum(model.get_submodule(n).out_features for n in qkv.members)
+    assert qkv.rows == rows and qkv.fp8_bytes == qkv.weights + 4 * rows
+    assert qkv.extra_bytes("fp8") == qkv.fp8_bytes - qkv.nvfp4_bytes and qkv.extra_bytes() == qkv.extra_bytes("bf16")
+    _, moe, _ = _prepared("qwen3_moe")
+    experts = moe.unit("model.layers.0.mlp.experts")
+    assert experts.fp8_bytes is None and experts not in moe.upgradable("fp8") and experts in moe.upgradable("bf16")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_fp8_budget_is_respected_to_the_byte_monotone_and_never_upgrades_experts(seed):
+    rng = random.Random(seed)
+    table = _table([rng.choice([64, 256, 1024, 3072]) for _ in range(rng.randint(1, 10))], experts=2)
+    scores = {u.name: rng.random() for u in table.units}
+    fp8_units = [u.name for u in table.upgradable("fp8")]
+    low, high = table.bits(table.bytes_of(())), table.bits(table.bytes_of(fp8_units, "fp8"))
+    bits = rng.uniform(low + 1e-9, high - 1e-6)
+    choice = choose(table, scores, bits, "fp8")
+    assert choice.upgrade == "fp8" and not any(name.startswith("e") for name in choice.kept)
+    assert choice.weight_bytes == table.bytes_of(choice.kept, "fp8") <= choice.budget_bytes
+    leftover = choice.budget_bytes - choice.weight_bytes
+    assert all(table.unit(n).extra_bytes("fp8") > leftover for n in fp8_units if n not in choice.kept)
+    spent = [choose(table, scores, low + (high - low) * (k + 0.5) / 50, "fp8").weight_bytes for k in range(50)]
+    assert spent == sorted(spent)
+
+
+def test_an_fp8_plan_recipe_puts_the_chosen_units_in_fp8_and_keeps_fused_groups_whole():
+    model, table, _ = _prepared()
+    rng = random.Random(1)
+    chosen = [u.name for u in table.units if rng.random() < 0.5]
+    planned = plan_recipe(model.config, "w4a4", (), fp8=fp8_members(table, chosen))
+    assert set(planned.fp8) == {m for u in table.units if u.name in chosen for m in u.members}
+    assert set(planned.quantized) == {m for u in table.units if u.name not in chosen for m in u.members}
+    assert plan_fp8(planned) == planned.fp8 and plan_exclude(planned) == []

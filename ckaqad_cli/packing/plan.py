@@ -110,11 +110,12 @@ def deploy_dtype(choice: str, source: Path, config: dict[str, Any]) -> torch.dty
 
 def build_recipe(
     source: Path, config: dict[str, Any], scheme: str | None, exclude: list[str], src: SafetensorsSource,
-    scale_rule: str | None = None,
+    scale_rule: str | None = None, fp8: list[str] | None = None,
 ) -> QuantRecipe:
     """The student's recorded recipe, or quant's own selection (DEFAULT_EXCLUDE + ``exclude``) for plain PTQ: from
     the checkpoint's names for the dense decoders of DENSE_DECODER_TYPES, else from the model built on the meta
-    device. ``scale_rule``: the weights' (None: the student's, else amax); a student is packed with its own."""
+    device. ``scale_rule``: the weights' (None: the student's, else amax); a student is packed with its own.
+    ``fp8`` (a run's FP8 plan) and a student's FP8 modules are refused: pack does not write FP8 yet."""
     from ckaqad_cli.quant import RECIPE_FILE, apply_fake_quant, recipe_for_linears
 
     if (source / RECIPE_FILE).is_file():
@@ -128,6 +129,9 @@ def build_recipe(
         recipe = recipe_for_linears(linears, scheme=scheme or "w4a4", exclude=exclude)
     else:
         recipe = apply_fake_quant(_meta_model(config), scheme=scheme or "w4a4", exclude=exclude)
+    if fp8 or recipe.fp8:
+        raise CkaqadError(f"{source}: the plan puts {len(fp8 or recipe.fp8)} module(s) in FP8, which pack does not "
+                          "write yet (docs/fp8.md); plan with --upgrade bf16 to pack")
     if scheme is not None and scheme != recipe.scheme:
         recipe = QuantRecipe(**{**asdict(recipe), "scheme": scheme})
     if scale_rule is not None and scale_rule != recipe.scale_rule:

@@ -1,10 +1,13 @@
-"""The chooser: which units stay in BF16 under a budget of average bits per weight.
+"""The chooser: which units leave NVFP4 (for BF16, or FP8 with ``upgrade="fp8"``) under a budget of average bits
+per weight.
 
 The budget in bytes is ``floor(bits * weights / 8)`` over every Linear weight of the model (units and the modules
-that stay BF16 whatever the plan). Every unit starts in NVFP4; units are then kept in BF16 in the order of the score
+that stay BF16 whatever the plan). Every unit starts in NVFP4; units are then upgraded in the order of the score
 they remove per byte they add (ties: module order), each one that still fits, until none fits: a greedy knapsack,
-deterministic, whole units only (a fused group is never split). Raising the budget never lowers the bytes kept in
-BF16 (at the first unit where two budgets decide differently, the larger keeps it and the smaller cannot afford it).
+deterministic, whole units only (a fused group is never split). Raising the budget never lowers the bytes upgraded
+(at the first unit where two budgets decide differently, the larger takes it and the smaller cannot afford it). A
+unit's score is what quantizing it alone in NVFP4 costs: for FP8 that ranks units by the damage an upgrade can at
+most undo, per byte (docs/plan.md).
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from ckaqad_cli.settings.plan import check_budget_range
 
 @dataclass(frozen=True)
 class Choice:
-    """The units kept in BF16 (in module order), the weight bytes of the plan and the budget's."""
+    """The units upgraded (in module order) and to what, the weight bytes of the plan and the budget's."""
 
     kept: tuple[str, ...]
     weight_bytes: int
     budget_bytes: int
     effective_bits: float
+    upgrade: str = "bf16"
 
 
 def budget_bytes(table: UnitTable, bits: float) -> int:
@@ -35,10 +39,10 @@ def budget_bytes(table: UnitTable, bits: float) -> int:
     return math.floor(Fraction(bits) * table.total_weights / 8)
 
 
-def check_budget(table: UnitTable, bits: float) -> None:
-    """One line for a budget this model cannot meet, or that leaves nothing to quantize."""
+def check_budget(table: UnitTable, bits: float, upgrade: str = "bf16") -> None:
+    """One line for a budget this model cannot meet, or that upgrades every unit it can."""
     check_budget_range(bits)
-    lowest, highest = table.bytes_of(()), table.bytes_of(u.name for u in table.units)
+    lowest, highest = table.bytes_of(()), table.bytes_of((u.name for u in table.upgradable(upgrade)), upgrade)
     limit = budget_bytes(table, bits)
     if limit < lowest:
         fixed = sorted(table.fixed, key=lambda name: -table.fixed[name])
@@ -48,26 +52,29 @@ def check_budget(table: UnitTable, bits: float) -> None:
             f"{sum(table.fixed.values()):,} weights that stay BF16 whatever the plan ({shown}) count 16 bits each"
         ))
     if limit >= highest:
+        what = "nothing would be quantized" if upgrade == "bf16" else "nothing would be NVFP4"
         raise SettingError("budget_bits", (
-            f"{bits:g} keeps every unit in BF16 ({table.bits(highest):.4f} bits per weight): nothing would be "
-            f"quantized; give a budget below {table.bits(highest):.4f}"
+            f"{bits:g} puts every unit it can in {upgrade.upper()} ({table.bits(highest):.4f} bits per weight): "
+            f"{what}; give a budget below {table.bits(highest):.4f}"
         ))
 
 
-def choose(table: UnitTable, scores: Mapping[str, float], bits: float) -> Choice:
-    """Keep the units that remove the most score per byte in BF16 within ``bits`` per weight."""
-    check_budget(table, bits)
+def choose(table: UnitTable, scores: Mapping[str, float], bits: float, upgrade: str = "bf16") -> Choice:
+    """Upgrade the units that remove the most score per byte to ``upgrade`` (units.UPGRADES) within ``bits`` per
+    weight."""
+    check_budget(table, bits, upgrade)
     bad = next((u.name for u in table.units if not math.isfinite(scores[u.name])), None)
     if bad is not None:
         raise CkaqadError(f"the score of {bad} is {scores[bad]}: more calibration tokens may give a finite one")
     order = {u.name: i for i, u in enumerate(table.units)}
-    ranked = sorted(table.units, key=lambda u: (-scores[u.name] / u.extra_bytes, order[u.name]))
+    extra = {u.name: u.extra_bytes(upgrade) for u in table.upgradable(upgrade)}
+    ranked = sorted(table.upgradable(upgrade), key=lambda u: (-scores[u.name] / extra[u.name], order[u.name]))
     limit = budget_bytes(table, bits)
     spent = table.bytes_of(())
     kept = set()
     for unit in ranked:
-        if spent + unit.extra_bytes <= limit:
+        if spent + extra[unit.name] <= limit:
             kept.add(unit.name)
-            spent += unit.extra_bytes
+            spent += extra[unit.name]
     names = tuple(u.name for u in table.units if u.name in kept)
-    return Choice(names, spent, limit, table.bits(spent))
+    return Choice(names, spent, limit, table.bits(spent), upgrade)

@@ -1,5 +1,5 @@
 """Plans side by side against the BF16 teacher: per-layer CKA, output KL and top-1 (as ``diagnose`` measures a PTQ
-student), and the built-in task accuracy, each plan run by switching its NVFP4 units on in the one prepared model."""
+student), and the built-in task accuracy, each plan run by switching its units on in the one prepared model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from ckaqad_cli.cka import TokenFilter
 from ckaqad_cli.cka_streaming import StreamingCKA
 from ckaqad_cli.kl import token_kl
-from ckaqad_cli.planning.switch import nvfp4_units, quantized
+from ckaqad_cli.planning.switch import planned
 from ckaqad_cli.planning.units import UnitTable
 from ckaqad_cli.progress import make_progress
 from ckaqad_cli.quant import freeze_quantized_weights
@@ -22,9 +22,9 @@ from ckaqad_cli.models import capture_residuals
 
 @torch.no_grad()
 def compare(model: nn.Module, table: UnitTable, plans: Mapping[str, Collection[str]], sequences: torch.Tensor, *,
-            batch_size: int, bos_token_id: int | None, console: Console) -> dict[str, dict]:
+            batch_size: int, bos_token_id: int | None, console: Console, upgrade: str = "bf16") -> dict[str, dict]:
     """{label: {linear_cka (embeddings, then every decoder layer), mean_cka, min_cka, kl, top1}} of each plan
-    (label -> the units it keeps in BF16) against the teacher."""
+    (label -> the units it upgrades to ``upgrade``) against the teacher."""
     device = next(model.parameters()).device
     batches = [b.to(device) for b in torch.split(sequences, batch_size)]
     token_filter = TokenFilter()
@@ -42,7 +42,7 @@ def compare(model: nn.Module, table: UnitTable, plans: Mapping[str, Collection[s
                 a.update_teacher(t[keep])
             progress.advance(task)
             for label, kept in plans.items():
-                with quantized(model, nvfp4_units(table, kept), table.scheme), capture_residuals(model) as student:
+                with planned(model, table, kept, upgrade), capture_residuals(model) as student:
                     logits = model(input_ids=ids, use_cache=False).logits
                 for a, s, t in zip(acc, student[:-1], teacher[:-1], strict=True):
                     a.update_student(label, s[keep], t[keep])
@@ -59,13 +59,13 @@ def compare(model: nn.Module, table: UnitTable, plans: Mapping[str, Collection[s
 
 
 def task_accuracy(model: nn.Module, tokenizer, table: UnitTable, plans: Mapping[str, Collection[str]],
-                  problems: Sequence, evaluate: Callable[..., dict]) -> dict[str, float]:
+                  problems: Sequence, evaluate: Callable[..., dict], upgrade: str = "bf16") -> dict[str, float]:
     """Built-in task accuracy (``evaluate``: the suite's exact-match scorer) of the teacher (label ``teacher``) and of
     each plan, each plan on a copy whose NVFP4 weights are quantized once (``quant.freeze_quantized_weights``) rather
     than at every decoding step."""
     out = {"teacher": evaluate(model, tokenizer, problems)["overall"]}
     for label, kept in plans.items():
-        with quantized(model, nvfp4_units(table, kept), table.scheme):
+        with planned(model, table, kept, upgrade):
             student = copy.deepcopy(model)
         freeze_quantized_weights(student)
         out[label] = evaluate(student, tokenizer, problems)["overall"]

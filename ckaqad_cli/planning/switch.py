@@ -2,7 +2,7 @@
 
 ``apply_fake_quant`` wraps every quantizable module; with every switch off the model computes exactly as the BF16
 teacher (an NVFP4Linear that quantizes nothing is ``F.linear``), so the teacher and any mix of NVFP4 and BF16 units
-share one copy of the weights.
+share one copy of the weights. An FP8 unit is an FP8Linear over the same weights, swapped in for the block.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 
 from ckaqad_cli.planning.units import Unit, UnitTable, quantization_units
 from ckaqad_cli.quant import NVFP4Linear, QuantRecipe, apply_fake_quant
+from ckaqad_cli.quant_fp8 import FP8Linear
 from ckaqad_cli.quant_moe import NVFP4Experts
 from ckaqad_kernels.nvfp4_spec import DEFAULT_ACTIVATION_ARITHMETIC, DEFAULT_SCALE_RULE
 
@@ -55,3 +56,22 @@ def nvfp4_units(table: UnitTable, kept: Iterable[str]) -> list[Unit]:
     """The units a plan quantizes: all but the ``kept`` ones."""
     kept = set(kept)
     return [u for u in table.units if u.name not in kept]
+
+
+@contextlib.contextmanager
+def planned(model: nn.Module, table: UnitTable, kept: Iterable[str], upgrade: str = "bf16") -> Iterator[None]:
+    """Within the block, a plan runs: the ``kept`` units in ``upgrade`` (units.UPGRADES), every other in NVFP4."""
+    kept = set(kept)
+    swapped = []
+    if upgrade == "fp8":
+        for name in (m for u in table.units if u.name in kept for m in u.modules):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            swapped.append((parent, leaf, getattr(parent, leaf)))
+            setattr(parent, leaf, FP8Linear(getattr(parent, leaf), quantize_input=table.scheme == "w4a4"))
+    try:
+        with quantized(model, nvfp4_units(table, kept), table.scheme):
+            yield
+    finally:
+        for parent, leaf, original in swapped:
+            setattr(parent, leaf, original)

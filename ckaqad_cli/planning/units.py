@@ -2,7 +2,8 @@
 
 A unit is a fused group (q/k/v, gate/up, w1/w3: engines run them as one GEMM), the experts of one MoE layer (fused
 3-D experts, or per-expert Linears), or a single Linear otherwise. Every Linear weight of the model counts in the
-budget: a unit's in NVFP4 (4.5 bits) or BF16 (16 bits), and the modules that stay BF16 whatever the plan (the output
+budget: a unit's in NVFP4 (4.5 bits), FP8 (8 bits and a float32 scale per output channel) or BF16 (16 bits), and
+the modules that stay BF16 whatever the plan (the output
 head, ``DEFAULT_EXCLUDE`` and ``--exclude`` matches, widths blocks cannot tile) at 16 bits, as ModelOpt's AutoQuantize
 counts them. Embedding tables are not Linear layers and do not count.
 """
@@ -18,6 +19,7 @@ from torch import nn
 from ckaqad_cli import models
 from ckaqad_cli.quant import NVFP4Linear, QuantRecipe
 from ckaqad_cli.quant_moe import NVFP4Experts, expert_of
+from ckaqad_kernels import fp8_ref
 from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
 
 NVFP4_BYTES_PER_BLOCK = BLOCK_SIZE // 2 + 1
@@ -30,7 +32,8 @@ _EXPERT_LINEAR = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.[^.]+$")
 @dataclass(frozen=True)
 class Unit:
     """One quantization unit: its members (the recipe's module names), the modules that switch its fake
-    quantization, the globs that keep it in BF16, its weight count and the decoder layer it lives in."""
+    quantization, the globs that keep it in BF16, its weight count, the decoder layer it lives in, and its output
+    channels when it can be FP8 (Linears; None for MoE experts, which are NVFP4 or BF16)."""
 
     name: str
     members: tuple[str, ...]
@@ -38,6 +41,7 @@ class Unit:
     exclude: tuple[str, ...]
     weights: int
     layer: int | None
+    rows: int | None = None
 
     @property
     def nvfp4_bytes(self) -> int:
@@ -48,9 +52,19 @@ class Unit:
         return self.weights * BF16_BYTES
 
     @property
-    def extra_bytes(self) -> int:
-        """What keeping the unit in BF16 costs over NVFP4."""
-        return self.bf16_bytes - self.nvfp4_bytes
+    def fp8_bytes(self) -> int | None:
+        """A byte a weight and a float32 scale per output channel; None when the unit cannot be FP8."""
+        return None if self.rows is None else self.weights * fp8_ref.BITS_PER_WEIGHT // 8 + (
+            fp8_ref.SCALE_BYTES * self.rows)
+
+    def upgraded_bytes(self, upgrade: str) -> int | None:
+        """The unit's bytes in ``upgrade`` (UPGRADES); None when it cannot take it."""
+        return self.bf16_bytes if upgrade == "bf16" else self.fp8_bytes
+
+    def extra_bytes(self, upgrade: str = "bf16") -> int | None:
+        """What ``upgrade`` costs over NVFP4 (None when the unit cannot take it)."""
+        size = self.upgraded_bytes(upgrade)
+        return None if size is None else size - self.nvfp4_bytes
 
 
 @dataclass(frozen=True)
@@ -66,11 +80,15 @@ class UnitTable:
     def total_weights(self) -> int:
         return sum(u.weights for u in self.units) + sum(self.fixed.values())
 
-    def bytes_of(self, kept: Iterable[str]) -> int:
-        """Weight bytes with the units named in ``kept`` in BF16 and the others in NVFP4."""
+    def bytes_of(self, kept: Iterable[str], upgrade: str = "bf16") -> int:
+        """Weight bytes with the units named in ``kept`` in ``upgrade`` and the others in NVFP4."""
         kept = set(kept)
-        units = sum(u.bf16_bytes if u.name in kept else u.nvfp4_bytes for u in self.units)
+        units = sum(u.upgraded_bytes(upgrade) if u.name in kept else u.nvfp4_bytes for u in self.units)
         return units + BF16_BYTES * sum(self.fixed.values())
+
+    def upgradable(self, upgrade: str) -> tuple[Unit, ...]:
+        """The units that can take ``upgrade``, in module order."""
+        return tuple(u for u in self.units if u.upgraded_bytes(upgrade) is not None)
 
     def bits(self, weight_bytes: int) -> float:
         """Average bits per weight of ``weight_bytes``."""
@@ -130,8 +148,10 @@ def quantization_units(model: nn.Module, recipe: QuantRecipe) -> UnitTable:
     for name, names in members.items():
         fused_experts = switches[name] == [name]
         exclude = (name,) if fused_experts else (f"{name}.*",) if _EXPERT_LINEAR.match(names[0]) else tuple(names)
-        weights = sum(_weights(model.get_submodule(m)) for m in switches[name])
-        units.append(Unit(name, tuple(names), tuple(switches[name]), exclude, weights, _layer_of(name, prefix)))
+        modules = [model.get_submodule(m) for m in switches[name]]
+        weights = sum(_weights(m) for m in modules)
+        rows = sum(m.out_features for m in modules) if all(isinstance(m, nn.Linear) for m in modules) else None
+        units.append(Unit(name, tuple(names), tuple(switches[name]), exclude, weights, _layer_of(name, prefix), rows))
     fixed = {}
     for name, module in model.named_modules():
         if isinstance(module, (NVFP4Linear, NVFP4Experts)):

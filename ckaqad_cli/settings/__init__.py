@@ -108,6 +108,11 @@ SCALE_RULE_HELP = (
     "4, whichever errs less), mse (the least-error scale of up to 11 around those) or mse-act (mse weighted by the "
     "calibration inputs' per-channel mean square, a diagonal local Hessian). docs/nvfp4.md."
 )
+FP8_HELP = (
+    "Glob of Linear modules quantized in FP8 instead of NVFP4 (E4M3 weights with a scale per output channel; w4a4 "
+    "also quantizes their inputs per token): a plan's middle format, docs/fp8.md. Fused groups (q/k/v, gate/up) "
+    "take it together; --exclude wins. Repeatable. Default: the run's plan's, else none."
+)
 ACTIVATION_ARITHMETIC_HELP = (
     "W4A4 input fake quantization: divide (the definition: x / scale) or reciprocal (x times reciprocals, as vLLM's "
     "and TensorRT-LLM's CUDA kernels compute it, so training sees the codes serving computes). docs/nvfp4.md."

@@ -10,6 +10,7 @@ from ckaqad_cli.settings import (
     BUILTIN,
     BUILTIN_REASONER,
     DATA_HELP,
+    FP8_HELP,
     SCALE_RULE_HELP,
     TEACHER_HELP,
     SettingError,
@@ -78,6 +79,7 @@ class DistillConfig:
         (), "Glob of module names left in high precision, on top of lm_head/embeddings/norms/routers. Repeatable.",
         parse=tuple,
     )
+    fp8: tuple[str, ...] = setting((), FP8_HELP, parse=tuple)
     scale_rule: str = setting(DEFAULT_SCALE_RULE, SCALE_RULE_HELP + " The student trains with the scales it is "
                               "packed with.")
     activation_arithmetic: str = setting(DEFAULT_ACTIVATION_ARITHMETIC, ACTIVATION_ARITHMETIC_HELP)
@@ -158,7 +160,7 @@ class DistillConfig:
                   for k in (f.name for f in dataclasses.fields(self))}
         values["data"] = builtin_data(self.data, self.teacher)
         cfg = DistillConfig(**values)
-        cfg.exclude = tuple(cfg.exclude)
+        cfg.exclude, cfg.fp8 = tuple(cfg.exclude), tuple(cfg.fp8)
         if cfg.eval_batch_size is None:
             cfg.eval_batch_size = cfg.batch_size
         cfg.validate()

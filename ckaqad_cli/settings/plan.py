@@ -27,6 +27,8 @@ NVFP4_BITS = 4.5
 """Bits per NVFP4 weight: a 4-bit E2M1 code plus one 8-bit E4M3 scale per block of 16."""
 BF16_BITS = 16
 """Bits per weight kept in BF16."""
+UPGRADES = ("bf16", "fp8")
+"""What a plan's chosen units become (planning.units.UPGRADES; declared here, where no model is needed)."""
 
 
 @dataclass
@@ -40,6 +42,11 @@ class PlanConfig:
     score: str = setting(
         DEFAULT_SCORE, "Sensitivity the chooser ranks units by: cka (drift of the unit's layer and the last layer), kl "
         "(output KL) or grad (AutoQuantize's Fisher estimate)."
+    )
+    upgrade: str = setting(
+        "bf16", "What the chosen units become instead of NVFP4: bf16 (kept unquantized, 16 bits) or fp8 (FP8 E4M3 "
+        "weights with a scale per output channel, inputs per token in w4a4: 8 bits and the scales; vLLM loads it "
+        "beside NVFP4 in compressed-tensors checkpoints, docs/fp8.md). MoE experts take bf16 only."
     )
     teacher: str = same_as(DiagnoseConfig, "teacher")
     scheme: str = setting("w4a4", "NVFP4 scheme the units are measured in: w4a4 or w4a16.")
@@ -70,6 +77,7 @@ class PlanConfig:
         self.data = builtin_data(self.data, self.teacher)
         check_budget_range(self.budget_bits)
         check_choice(self.score, SCORES, "score")
+        check_choice(self.upgrade, UPGRADES, "upgrade")
         check_scheme(self.scheme)
         check_rules(self.scale_rule, self.activation_arithmetic)
         check_at_least(self, {"seq_len": 2, "batch_size": 1, "max_tokens": 1, "task_problems": 0},

@@ -123,8 +123,9 @@ def load_models(cfg: DiagnoseConfig, run: RunDir | None, device: torch.device, d
 
     specs = _split_students(cfg, run)
     teacher = _Model(TEACHER_LABEL, cfg.teacher, *models.load_model(cfg.teacher, **kw))
+    plan = exclude_or_plan((), run)  # the run's plan, when it has one
     rules = {"scale_rule": cfg.scale_rule, "activation_arithmetic": cfg.activation_arithmetic,
-             "exclude": tuple(exclude_or_plan((), run)[0])}  # the run's plan, when it has one
+             "exclude": tuple(plan.exclude), "fp8": tuple(plan.fp8)}
     ptq = [_Model(f"ptq-{scheme}", f"{cfg.teacher} (PTQ {scheme})",
                   placed(models.ptq_student(teacher.model, scheme, **rules)[0]), teacher.tokenizer)
            for scheme in cfg.ptq]
@@ -396,8 +397,11 @@ def run_diagnose(cfg: DiagnoseConfig, run: RunDir, *, console: Console | None = 
     inputs.update({f"student:{s.label}": describe_input(s.spec) for s in students if not s.label.startswith("ptq-")})
     inputs.update({f"lm_eval:{f}": describe_input(f) for f in (lm_eval_plan.files if lm_eval_plan else [])})
     config = {**asdict(cfg), "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-    if cfg.ptq:  # what the PTQ students kept in BF16 beyond the default: the run's plan, when it has one
-        config["ptq_exclude"] = exclude_or_plan((), run)[0]
+    if cfg.ptq:  # what the PTQ students kept in BF16 beyond the default and put in FP8: the run's plan, if any
+        plan = exclude_or_plan((), run)
+        config["ptq_exclude"] = plan.exclude
+        if plan.fp8:
+            config["ptq_fp8"] = plan.fp8
     with run.stage(cfg.stage, config=config, inputs=inputs, force=cfg.force) as rec:
         report = measure(teacher, students, sequences, cfg, device, console)
         report.update(

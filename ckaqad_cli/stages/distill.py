@@ -61,7 +61,7 @@ def build_models(cfg: DistillConfig, ctx: D.DistContext) -> Models:
     load_device = "cpu" if ctx.distributed else ctx.device  # FSDP moves each shard to its device
     teacher, tokenizer = load_model(cfg.teacher, device=load_device, dtype=dtype,
                                     trust_remote_code=cfg.trust_remote_code)
-    student, recipe = ptq_student(teacher, cfg.scheme, exclude=cfg.exclude, dtype=torch.float32,
+    student, recipe = ptq_student(teacher, cfg.scheme, exclude=cfg.exclude, fp8=cfg.fp8, dtype=torch.float32,
                                   scale_rule=cfg.scale_rule, activation_arithmetic=cfg.activation_arithmetic)
     student.requires_grad_(True)
     student.train()
@@ -188,11 +188,12 @@ def run_distill(
     ctx = D.setup(cfg.device)
     try:
         cfg = cfg.resolved()
-        exclude, planned = exclude_or_plan(cfg.exclude, run)
-        if planned:
-            cfg.exclude = tuple(exclude)
+        selection = exclude_or_plan(cfg.exclude, run, cfg.fp8)
+        if selection.planned:
+            cfg.exclude, cfg.fp8 = tuple(selection.exclude), tuple(selection.fp8)
             if ctx.is_main:
-                console.print(f"the run's plan keeps {len(exclude)} module pattern(s) in BF16 (plan/quant_recipe.json)")
+                console.print(f"the run's plan keeps {len(cfg.exclude)} module pattern(s) in BF16 and puts "
+                              f"{len(cfg.fp8)} in FP8 (plan/quant_recipe.json)")
         if cfg.dry_run:  # nothing loads but the teacher's config, nothing is written
             estimate = memory_estimate(cfg, ctx.device, ctx.world_size)
             if ctx.is_main:

@@ -167,8 +167,8 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
     check_output(target, source, cfg.force)
     with SafetensorsSource(source, digest=True) as src:
         config = formats.read_config(source)
-        exclude = exclude_or_plan(cfg.exclude, run if cfg.model else None)[0]  # a student's recipe is fixed
-        recipe = build_recipe(source, config, cfg.scheme, exclude, src, cfg.scale_rule)
+        selection = exclude_or_plan(cfg.exclude, run if cfg.model else None)  # a student's recipe is fixed
+        recipe = build_recipe(source, config, cfg.scheme, selection.exclude, src, cfg.scale_rule, selection.fp8)
         verify = cfg.verify if cfg.verify is not None else src.total_bytes <= AUTO_VERIFY_MAX_BYTES
         input_amax, fallbacks, second_moments = _calibration(cfg, run, source, recipe)
         plan = plan_pack(source, src, config, recipe, fmt, input_amax, fallbacks, deploy_dtype(cfg.dtype, source, config))

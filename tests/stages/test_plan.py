@@ -145,3 +145,37 @@ def test_distill_and_a_model_pack_take_the_runs_plan_by_default(planned, inputs,
     assert kept_members <= set(packed.summary["kept"])
     plain = pack_model(PackConfig(model=str(teacher), out=str(tmp_path / "plain"), scheme="w4a16", verify=False))
     assert not kept_members & set(plain.summary["kept"])
+
+
+def test_an_fp8_plan_puts_its_units_in_fp8_for_the_comparison_and_distill_and_pack_says_it_cannot_yet(
+        inputs, tmp_path):
+    from ckaqad_cli.errors import CkaqadError
+    from ckaqad_cli.planning.recipe import plan_fp8
+    from ckaqad_cli.quant_fp8 import FP8Linear
+
+    teacher, data = inputs
+    run = RunDir(tmp_path / "run")
+    report = run_plan(PlanConfig(budget_bits=6.8, upgrade="fp8", teacher=str(teacher), data=data, **SMALL), run)
+    assert report["upgrade"] == "fp8" and 0 < len(report["kept"]) < len(report["units"])
+    chosen = [u for u in report["units"] if u["kept"]]
+    assert report["weight_bytes"] == sum(u["fp8_bytes"] if u["kept"] else u["nvfp4_bytes"] for u in report["units"]) \
+        + 2 * sum(report["fixed"].values()) <= report["budget_bytes"]
+    recipe = recorded_plan(run)
+    assert recipe.fp8 == [m for u in chosen for m in u["members"]] == plan_fp8(recipe) == report["fp8"]
+    assert not set(recipe.fp8) & set(recipe.quantized) and plan_exclude(recipe) == report["exclude"] == []
+    # the plan's student is measured with its units in FP8: between uniform NVFP4 and the teacher
+    assert report["comparison"]["plan"]["kl"] < report["comparison"]["uniform"]["kl"]
+    assert "`--fp8` " + repr(recipe.fp8[0]) in (run.stage_dir("plan") / "report.md").read_text()
+    run_distill(DistillConfig(teacher=str(teacher), data=data, steps=1, batch_size=4, seq_len=16, lr=1e-3,
+                              eval_every=100, save_every=100, eval_sequences=8, eval_tokens=32, cka_layers="all",
+                              cka_tokens=16, device="cpu"), run, show_progress=False)
+    student = run.stage_dir("distill") / "student"
+    assert QuantRecipe.load(student) == recipe
+    assert run.stage_entry("distill")["config"]["fp8"] == recipe.fp8
+    from ckaqad_cli.models import load_model
+
+    model, _ = load_model(str(student))
+    assert {n for n, m in model.named_modules() if isinstance(m, FP8Linear)} == set(recipe.fp8)
+    with pytest.raises(CkaqadError, match="FP8, which pack does not write yet") as e:
+        pack_model(PackConfig(model=str(student), out=str(tmp_path / "packed"), verify=False))
+    assert "\n" not in str(e.value)
