@@ -20,7 +20,7 @@ from torch import nn
 
 from ckaqad_cli.atomic import atomic_write_json
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.quant_fp8 import FP8Linear
+from ckaqad_cli.quant_fp8 import AdoptingLinear, FP8Linear
 from ckaqad_cli.quant_moe import (
     NVFP4Experts,
     expert_module_names,
@@ -176,11 +176,10 @@ class _FusedGroup:
         return group_weight_global_scale([m.weight for m in self.members])
 
 
-class NVFP4Linear(nn.Linear):
+class NVFP4Linear(AdoptingLinear):
     """An nn.Linear whose weight (and, for W4A4, input) is NVFP4 fake-quantized with a straight-through estimator.
 
-    It keeps the wrapped Linear's ``weight`` and ``bias`` Parameters, so state_dict names do not change. The weight
-    uses its fused group's shared global scale; the input a dynamic per-tensor one, or ``input_amax`` once
+    The weight uses its fused group's shared global scale; the input a dynamic per-tensor one, or ``input_amax`` once
     calibrated (a non-persistent buffer: it lives in the recipe, not the state dict).
     """
 
@@ -193,13 +192,9 @@ class NVFP4Linear(nn.Linear):
         scale_rule: str = DEFAULT_SCALE_RULE,
         activation_arithmetic: str = DEFAULT_ACTIVATION_ARITHMETIC,
     ):
-        nn.Module.__init__(self)
         if linear.in_features % BLOCK_SIZE:
             raise ValueError(f"NVFP4Linear needs in_features divisible by {BLOCK_SIZE}, got {linear.in_features}")
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+        super().__init__(linear)
         self.quantize_weight = quantize_weight
         self.quantize_input = quantize_input
         self.register_buffer("input_amax", None, persistent=False)

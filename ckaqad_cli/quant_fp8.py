@@ -24,18 +24,23 @@ class _FakeQuantizeFP8STE(torch.autograd.Function):
         return grad
 
 
-class FP8Linear(nn.Linear):
-    """An nn.Linear whose weight (and, with ``quantize_input``, input) is FP8 fake-quantized row by row.
+class AdoptingLinear(nn.Linear):
+    """An nn.Linear built around another one: it keeps that Linear's ``weight`` and ``bias`` Parameters (no copy, so
+    state_dict names and optimizer state do not change). The base of the fake-quantized Linears."""
 
-    It keeps the wrapped Linear's ``weight`` and ``bias`` Parameters, so state_dict names do not change.
-    """
-
-    def __init__(self, linear: nn.Linear, *, quantize_input: bool):
+    def __init__(self, linear: nn.Linear):
         nn.Module.__init__(self)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
+
+
+class FP8Linear(AdoptingLinear):
+    """A Linear whose weight (and, with ``quantize_input``, input) is FP8 fake-quantized row by row."""
+
+    def __init__(self, linear: nn.Linear, *, quantize_input: bool):
+        super().__init__(linear)
         self.quantize_input = quantize_input
         self.quantize_weight = True
 
