@@ -255,9 +255,10 @@ def ptq_student(
     """A deep copy of ``teacher`` with NVFP4 fake quantization (``scheme`` "w4a4" or "w4a16") on its Linears, in eval
     mode without gradients; the teacher is left untouched.
 
-    ``exclude`` globs stay in high precision on top of ``quant.DEFAULT_EXCLUDE``, ``fp8`` globs are FP8; ``dtype`` casts the copy before it
-    is wrapped (distill trains float32 master weights); ``scale_rule`` and ``activation_arithmetic`` as in
-    docs/nvfp4.md (an mse-act student needs :func:`quant_calibration.fit_channel_weights` before its weights are quantized with it).
+    ``exclude`` globs stay in high precision on top of ``quant.DEFAULT_EXCLUDE``, ``fp8`` globs are FP8; ``dtype``
+    casts the copy before it is wrapped (distill trains float32 master weights); ``scale_rule`` and
+    ``activation_arithmetic`` as in docs/nvfp4.md (an mse-act student needs
+    :func:`quant_calibration.fit_channel_weights` before its weights are quantized with it).
     Returns (student, its ``QuantRecipe``): the recipe to save with it, so that pack and load_model apply the same
     exclusions and rules.
     """

@@ -16,12 +16,12 @@ from ckaqad_kernels import fp8_ref
 
 class _FakeQuantizeFP8STE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return fp8_ref.fake_quantize(x)
+    def forward(ctx, x, fake_quantize):
+        return fake_quantize(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
 class AdoptingLinear(nn.Linear):
@@ -45,12 +45,12 @@ class FP8Linear(AdoptingLinear):
         self.quantize_weight = True
 
     def quantized_weight(self) -> torch.Tensor:
-        return _FakeQuantizeFP8STE.apply(self.weight)
+        return _FakeQuantizeFP8STE.apply(self.weight, fp8_ref.fake_quantize_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight() if self.quantize_weight else self.weight
         if self.quantize_input:
-            x = _FakeQuantizeFP8STE.apply(x)
+            x = _FakeQuantizeFP8STE.apply(x, fp8_ref.fake_quantize_tokens)
         return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -249,12 +249,13 @@ def test_fp8_units_are_fp8_linears_with_the_reference_values_and_a_straight_thro
     assert not set(recipe.fp8) & set(recipe.quantized) and not set(recipe.fp8) & set(recipe.skipped)
     x = torch.randn(2, 3, 32, requires_grad=True)
     out = o_proj(x)
-    expected = F.linear(fp8_ref.fake_quantize(x.detach()), fp8_ref.fake_quantize(o_proj.weight.detach()))
+    expected = F.linear(fp8_ref.fake_quantize_tokens(x.detach()), fp8_ref.fake_quantize_weight(o_proj.weight.detach()))
     assert torch.equal(out, expected)
     out.sum().backward()
     # straight through: d(sum)/dW is the sum of the quantized inputs, d(sum)/dx the column sums of the FP8 weight
-    assert torch.allclose(o_proj.weight.grad, fp8_ref.fake_quantize(x.detach()).reshape(6, 32).sum(0).expand(32, 32))
-    assert torch.allclose(x.grad, fp8_ref.fake_quantize(o_proj.weight.detach()).sum(0).expand(2, 3, 32))
+    inputs = fp8_ref.fake_quantize_tokens(x.detach()).reshape(6, 32)
+    assert torch.allclose(o_proj.weight.grad, inputs.sum(0).expand(32, 32))
+    assert torch.allclose(x.grad, fp8_ref.fake_quantize_weight(o_proj.weight.detach()).sum(0).expand(2, 3, 32))
     # the recipe round trip builds the same model; w4a16 leaves FP8 inputs alone
     recipe.save(tmp_path)
     fresh = tiny_llama()
@@ -265,7 +266,7 @@ def test_fp8_units_are_fp8_linears_with_the_reference_values_and_a_straight_thro
     assert not w4a16.model.layers[0].self_attn.o_proj.quantize_input
     # frozen: the stored weight is the FP8 value and is not quantized again
     quant.freeze_quantized_weights(model)
-    assert torch.equal(o_proj.weight, fp8_ref.fake_quantize(o_proj.weight)) and not o_proj.quantize_weight
+    assert torch.equal(o_proj.weight, fp8_ref.fake_quantize_weight(o_proj.weight)) and not o_proj.quantize_weight
 
 
 def test_fp8_errors():

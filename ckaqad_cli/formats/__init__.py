@@ -19,7 +19,8 @@ Scale conventions
     -> the dense weight, through the kernels' dequantize) and ``decoded_global_scale``.
 Config keys and extra files
     ``CONFIG_KEYS``           config.json keys the format reads; the first is the one written
-    ``quantization_config(scheme, ignore)``  config.json's ``quantization_config``
+    ``quantization_config(scheme, ignore, fp8)``  config.json's ``quantization_config`` (``fp8``: FP8 modules)
+    ``FP8_PARAMS``            the names an FP8 Linear stores (codes, per-channel scales), None without FP8
     ``is_format(config)``     True for a config.json of this format
     ``scheme_of(config)``     "w4a4" or "w4a16" of a config.json of this format
     ``extra_files(scheme, ignore)``  {file name: JSON} written beside config.json
@@ -45,6 +46,7 @@ import torch
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.formats import compressed_tensors, layout, modelopt
 from ckaqad_cli.safetensors_io import SafetensorsSource
+from ckaqad_kernels import fp8_ref
 
 FORMATS: dict[str, ModuleType] = {compressed_tensors.NAME: compressed_tensors, modelopt.NAME: modelopt}
 CONFIG_KEYS = tuple(dict.fromkeys(key for fmt in FORMATS.values() for key in fmt.CONFIG_KEYS))
@@ -92,12 +94,13 @@ def scale_is_exact(fmt: ModuleType, scale: torch.Tensor) -> bool:
     return bool(layout.decoded_global_scale(fmt, g) == g)
 
 
-def packed_config(config: dict[str, Any], fmt: ModuleType, scheme: str, ignore: list[str]) -> dict[str, Any]:
+def packed_config(config: dict[str, Any], fmt: ModuleType, scheme: str, ignore: list[str],
+                  fp8: list[str] | None = None) -> dict[str, Any]:
     """config.json of a model packed in ``fmt``: ``config`` without any format's quantization keys, then ``fmt``'s
     quantization_config (in the place of a key of that name, else last)."""
     written = fmt.CONFIG_KEYS[0]
     out = {k: v for k, v in config.items() if k == written or k not in CONFIG_KEYS}
-    out[written] = fmt.quantization_config(scheme, ignore)
+    out[written] = fmt.quantization_config(scheme, ignore, fp8)
     return out
 
 
@@ -120,13 +123,25 @@ def quantized_modules(fmt: ModuleType, source: SafetensorsSource) -> list[str]:
     return [m for m in modules if f"{m}.{fmt.PARAMS[1]}" in source]
 
 
+def fp8_modules(fmt: ModuleType, source: SafetensorsSource) -> list[str]:
+    """Modules stored in FP8 in a directory of format ``fmt`` (E4M3 codes beside their per-channel scales)."""
+    if fmt.FP8_PARAMS is None:
+        return []
+    codes, scales = fmt.FP8_PARAMS
+    suffix = f".{codes}"
+    modules = [n[: -len(suffix)] for n in source.names()
+               if n.endswith(suffix) and source.spec(n).dtype == torch.float8_e4m3fn]
+    return [m for m in modules if f"{m}.{scales}" in source]
+
+
 def load_dequantized_state_dict(
     directory: str | os.PathLike, dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
     """{name: dense tensor} of a packed directory, with the original model's parameter names.
 
-    Quantized weights are decoded by our own unpacker (bit-exact to the fake-quantized weights ckaqad trained with);
-    scale tensors are dropped; every other tensor is returned as stored. ``dtype`` defaults to the config's dtype.
+    Quantized weights, NVFP4 and FP8, are decoded by our own unpacker (bit-exact to the fake-quantized weights ckaqad
+    trained with); scale tensors are dropped; every other tensor is returned as stored. ``dtype`` defaults to the
+    config's dtype.
     """
     name = detect_format(directory)
     if name is None:
@@ -140,6 +155,10 @@ def load_dequantized_state_dict(
         for module in modules:
             tensors = {f"{module}.{p}": source.get(f"{module}.{p}") for p in fmt.PARAMS if f"{module}.{p}" in source}
             out[f"{module}.weight"] = layout.decode(fmt, tensors, module, dtype)
+        for module in fp8_modules(fmt, source):
+            codes, scales = (f"{module}.{p}" for p in fmt.FP8_PARAMS)
+            scale_names.update((codes, scales))
+            out[f"{module}.weight"] = fp8_ref.dequantize(source.get(codes), source.get(scales), dtype)
         for tensor_name in source.names():
             if tensor_name not in scale_names:
                 out[tensor_name] = source.get(tensor_name)

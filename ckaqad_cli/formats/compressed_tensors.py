@@ -7,8 +7,15 @@ Per quantized Linear ``M``:
 - ``M.weight_global_scale`` float32 [1], the *reciprocal* of our global scale: (6 * 448) / amax
 - ``M.input_global_scale``  float32 [1] (W4A4 only), the reciprocal of the calibrated input global scale
 
+Per FP8 Linear ``M`` (a plan's ``--upgrade fp8`` units, docs/fp8.md):
+
+- ``M.weight``              float8_e4m3fn [out, in], the E4M3 codes
+- ``M.weight_scale``        float32 [out, 1], one scale per output channel
+
 config.json carries ``quantization_config`` (quant_method compressed-tensors, one config group targeting Linear,
-the ignore list, format, quantization_status compressed).
+the ignore list, format, quantization_status compressed); with FP8 modules a second group (FP8_DYNAMIC's arguments,
+format float-quantized) targets them by exact name, which compressed-tensors and vLLM match before a class name,
+and the top-level format is mixed-precision.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
 
 NAME = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"
+FP8_FORMAT = "float-quantized"
+MIXED_FORMAT = "mixed-precision"
+FP8_PARAMS = ("weight", "weight_scale")
+"""The names of what an FP8 Linear stores: its codes and its per-channel scales; None in a format without FP8."""
 QUANT_METHOD = "compressed-tensors"
 PARAMS = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
 SCALE_SHAPE = (1,)
@@ -45,24 +56,41 @@ def _fp4_args(*, dynamic: bool | str) -> dict[str, Any]:
     }
 
 
-def quantization_config(scheme: str, ignore: list[str]) -> dict[str, Any]:
-    """config.json's ``quantization_config`` (the NVFP4 / NVFP4A16 presets of compressed-tensors)."""
+def _fp8_args(strategy: str, *, dynamic: bool) -> dict[str, Any]:
+    """FP8 E4M3 arguments. Static scales are stored in float32 and say so: without ``scale_dtype`` compressed-tensors
+    makes a bf16 model's scale parameters bf16 and rounds the stored scales on load."""
+    args = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": dynamic}
+    return args if dynamic else {**args, "scale_dtype": "torch.float32"}
+
+
+def quantization_config(scheme: str, ignore: list[str], fp8: list[str] | None = None) -> dict[str, Any]:
+    """config.json's ``quantization_config`` (the NVFP4 / NVFP4A16 presets of compressed-tensors), and the FP8
+    modules' group (FP8_DYNAMIC, or FP8 weights only in w4a16) when there are any."""
     inputs = None
     if scheme == "w4a4":  # dynamic "local" block scales, a static stored input_global_scale
         inputs = {**_fp4_args(dynamic="local"), "observer": "static_minmax"}
+    groups = {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": _fp4_args(dynamic=False),
+            "input_activations": inputs,
+            "output_activations": None,
+            "format": FORMAT,
+        }
+    }
+    if fp8:
+        groups["group_1"] = {
+            "targets": list(fp8),
+            "weights": _fp8_args("channel", dynamic=False),
+            "input_activations": _fp8_args("token", dynamic=True) if scheme == "w4a4" else None,
+            "output_activations": None,
+            "format": FP8_FORMAT,
+        }
     return {
         "quant_method": QUANT_METHOD,
-        "format": FORMAT,
+        "format": MIXED_FORMAT if fp8 else FORMAT,
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": _fp4_args(dynamic=False),
-                "input_activations": inputs,
-                "output_activations": None,
-                "format": FORMAT,
-            }
-        },
+        "config_groups": groups,
         "ignore": sorted(ignore),
         "kv_cache_scheme": None,
     }
@@ -75,7 +103,11 @@ def extra_files(scheme: str, ignore: list[str]) -> dict[str, Any]:
 
 def is_format(config: dict[str, Any]) -> bool:
     qc = config.get("quantization_config") or config.get("compression_config") or {}
-    return qc.get("quant_method") == QUANT_METHOD and qc.get("format") == FORMAT
+    if qc.get("quant_method") != QUANT_METHOD:
+        return False
+    groups = (qc.get("config_groups") or {}).values()
+    return qc.get("format") == FORMAT or (
+        qc.get("format") == MIXED_FORMAT and any(isinstance(g, dict) and g.get("format") == FORMAT for g in groups))
 
 
 def scheme_of(config: dict[str, Any]) -> str:

@@ -29,6 +29,8 @@ PARAMS = ("weight", "weight_scale", "weight_scale_2", "input_scale")
 SCALE_SHAPE = ()
 CONFIG_KEYS = ("quantization_config",)
 EXTRA_FILES = (HF_QUANT_CONFIG,)
+FP8_PARAMS = None
+"""FP8 modules need ModelOpt's MIXED_PRECISION, which ckaqad does not write (docs/fp8.md)."""
 TRANSFORMERS_LIBRARY = None
 """transformers does not load pre-quantized ModelOpt NVFP4 checkpoints."""
 LIBRARY = "Model Optimizer"
@@ -48,8 +50,9 @@ def hf_quant_config(scheme: str, exclude: list[str]) -> dict[str, Any]:
     }
 
 
-def quantization_config(scheme: str, exclude: list[str]) -> dict[str, Any]:
-    """config.json's ``quantization_config``: the same information in the shape ModelOpt's export writes."""
+def quantization_config(scheme: str, exclude: list[str], fp8: list[str] | None = None) -> dict[str, Any]:
+    """config.json's ``quantization_config``: the same information in the shape ModelOpt's export writes (no FP8
+    modules: FP8_PARAMS is None)."""
     fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": BLOCK_SIZE}
     group: dict[str, Any] = {"weights": dict(fp4), "targets": ["Linear"]}
     if scheme == "w4a4":

@@ -29,7 +29,9 @@ class PackPlan:
     scheme: str
     recipe: QuantRecipe
     shapes: dict[str, tuple[int, int]]
-    """Quantized module -> (out_features, in_features)."""
+    """Quantized (NVFP4) module -> (out_features, in_features)."""
+    fp8: dict[str, tuple[int, int]]
+    """FP8 module -> (out_features, in_features)."""
     kept: dict[str, str]
     """Linear modules left in high precision -> why."""
     groups: list[list[str]]
@@ -38,7 +40,7 @@ class PackPlan:
     input_fallbacks: dict[str, str]
     specs: list[TensorSpec]
     steps: list[tuple[str, Any]]
-    """("copy", tensor name) or ("quantize", group) in write order."""
+    """("copy", tensor name), ("quantize", group) or ("fp8", module) in write order."""
     dtype: torch.dtype
     """dtype of the floating tensors copied unquantized, and of config.json."""
     second_moments: dict[str, torch.Tensor] | None = None
@@ -115,23 +117,21 @@ def build_recipe(
     """The student's recorded recipe, or quant's own selection (DEFAULT_EXCLUDE + ``exclude``) for plain PTQ: from
     the checkpoint's names for the dense decoders of DENSE_DECODER_TYPES, else from the model built on the meta
     device. ``scale_rule``: the weights' (None: the student's, else amax); a student is packed with its own.
-    ``fp8`` (a run's FP8 plan) and a student's FP8 modules are refused: pack does not write FP8 yet."""
+    ``fp8``: globs of Linears packed in FP8 (plain PTQ only, like ``exclude``)."""
     from ckaqad_cli.quant import RECIPE_FILE, apply_fake_quant, recipe_for_linears
 
     if (source / RECIPE_FILE).is_file():
         recipe = QuantRecipe.load(source)
-        if exclude:
-            raise CkaqadError(f"{source} is a distilled student: its recipe fixes the modules; drop --exclude")
+        if exclude or fp8:
+            option = "--exclude" if exclude else "--fp8"
+            raise CkaqadError(f"{source} is a distilled student: its recipe fixes the modules; drop {option}")
         if scale_rule not in (None, recipe.scale_rule):
             raise CkaqadError(f"{source} was trained with the {recipe.scale_rule} scale rule and is packed with it; "
                               f"drop --scale-rule {scale_rule}")
     elif (linears := dense_decoder_linears(config, src)) is not None:
-        recipe = recipe_for_linears(linears, scheme=scheme or "w4a4", exclude=exclude)
+        recipe = recipe_for_linears(linears, scheme=scheme or "w4a4", exclude=exclude, fp8=fp8 or ())
     else:
-        recipe = apply_fake_quant(_meta_model(config), scheme=scheme or "w4a4", exclude=exclude)
-    if fp8 or recipe.fp8:
-        raise CkaqadError(f"{source}: the plan puts {len(fp8 or recipe.fp8)} module(s) in FP8, which pack does not "
-                          "write yet (docs/fp8.md); plan with --upgrade bf16 to pack")
+        recipe = apply_fake_quant(_meta_model(config), scheme=scheme or "w4a4", exclude=exclude, fp8=fp8 or ())
     if scheme is not None and scheme != recipe.scheme:
         recipe = QuantRecipe(**{**asdict(recipe), "scheme": scheme})
     if scale_rule is not None and scale_rule != recipe.scale_rule:
@@ -148,6 +148,17 @@ def _tied_head(config: dict[str, Any]) -> bool:
 # -- the write plan --------------------------------------------------------------------------------------------
 
 
+def _linear_shape(src: SafetensorsSource, module: str, kind: str) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear the recipe quantizes (``kind``: its format, for the error)."""
+    name = f"{module}.weight"
+    if name not in src:
+        raise CkaqadError(f"the recipe puts {module} in {kind}, but the checkpoint has no tensor {name}")
+    spec = src.spec(name)
+    if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
+        raise CkaqadError(f"{name} is {spec.dtype} {list(spec.shape)}, not a 2-D floating Linear weight")
+    return spec.shape[0], spec.shape[1]
+
+
 def plan_pack(
     source: Path,
     src: SafetensorsSource,
@@ -158,6 +169,9 @@ def plan_pack(
     input_fallbacks: dict[str, str],
     dtype: torch.dtype,
 ) -> PackPlan:
+    if recipe.fp8 and fmt.FP8_PARAMS is None:
+        raise CkaqadError(f"the recipe puts {len(recipe.fp8)} module(s) in FP8, which the {fmt.NAME} format does not "
+                          "hold here (docs/fp8.md): use --format compressed-tensors")
     quantized = list(recipe.quantized)
     kept = dict(recipe.skipped)
     if _tied_head(config):
@@ -166,17 +180,13 @@ def plan_pack(
             kept[name] = "tied to the input embeddings"
     shapes: dict[str, tuple[int, int]] = {}
     for module in list(quantized):
-        name = f"{module}.weight"
-        if name not in src:
-            raise CkaqadError(f"the recipe quantizes {module}, but the checkpoint has no tensor {name}")
-        spec = src.spec(name)
-        if len(spec.shape) != 2 or not spec.dtype.is_floating_point:
-            raise CkaqadError(f"{name} is {spec.dtype} {list(spec.shape)}, not a 2-D floating Linear weight")
-        if spec.shape[1] % nvfp4_ref.BLOCK_SIZE:
+        spec = _linear_shape(src, module, "NVFP4")
+        if spec[1] % nvfp4_ref.BLOCK_SIZE:
             quantized.remove(module)
-            kept[module] = f"in_features {spec.shape[1]} is not a multiple of {nvfp4_ref.BLOCK_SIZE}"
+            kept[module] = f"in_features {spec[1]} is not a multiple of {nvfp4_ref.BLOCK_SIZE}"
             continue
-        shapes[module] = (spec.shape[0], spec.shape[1])
+        shapes[module] = spec
+    fp8 = {m: _linear_shape(src, m, "FP8") for m in recipe.fp8}
     listed = set(quantized)
     grouped = [[m for m in g if m in listed] for g in (recipe.fused_groups or fused_groups(quantized))]
     group_of = {m: g for g in grouped if g for m in g}
@@ -189,7 +199,12 @@ def plan_pack(
     done: set[str] = set()
     for name in src.names():
         module, _, param = name.rpartition(".")
-        if param == "weight" and module in unit_of:
+        if param == "weight" and module in fp8:
+            steps.append(("fp8", module))
+            codes, scales = (f"{module}.{p}" for p in fmt.FP8_PARAMS)
+            specs += [TensorSpec(codes, torch.float8_e4m3fn, fp8[module]),
+                      TensorSpec(scales, torch.float32, (fp8[module][0], 1))]
+        elif param == "weight" and module in unit_of:
             unit = unit_of[module]
             if unit[0] in done:
                 continue
@@ -209,6 +224,7 @@ def plan_pack(
         scheme=scheme,
         recipe=recipe,
         shapes=shapes,
+        fp8=fp8,
         kept=kept,
         groups=groups,
         input_amax=input_amax,

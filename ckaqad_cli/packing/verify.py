@@ -22,7 +22,7 @@ from ckaqad_cli.packing.plan import PackPlan
 from ckaqad_cli.packing.write import scale_rule_args
 from ckaqad_cli.quant import QuantRecipe, group_weight_global_scale
 from ckaqad_cli.safetensors_io import SafetensorsSource
-from ckaqad_kernels import nvfp4_ref
+from ckaqad_kernels import fp8_ref, nvfp4_ref
 
 VERIFY_TOP1_MIN = 0.8
 VERIFY_MAX_ABS_REL = 0.25
@@ -69,8 +69,19 @@ def verify_weights(plan: PackPlan, src: SafetensorsSource, out: Path) -> dict[st
                     inexact_scale.append(m)
                 else:
                     mismatched.append(m)
+        for m in plan.fp8:  # FP8 scales are stored as computed: the decode is exact
+            w = src.get(f"{m}.weight")
+            if plan.dtype != w.dtype:
+                w = w.float()
+            codes, scales = (packed.get(f"{m}.{p}") for p in plan.fmt.FP8_PARAMS)
+            got, want = fp8_ref.dequantize(codes, scales, w.dtype), fp8_ref.fake_quantize_weight(w)
+            if same_bits(got, want):
+                exact += 1
+            else:
+                mismatched.append(m)
+                max_diff = max(max_diff, float((got.float() - want.float()).abs().max()))
     return {
-        "modules": len(plan.shapes),
+        "modules": len(plan.shapes) + len(plan.fp8),
         "bit_exact": exact,
         "reciprocal_scale_inexact": inexact_scale,
         "mismatched": mismatched,
@@ -99,7 +110,8 @@ def _packed_through_unpacker(out: Path, plan: PackPlan, device: str):
     from ckaqad_cli.quant import apply_recipe, stop_weight_quantization
 
     model = load_packed_pretrained(out, dtype=plan.dtype, device=device)
-    recipe = QuantRecipe(**{**asdict(plan.recipe), "quantized": list(plan.shapes), "input_amax": plan.input_amax})
+    recipe = QuantRecipe(**{**asdict(plan.recipe), "quantized": list(plan.shapes), "fp8": list(plan.fp8),
+                            "input_amax": plan.input_amax})
     recipe.fused_groups = [g for g in plan.groups if len(g) > 1]
     apply_recipe(model, recipe)
     stop_weight_quantization(model)
@@ -135,11 +147,11 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def _set_activation_quant(student, packed, on: bool, through_transformers: bool) -> None:
     """Switch W4A4 input quantization on or off in both models (weights stay quantized)."""
-    from ckaqad_cli.quant import NVFP4Experts, NVFP4Linear
+    from ckaqad_cli.quant import FP8Linear, NVFP4Experts, NVFP4Linear
 
     for model in (student, packed):
         for module in model.modules():
-            if isinstance(module, (NVFP4Linear, NVFP4Experts)):
+            if isinstance(module, (NVFP4Linear, NVFP4Experts, FP8Linear)):
                 module.quantize_input = on
             scheme = getattr(module, "quantization_scheme", None) if through_transformers else None
             if scheme is not None:
@@ -195,7 +207,7 @@ def verify_logits(plan: PackPlan, out: Path, device: str, *, weights_exact: bool
     from ckaqad_cli.quant import freeze_quantized_weights, set_input_amax, stop_weight_quantization
 
     with SafetensorsSource(plan.source) as src:  # the dtype the weights were quantized from
-        source_dtype = src.spec(f"{next(iter(plan.shapes))}.weight").dtype
+        source_dtype = src.spec(f"{next(iter(plan.shapes or plan.fp8))}.weight").dtype
     student, tokenizer = load_student(plan.source, plan.recipe, device, plan.dtype, plan.second_moments)
     if plan.dtype != source_dtype:
         # Deployed in another dtype: the weights quantized in float32 (what the checkpoint decodes from), each

@@ -1,6 +1,6 @@
-"""pack's writer: every step of the plan (copy a tensor, or quantize-and-pack a fused group with one shared global
-scale) prepared on worker threads and written in order into sharded safetensors; then config.json and the format's
-extra files."""
+"""pack's writer: every step of the plan (copy a tensor, quantize-and-pack a fused group with one shared global
+scale, or quantize one Linear in FP8) prepared on worker threads and written in order into sharded safetensors; then
+config.json and the format's extra files."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ckaqad_cli.progress import LoggedProgress, make_progress
 from ckaqad_cli.quant import group_global_scale_from_amaxes
 from ckaqad_cli.safetensors_io import SafetensorsSource
 from ckaqad_cli.safetensors_write import ShardedWriter
-from ckaqad_kernels import dispatch, nvfp4_cpu, nvfp4_ref
+from ckaqad_kernels import dispatch, fp8_ref, nvfp4_cpu, nvfp4_ref
 
 _console = Console(stderr=True)
 
@@ -65,6 +65,11 @@ def _prepare_step(
                 raise CkaqadError(f"tensor {item} holds {float(amax):.4g}, beyond the range of {plan.dtype}")
             tensor = tensor.to(plan.dtype)
         return [(item, tensor)], src.spec(item).nbytes
+    if kind == "fp8":
+        weight = src.get(f"{item}.weight")
+        _checked_amax(f"{item}.weight", weight)
+        codes, scales = fp8_ref.quantize_weight(weight)
+        return list(zip((f"{item}.{p}" for p in plan.fmt.FP8_PARAMS), (codes, scales), strict=True)), weight.nbytes
     weights = _read_group(src, [f"{m}.weight" for m in item])
     g = group_global_scale_from_amaxes([_checked_amax(f"{m}.weight", w) for m, w in weights.items()])
     out: list[tuple[str, torch.Tensor]] = []
@@ -172,7 +177,7 @@ def write_configs(plan: PackPlan, out: Path) -> None:
     config = dict(plan.config)
     dtype_keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]  # transformers 5 / 4 spelling
     config.update(dict.fromkeys(dtype_keys, str(plan.dtype).removeprefix("torch.")))
-    atomic_write_json(out / "config.json", formats.packed_config(config, plan.fmt, plan.scheme, ignore))
+    atomic_write_json(out / "config.json", formats.packed_config(config, plan.fmt, plan.scheme, ignore, list(plan.fp8)))
     for name, content in plan.fmt.extra_files(plan.scheme, ignore).items():
         atomic_write_json(out / name, content)
 

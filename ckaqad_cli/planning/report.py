@@ -69,9 +69,9 @@ def to_markdown(report: Mapping) -> str:
         f"weight ({format_bytes(report['weight_bytes'])}); uniform NVFP4 is {fmt(report['uniform_bits'])}. "
         f"Calibration: {report['tokens']} tokens of `{report['data']}`.\n",
         "## Summary\n",
-        "bits: average bits per Linear weight (NVFP4 4.5, FP8 8 and a scale per output channel, BF16 16); mean_cka / min_cka: linear CKA over the decoder "
-        "layers; kl: mean per-token KL(teacher || model) in nats; top1: agreement of the argmax tokens; task_acc: "
-        "built-in task accuracy.\n",
+        "bits: average bits per Linear weight (NVFP4 4.5, FP8 8 and a scale per output channel, BF16 16); mean_cka / "
+        "min_cka: linear CKA over the decoder layers; kl: mean per-token KL(teacher || model) in nats; top1: "
+        "agreement of the argmax tokens; task_acc: built-in task accuracy.\n",
         summary_markdown(summary_rows(report), SUMMARY_COLUMNS),
         "## Units\n",
         "cka: mean of 1 - CKA at the unit's layer and at the last layer with the unit alone in NVFP4; kl: output KL "

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 import re
 from pathlib import Path
 
-from ckaqad_cli.settings import SCALE_RULE_HELP, SettingError, check_at_least, check_choice, check_scheme, setting
+from ckaqad_cli.settings import (
+    FP8_HELP,
+    SCALE_RULE_HELP,
+    SettingError,
+    check_at_least,
+    check_choice,
+    check_scheme,
+    setting,
+)
 from ckaqad_kernels.nvfp4_spec import SCALE_RULES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -58,6 +66,7 @@ class PackConfig:
     exclude: list[str] = setting(
         [], "Extra fnmatch globs of modules to keep in BF16 (plain PTQ only; repeatable). Default: none.", parse=list
     )
+    fp8: list[str] = setting([], "Plain PTQ only: " + FP8_HELP + " compressed-tensors format only.", parse=list)
     max_shard_size: str = setting("5GB", "Largest output shard, e.g. 500MB, 5GB.")
     calib_data: str | None = setting(
         None, "W4A4 calibration text: builtin, a .txt / .jsonl file or a datasets dir. Default: the run's distill data."

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ckaqad_cli.settings import check_at_least, check_choice, check_scheme, same_as, setting
+from ckaqad_cli.settings import SettingError, check_at_least, check_choice, check_scheme, same_as, setting
 from ckaqad_cli.settings.diagnose import DiagnoseConfig
 from ckaqad_cli.settings.distill import DistillConfig
 from ckaqad_cli.settings.pack import PackConfig
-from ckaqad_cli.settings.plan import SCORES, PlanConfig, check_budget_range
+from ckaqad_cli.settings.plan import SCORES, UPGRADES, PlanConfig, check_budget_range
 
 
 @dataclass
@@ -24,8 +24,11 @@ class PipelineConfig:
     budget_bits: float | None = same_as(
         PlanConfig, "budget_bits", default=None,
         help="Run `ckaqad plan` first with this budget (average bits per Linear weight, 4.5 to 16): distill, diagnose "
-        "and pack then keep the plan's units in BF16. Default: none (uniform NVFP4, no plan stage). docs/plan.md.",
+        "and pack then take the plan's units in BF16 (or FP8, --plan-upgrade). Default: none (uniform NVFP4, no plan "
+        "stage). docs/plan.md.",
     )
+    plan_upgrade: str = same_as(PlanConfig, "upgrade", help="With --budget-bits: what the plan's units become, bf16 "
+                                "or fp8 (packed in the compressed-tensors format only).")
     plan_score: str = same_as(PlanConfig, "score", help="With --budget-bits: the score the plan ranks units by: cka, "
                               "kl or grad.")
     steps: int | None = same_as(DistillConfig, "steps")
@@ -52,4 +55,8 @@ class PipelineConfig:
         if self.budget_bits is not None:
             check_budget_range(self.budget_bits)
         check_choice(self.plan_score, SCORES, "plan_score")
+        check_choice(self.plan_upgrade, UPGRADES, "plan_upgrade")
+        if self.plan_upgrade == "fp8" and self.format != "compressed-tensors":
+            raise SettingError("plan_upgrade", f"fp8 units are packed in the compressed-tensors format only, not "
+                               f"--format {self.format}")
         check_at_least(self, {"diagnose_tokens": 1, "task_problems": 1, "diagnose_seq_len": 2})

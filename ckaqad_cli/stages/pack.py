@@ -167,7 +167,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
     check_output(target, source, cfg.force)
     with SafetensorsSource(source, digest=True) as src:
         config = formats.read_config(source)
-        selection = exclude_or_plan(cfg.exclude, run if cfg.model else None)  # a student's recipe is fixed
+        selection = exclude_or_plan(cfg.exclude, run if cfg.model else None, cfg.fp8)  # a student's is fixed
         recipe = build_recipe(source, config, cfg.scheme, selection.exclude, src, cfg.scale_rule, selection.fp8)
         verify = cfg.verify if cfg.verify is not None else src.total_bytes <= AUTO_VERIFY_MAX_BYTES
         input_amax, fallbacks, second_moments = _calibration(cfg, run, source, recipe)
@@ -201,7 +201,8 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         "format": fmt.NAME,
         "scheme": plan.scheme,
         "scale_rule": plan.recipe.scale_rule,
-        "modules_quantized": len(plan.shapes),
+        "modules_quantized": len(plan.shapes) + len(plan.fp8),
+        "modules_fp8": len(plan.fp8),
         "modules_kept": len(plan.kept),
         "kept": plan.kept,
         "dtype": str(plan.dtype).removeprefix("torch."),

@@ -3,8 +3,8 @@
 Load the teacher, wrap it as uniform NVFP4 would and switch every unit off (:mod:`ckaqad_cli.planning.switch`),
 measure each unit's sensitivity (:mod:`~ckaqad_cli.planning.sensitivity`), upgrade the units of most score per byte
 to BF16 or FP8 (``--upgrade``) within ``--budget-bits`` (:mod:`~ckaqad_cli.planning.budget`), compare uniform NVFP4
-with the plan (:mod:`~ckaqad_cli.planning.evaluate`), and write RUN/plan/: quant_recipe.json (what distill and pack read),
-report.json, report.md and plan.png.
+with the plan (:mod:`~ckaqad_cli.planning.evaluate`), and write RUN/plan/: quant_recipe.json (what distill and pack
+read), report.json, report.md and plan.png.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def unit_rows(table: UnitTable, measured: sensitivity.Sensitivity, kept: tuple[s
     """The report's row of each unit: where it lives, its bytes in each format, its scores, whether it is kept."""
     cka = measured.scores("cka")
     return [{"name": u.name, "layer": u.layer, "members": list(u.members), "weights": u.weights,
-             "nvfp4_bytes": u.nvfp4_bytes, "bf16_bytes": u.bf16_bytes, "fp8_bytes": u.fp8_bytes, "cka_own": measured.cka_own[u.name],
+             "nvfp4_bytes": u.nvfp4_bytes, "bf16_bytes": u.bf16_bytes, "fp8_bytes": u.fp8_bytes,
+             "cka_own": measured.cka_own[u.name],
              "cka_last": measured.cka_last[u.name], "cka": cka[u.name], "kl": measured.kl[u.name],
              "grad": measured.grad[u.name], "kept": u.name in kept} for u in table.units]
 

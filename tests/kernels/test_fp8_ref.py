@@ -1,4 +1,5 @@
-"""FP8 W8A8 reference (kernels/fp8_ref.py) against compressed-tensors' FP8_DYNAMIC and against float64."""
+"""FP8 W8A8 reference (kernels/fp8_ref.py) against compressed-tensors' FP8_DYNAMIC and against float64: weights with
+bf16-exact scales per output channel, inputs with compressed-tensors' own per-token scales."""
 
 from __future__ import annotations
 
@@ -33,43 +34,57 @@ def _e4m3_nearest_even_f64(r: torch.Tensor) -> torch.Tensor:
     return (grid[pick] * r.sign().reshape(-1)).reshape(r.shape)
 
 
+def _bf16_up(s: torch.Tensor) -> torch.Tensor:
+    """The least bfloat16 value >= s (float32 in and out): the nearest, or the next one up when the nearest is below."""
+    nearest = s.to(torch.bfloat16)
+    up = torch.nextafter(nearest, torch.tensor(float("inf"), dtype=torch.bfloat16))
+    return torch.where(nearest.float() >= s, nearest.float(), up.float())
+
+
+@pytest.mark.parametrize("weights", [False, True])
 @pytest.mark.parametrize("case", range(5))
-def test_values_equal_a_float64_rounding_of_the_definition(case):
+def test_values_equal_a_float64_rounding_of_the_definition(case, weights):
     x = _tensors()[case]
-    scale64 = x.double().abs().amax(dim=-1, keepdim=True) / 448
-    scale = scale64.float()  # amax exact in float32, then one correctly rounded division
+    scale = (x.double().abs().amax(dim=-1, keepdim=True) / 448).float()  # amax exact, one correctly rounded division
     scale = torch.where(scale == 0, torch.tensor(fp8_ref.SCALE_FOR_ZERO_ROW), scale)
+    if weights:
+        scale = _bf16_up(scale)
+        assert torch.equal(scale.to(torch.bfloat16).float(), scale)
     r = (x.double() / scale.double()).float().double().clamp(-448, 448)
     expected = (_e4m3_nearest_even_f64(r) * scale.double()).float()
-    assert torch.equal(fp8_ref.fake_quantize(x), expected)
-    codes, got_scale = fp8_ref.quantize_rows(x)
-    assert torch.equal(got_scale, scale) and codes.dtype == torch.float8_e4m3fn
+    got = fp8_ref.fake_quantize_weight(x) if weights else fp8_ref.fake_quantize_tokens(x)
+    assert torch.equal(got, expected)
+    if weights:
+        codes, got_scale = fp8_ref.quantize_weight(x)
+        assert torch.equal(got_scale, scale) and codes.dtype == torch.float8_e4m3fn
 
 
 def test_an_all_zero_row_decodes_to_zero_and_others_keep_their_amax():
     x = _tensors()[3]
-    codes, scale = fp8_ref.quantize_rows(x)
+    codes, scale = fp8_ref.quantize_weight(x)
     assert scale[3].item() == fp8_ref.SCALE_FOR_ZERO_ROW
     assert (codes[3].to(torch.float32) == 0).all()
-    out = fp8_ref.fake_quantize(x)
-    assert (out[3] == 0).all()
-    # the largest magnitude of each row is exactly representable: code 448 times amax / 448
+    for out in (fp8_ref.fake_quantize_weight(x), fp8_ref.fake_quantize_tokens(x)):
+        assert (out[3] == 0).all()
+    # per token the largest magnitude of each row is code 448 times amax / 448: amax to within a float32 step
     rows = [i for i in range(x.shape[0]) if i != 3]
+    out = fp8_ref.fake_quantize_tokens(x)
     assert torch.allclose(out[rows].abs().amax(dim=1), x[rows].abs().amax(dim=1), rtol=2**-22, atol=0)
 
 
 def test_nan_and_inf_make_their_row_nan():
     x = torch.randn(3, 32)
     x[0, 5], x[2, 7] = float("nan"), float("inf")
-    out = fp8_ref.fake_quantize(x)
-    assert out[0].isnan().all() and out[2].isnan().all() and torch.isfinite(out[1]).all()
+    for out in (fp8_ref.fake_quantize_weight(x), fp8_ref.fake_quantize_tokens(x)):
+        assert out[0].isnan().all() and out[2].isnan().all() and torch.isfinite(out[1]).all()
 
 
 def test_bfloat16_inputs_are_upcast_and_the_output_keeps_their_dtype():
     x = torch.randn(16, 64).to(torch.bfloat16)
-    out = fp8_ref.fake_quantize(x)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, fp8_ref.fake_quantize(x.float()).to(torch.bfloat16))
+    for fake in (fp8_ref.fake_quantize_weight, fp8_ref.fake_quantize_tokens):
+        out = fake(x)
+        assert out.dtype == torch.bfloat16
+        assert torch.equal(out, fake(x.float()).to(torch.bfloat16))
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +103,15 @@ def test_weights_match_compressed_tensors_bit_for_bit(ct_fp8, case):
     w = _tensors()[case]
     amax = w.abs().amax(dim=1, keepdim=True)
     scale, zero = calculate_qparams(-amax, amax, scheme.weights)
-    codes, ours = fp8_ref.quantize_rows(w)
-    assert torch.equal(ours, scale)
-    theirs = quantize(w, scale, zero, scheme.weights, dtype=torch.float8_e4m3fn)
+    assert torch.equal(fp8_ref.row_scales(w), scale)  # their scale; ours rounds it up to bfloat16
+    codes, ours = fp8_ref.quantize_weight(w)
+    assert torch.equal(ours, _bf16_up(scale))
+    theirs = quantize(w, ours, zero, scheme.weights, dtype=torch.float8_e4m3fn)  # their quantizer, our scale
     assert torch.equal(codes.view(torch.uint8), theirs.view(torch.uint8))
-    assert torch.equal(fp8_ref.dequantize(codes, ours), dequantize(theirs, scale, zero, scheme.weights))
+    assert torch.equal(fp8_ref.dequantize(codes, ours), dequantize(theirs, ours, zero, scheme.weights))
+    # a bf16 reader (transformers' bf16 scale parameters) decodes the same values: scale and product exact
+    assert torch.equal(fp8_ref.dequantize(codes, ours, torch.bfloat16),
+                       codes.to(torch.bfloat16) * ours.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("case", range(5))
@@ -104,4 +123,4 @@ def test_inputs_match_compressed_tensors_per_token_fake_quantization(ct_fp8, cas
     amax = x.abs().amax(dim=-1, keepdim=True)
     scale, zero = calculate_qparams(-amax, amax, scheme.input_activations)
     theirs = fake_quantize(x, scale, zero, scheme.input_activations)
-    assert torch.equal(fp8_ref.fake_quantize(x), theirs)
+    assert torch.equal(fp8_ref.fake_quantize_tokens(x), theirs)

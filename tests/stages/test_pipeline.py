@@ -87,7 +87,9 @@ def test_pipeline_checks_every_option_before_the_first_stage(tmp_path):
     for bad, words in ((["--format", "gguf"], "--format"), (["--repo-id", "no slash"], "repo"),
                        (["--lr", "-1"], "--lr"), (["--task-problems", "-5"], "--task-problems"),
                        (["--budget-bits", "3"], "--budget-bits"), (["--budget-bits", "nan"], "--budget-bits"),
-                       (["--budget-bits", "6", "--plan-score", "hessian"], "--plan-score")):
+                       (["--budget-bits", "6", "--plan-score", "hessian"], "--plan-score"),
+                       (["--budget-bits", "6", "--plan-upgrade", "int8"], "--plan-upgrade"),
+                       (["--budget-bits", "6", "--plan-upgrade", "fp8", "--format", "modelopt"], "--plan-upgrade")):
         result = runner.invoke(app, ["pipeline", "--run", str(tmp_path / "run"), "--device", "cpu", *bad])
         assert result.exit_code == 1, (bad, result.output)
         assert result.output.startswith("error:") and words in result.output, (bad, result.output)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from ckaqad_cli.app import app
@@ -147,7 +148,7 @@ def test_distill_and_a_model_pack_take_the_runs_plan_by_default(planned, inputs,
     assert not kept_members & set(plain.summary["kept"])
 
 
-def test_an_fp8_plan_puts_its_units_in_fp8_for_the_comparison_and_distill_and_pack_says_it_cannot_yet(
+def test_an_fp8_plan_puts_its_units_in_fp8_for_the_comparison_and_distill_and_packs_in_compressed_tensors(
         inputs, tmp_path):
     from ckaqad_cli.errors import CkaqadError
     from ckaqad_cli.planning.recipe import plan_fp8
@@ -176,6 +177,33 @@ def test_an_fp8_plan_puts_its_units_in_fp8_for_the_comparison_and_distill_and_pa
 
     model, _ = load_model(str(student))
     assert {n for n, m in model.named_modules() if isinstance(m, FP8Linear)} == set(recipe.fp8)
-    with pytest.raises(CkaqadError, match="FP8, which pack does not write yet") as e:
-        pack_model(PackConfig(model=str(student), out=str(tmp_path / "packed"), verify=False))
+    # packed: the FP8 modules as E4M3 codes and per-channel scales under their own config group; verify decodes
+    # every weight bit for bit and the logits exactly (our unpacker, and transformers + compressed-tensors)
+    out = tmp_path / "packed"
+    result = pack_model(PackConfig(model=str(student), out=str(out), calib_data=data, calib_tokens=256, verify=True))
+    verified = result.summary["verify"]
+    weights = verified["weights"]
+    assert weights["modules"] == result.summary["modules_quantized"] and not weights["mismatched"]
+    # the FP8 modules decode bit for bit (only NVFP4 global scales can be inexact reciprocals in this format)
+    assert weights["bit_exact"] + len(weights["reciprocal_scale_inexact"]) == weights["modules"]
+    assert not set(recipe.fp8) & set(weights["reciprocal_scale_inexact"])
+    assert result.summary["modules_fp8"] == len(recipe.fp8)
+    assert verified["logits"]["passed"] and verified["logits"]["transformers"]["same_as_unpacker"]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "mixed-precision" and qc["config_groups"]["group_1"]["targets"] == recipe.fp8
+    assert qc["config_groups"]["group_1"]["input_activations"]["strategy"] == "token"
+    from ckaqad_cli.safetensors_io import SafetensorsSource
+    from ckaqad_kernels import fp8_ref
+
+    with SafetensorsSource(out) as packed, SafetensorsSource(student) as source:
+        m = recipe.fp8[0]
+        codes, scales = packed.get(f"{m}.weight"), packed.get(f"{m}.weight_scale")
+        assert codes.dtype == torch.float8_e4m3fn and scales.shape == (codes.shape[0], 1)
+        assert torch.equal(fp8_ref.dequantize(codes, scales), fp8_ref.fake_quantize_weight(source.get(f"{m}.weight")))
+    with pytest.raises(CkaqadError, match="FP8, which the modelopt format does not hold") as e:
+        pack_model(PackConfig(model=str(student), out=str(tmp_path / "modelopt"), format="modelopt", verify=False))
     assert "\n" not in str(e.value)
+    # plain PTQ with --fp8 packs the same modules in FP8
+    ptq = pack_model(PackConfig(model=str(teacher), out=str(tmp_path / "ptq"), fp8=recipe.fp8, scheme="w4a16",
+                                verify=True))
+    assert ptq.summary["modules_fp8"] == len(recipe.fp8) and ptq.summary["verify"]["logits"]["passed"]
