@@ -66,7 +66,7 @@ class PackConfig:
     exclude: list[str] = setting(
         [], "Extra fnmatch globs of modules to keep in BF16 (plain PTQ only; repeatable). Default: none.", parse=list
     )
-    fp8: list[str] = setting([], "Plain PTQ only: " + FP8_HELP + " compressed-tensors format only.", parse=list)
+    fp8: list[str] = setting([], "Plain PTQ only (compressed-tensors format). " + FP8_HELP, parse=list)
     max_shard_size: str = setting("5GB", "Largest output shard, e.g. 500MB, 5GB.")
     calib_data: str | None = setting(
         None, "W4A4 calibration text: builtin, a .txt / .jsonl file or a datasets dir. Default: the run's distill data."
