@@ -16,7 +16,7 @@ from ckaqad_cli.formats import layout
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.quant import QuantRecipe, fused_groups
 from ckaqad_cli.safetensors_io import SafetensorsSource, TensorSpec
-from ckaqad_kernels import nvfp4_ref
+from ckaqad_kernels import fp8_ref, nvfp4_ref
 
 
 @dataclass
@@ -233,6 +233,30 @@ def plan_pack(
         steps=steps,
         dtype=dtype,
     )
+
+
+def linear_weight_bits(plan: PackPlan, src: SafetensorsSource) -> float:
+    """Average bits per Linear weight as written, counted as ``ckaqad plan`` counts a budget: NVFP4 codes and block
+    scales (4.5 bits), FP8 codes and a float32 scale per output channel, and every 2-D weight of a module left
+    unquantized in the deployed dtype (a head tied to the input embeddings at the embeddings' size, though it is not
+    stored twice). Global and input scales, a few bytes a module, are not counted (the plan does not count them)."""
+    block = nvfp4_ref.BLOCK_SIZE
+    weights = sum(out * inp for out, inp in (*plan.shapes.values(), *plan.fp8.values()))
+    total = sum(out * inp // block * (block // 2 + 1) for out, inp in plan.shapes.values())
+    total += sum(out * inp + fp8_ref.SCALE_BYTES * out for out, inp in plan.fp8.values())
+    for module in plan.kept:
+        spec = src.spec(f"{module}.weight") if f"{module}.weight" in src else _tied_embedding(plan, src, module)
+        if spec is not None and len(spec.shape) == 2:
+            weights += spec.numel
+            total += spec.numel * plan.dtype.itemsize
+    return 8 * total / max(weights, 1)
+
+
+def _tied_embedding(plan: PackPlan, src: SafetensorsSource, module: str) -> TensorSpec | None:
+    """The input embeddings' spec for a head tied to them (named ``embed_tokens`` in the standard layouts)."""
+    if not (_tied_head(plan.config) and module.endswith("lm_head")):
+        return None
+    return next((src.spec(n) for n in src.names() if n.endswith("embed_tokens.weight")), None)
 
 
 def ignore_list(plan: PackPlan) -> list[str]:

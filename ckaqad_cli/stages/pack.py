@@ -27,7 +27,7 @@ from ckaqad_cli import formats
 from ckaqad_cli.atomic import OUTPUT_MARKER, atomic_directory, atomic_write_json, atomic_write_text
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.packing.calibrate import calibrate_inputs, fill_input_amax, load_student
-from ckaqad_cli.packing.plan import PackPlan, build_recipe, deploy_dtype, plan_pack
+from ckaqad_cli.packing.plan import PackPlan, build_recipe, deploy_dtype, linear_weight_bits, plan_pack
 from ckaqad_cli.packing.verify import raise_if_failed, verify_logits, verify_weights
 from ckaqad_cli.packing.write import kernel_description, write_configs, write_tensors
 from ckaqad_cli.planning.recipe import exclude_or_plan
@@ -204,6 +204,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         "modules_quantized": len(plan.shapes) + len(plan.fp8),
         "modules_fp8": len(plan.fp8),
         "modules_kept": len(plan.kept),
+        "linear_weight_bits": linear_weight_bits(plan, src),
         "kept": plan.kept,
         "dtype": str(plan.dtype).removeprefix("torch."),
         "fused_groups": sum(1 for g in plan.groups if len(g) > 1),
@@ -242,6 +243,7 @@ SUMMARY_ROWS = (
     ("weight scale rule", "scale_rule"),
     ("modules quantized", "modules_quantized"),
     ("modules kept", "modules_kept"),
+    ("bits per Linear weight", "linear_weight_bits"),
     ("unquantized tensors in", "dtype"),
     ("fused groups", "fused_groups"),
     ("input scale fallbacks", "input_scale_fallbacks"),
@@ -260,6 +262,8 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         value = summary[key]
         if key.startswith("bytes"):
             value = format_bytes(value)
+        elif key == "linear_weight_bits":
+            value = f"{value:.4f}"
         elif isinstance(value, float):
             value = f"{value:.2f}"
         elif isinstance(value, dict):
@@ -312,7 +316,8 @@ def run_pack(cfg: PackConfig, run: RunDir) -> PackResult:
         PackRecord.write(rec, model=run.relpath(out), format=result.format, scheme=result.scheme,
                          scale_rule=result.summary["scale_rule"], files=_files(out))
         rec.metrics.update(
-            {k: s[k] for k in ("modules_quantized", "modules_kept", "bytes_before", "bytes_after", "seconds")}
+            {k: s[k] for k in ("modules_quantized", "modules_kept", "linear_weight_bits", "bytes_before", "bytes_after",
+                               "seconds")}
         )
         rec.metrics["compression_ratio"] = s["compression_ratio"]
         rec.metrics["input_scale_fallbacks"] = len(s["input_scale_fallbacks"])

@@ -318,6 +318,12 @@ def test_sharded_source_and_output_tied_embeddings_and_odd_width(tmp_path, calib
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert s["verify"]["logits"]["max_abs_diff"] == 0.0
+    # bits per Linear weight as a plan counts them: the tied head at 16 bits, the odd down_projs in bf16
+    dense = AutoModelForCausalLM.from_pretrained(source)
+    linears = {n: m.weight.numel() for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear)}
+    kept = sum(linears[n] for n in [*odd, "lm_head"])
+    quantized = sum(linears.values()) - kept
+    assert s["linear_weight_bits"] == pytest.approx((4.5 * quantized + 16 * kept) / sum(linears.values()), rel=1e-12)
 
 
 def test_cli_run_flow_records_outputs(tmp_path, calib):

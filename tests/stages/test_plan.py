@@ -115,6 +115,7 @@ def test_the_plan_round_trips_into_distill_and_pack_in_both_formats(planned, inp
         result = pack_model(PackConfig(model=str(student), out=str(out), format=fmt, calib_data=data,
                                        calib_tokens=256, verify=True))
         assert result.summary["verify"]["logits"]["passed"]
+        assert result.summary["linear_weight_bits"] == pytest.approx(report["effective_bits"], rel=1e-12)
         assert kept_members <= set(result.summary["kept"])
         config = json.loads((out / "config.json").read_text())["quantization_config"]
         written = config.get(listed) or json.loads((out / "hf_quant_config.json").read_text())["quantization"][listed]
@@ -188,6 +189,7 @@ def test_an_fp8_plan_puts_its_units_in_fp8_for_the_comparison_and_distill_and_pa
     assert weights["bit_exact"] + len(weights["reciprocal_scale_inexact"]) == weights["modules"]
     assert not set(recipe.fp8) & set(weights["reciprocal_scale_inexact"])
     assert result.summary["modules_fp8"] == len(recipe.fp8)
+    assert result.summary["linear_weight_bits"] == pytest.approx(report["effective_bits"], rel=1e-12)
     assert verified["logits"]["passed"] and verified["logits"]["transformers"]["same_as_unpacker"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "mixed-precision" and qc["config_groups"]["group_1"]["targets"] == recipe.fp8
