@@ -4,8 +4,9 @@ The goal: at 5.0 bits, before any distillation, a plan recovers at least half of
 loss on the built-in teacher. With NVFP4-or-BF16 units it recovers under a tenth (docs/results.md, "Bit budget"): a
 BF16 unit costs 11.5 bits a weight more than NVFP4, so 5.0 bits keep about 4% of the weights, and the W4A4 loss is
 mostly the activations'. vLLM loads FP8 W8A8 config groups beside NVFP4 ones (docs/plan.md, "A middle format"), so
-this script asks what FP8 units instead of BF16 ones would buy, without adding FP8 to ckaqad (no recipe, pack or
-verify of FP8 units):
+this script asks what FP8 units instead of BF16 ones would buy. It was written before ckaqad had FP8 (now
+``ckaqad plan --upgrade fp8``, whose weight scales are bf16-exact: docs/fp8.md) and keeps its own float32-scale FP8
+below as the record of that study:
 
 - FP8 units: weights E4M3 with one float32 scale per output channel (amax / 448), inputs E4M3 with a dynamic scale
   per token (amax / 448): compressed-tensors' FP8_DYNAMIC scheme. They count 8 bits a weight plus 32 bits per output

@@ -273,9 +273,7 @@ def _wrap(
     """Wrap the named Linears and, for per-expert names (``M.E.gate_proj``...), their fused experts module ``M``, in
     NVFP4; the Linears named in ``fp8`` in FP8."""
     for name in fp8:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, FP8Linear(getattr(parent, leaf), quantize_input=scheme == "w4a4"))
+        FP8Linear.swap_in(model, name, quantize_input=scheme == "w4a4")
     experts = {e for n in names if (e := expert_of(n)) is not None and is_fused_experts(model, e)}
     for name in sorted(experts):
         wrap_experts(model.get_submodule(name), scheme, scale_rule, activation_arithmetic)

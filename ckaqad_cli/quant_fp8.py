@@ -53,6 +53,15 @@ class FP8Linear(AdoptingLinear):
             x = _FakeQuantizeFP8STE.apply(x, fp8_ref.fake_quantize_tokens)
         return F.linear(x, weight, self.bias)
 
+    @staticmethod
+    def swap_in(model: nn.Module, name: str, *, quantize_input: bool) -> nn.Linear:
+        """Replace the Linear ``name`` of ``model`` by an FP8Linear over the same Parameters; the module replaced."""
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        original = getattr(parent, leaf)
+        setattr(parent, leaf, FP8Linear(original, quantize_input=quantize_input))
+        return original
+
     def extra_repr(self) -> str:
         weight = "fp8 per channel" if self.quantize_weight else "off"
         return f"{super().extra_repr()}, weight={weight}" + (", input=fp8 per token" if self.quantize_input else "")

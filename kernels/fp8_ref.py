@@ -26,6 +26,11 @@ SCALE_BYTES = 4
 """A float32 scale per output channel (``weight_scale`` [out, 1])."""
 
 
+def stored_bytes(out_features: int, in_features: int) -> int:
+    """Bytes of an FP8 weight [out, in] as stored: a byte a code and a float32 scale per output channel."""
+    return out_features * in_features * BITS_PER_WEIGHT // 8 + SCALE_BYTES * out_features
+
+
 def row_scales(x: torch.Tensor, *, bf16_exact: bool = False) -> torch.Tensor:
     """float32 [..., 1]: each row's amax / 448 (SCALE_FOR_ZERO_ROW for an all-zero row); with ``bf16_exact``
     rounded up to the next bfloat16 value (the weights' rule)."""

@@ -28,6 +28,13 @@ E4M3_MIN_SCALE = 2.0**-9
 """Smallest positive E4M3 value (a subnormal). Block scales are clamped up to it, never flushed to zero."""
 
 GLOBAL_SCALE_DIVISOR = FP4_MAX * E4M3_MAX  # 2688.0, exact in float32
+BYTES_PER_BLOCK = BLOCK_SIZE // 2 + 1
+"""Stored bytes of one block of 16 weights: 16 four-bit codes and one E4M3 scale (4.5 bits a weight)."""
+
+
+def stored_bytes(weights: int) -> int:
+    """Bytes of codes and block scales for ``weights`` weights (a multiple of BLOCK_SIZE); global scales apart."""
+    return weights // BLOCK_SIZE * BYTES_PER_BLOCK
 ZERO_BLOCK_SCALE = 1.0
 """Block scale written for an all-zero block (E4M3 byte 0x38), as ModelOpt does; its codes are all 0."""
 ZERO_TENSOR_GLOBAL_SCALE = 1.0

@@ -16,7 +16,7 @@ from ckaqad_cli.formats import layout
 from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.quant import QuantRecipe, fused_groups
 from ckaqad_cli.safetensors_io import SafetensorsSource, TensorSpec
-from ckaqad_kernels import fp8_ref, nvfp4_ref
+from ckaqad_kernels import fp8_ref, nvfp4_ref, nvfp4_spec
 
 
 @dataclass
@@ -240,10 +240,9 @@ def linear_weight_bits(plan: PackPlan, src: SafetensorsSource) -> float:
     scales (4.5 bits), FP8 codes and a float32 scale per output channel, and every 2-D weight of a module left
     unquantized in the deployed dtype (a head tied to the input embeddings at the embeddings' size, though it is not
     stored twice). Global and input scales, a few bytes a module, are not counted (the plan does not count them)."""
-    block = nvfp4_ref.BLOCK_SIZE
     weights = sum(out * inp for out, inp in (*plan.shapes.values(), *plan.fp8.values()))
-    total = sum(out * inp // block * (block // 2 + 1) for out, inp in plan.shapes.values())
-    total += sum(out * inp + fp8_ref.SCALE_BYTES * out for out, inp in plan.fp8.values())
+    total = sum(nvfp4_spec.stored_bytes(out * inp) for out, inp in plan.shapes.values())
+    total += sum(fp8_ref.stored_bytes(out, inp) for out, inp in plan.fp8.values())
     for module in plan.kept:
         spec = src.spec(f"{module}.weight") if f"{module}.weight" in src else _tied_embedding(plan, src, module)
         if spec is not None and len(spec.shape) == 2:

@@ -33,11 +33,17 @@ def _progress() -> LoggedProgress:
     return make_progress(_console, label="pack", unit="bytes", transient=True)
 
 
-def _checked_amax(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """max |x| (one aminmax pass), refusing NaN/Inf: the amax is NaN or Inf exactly when one is there."""
-    amax = nvfp4_ref.tensor_amax(tensor)
-    if not bool(torch.isfinite(amax)):
+def _refuse_nonfinite(name: str, summary: torch.Tensor) -> None:
+    """Refuse tensor ``name`` when ``summary`` (its amax, or per-row amaxes / 448) is not finite: exactly when the
+    tensor holds NaN or Inf."""
+    if not bool(torch.isfinite(summary).all()):
         raise CkaqadError(f"tensor {name} contains NaN or Inf; fix the checkpoint before packing")
+
+
+def _checked_amax(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """max |x| (one aminmax pass), refusing NaN/Inf."""
+    amax = nvfp4_ref.tensor_amax(tensor)
+    _refuse_nonfinite(name, amax)
     return amax
 
 
@@ -67,8 +73,8 @@ def _prepare_step(
         return [(item, tensor)], src.spec(item).nbytes
     if kind == "fp8":
         weight = src.get(f"{item}.weight")
-        _checked_amax(f"{item}.weight", weight)
         codes, scales = fp8_ref.quantize_weight(weight)
+        _refuse_nonfinite(f"{item}.weight", scales)
         return list(zip((f"{item}.{p}" for p in plan.fmt.FP8_PARAMS), (codes, scales), strict=True)), weight.nbytes
     weights = _read_group(src, [f"{m}.weight" for m in item])
     g = group_global_scale_from_amaxes([_checked_amax(f"{m}.weight", w) for m, w in weights.items()])

@@ -60,8 +60,8 @@ def check_budget(table: UnitTable, bits: float, upgrade: str = "bf16") -> None:
 
 
 def choose(table: UnitTable, scores: Mapping[str, float], bits: float, upgrade: str = "bf16") -> Choice:
-    """Upgrade the units that remove the most score per byte to ``upgrade`` (units.UPGRADES) within ``bits`` per
-    weight."""
+    """Upgrade the units that remove the most score per byte to ``upgrade`` (settings.plan.UPGRADES) within ``bits``
+    per weight."""
     check_budget(table, bits, upgrade)
     bad = next((u.name for u in table.units if not math.isfinite(scores[u.name])), None)
     if bad is not None:

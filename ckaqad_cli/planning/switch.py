@@ -60,18 +60,15 @@ def nvfp4_units(table: UnitTable, kept: Iterable[str]) -> list[Unit]:
 
 @contextlib.contextmanager
 def planned(model: nn.Module, table: UnitTable, kept: Iterable[str], upgrade: str = "bf16") -> Iterator[None]:
-    """Within the block, a plan runs: the ``kept`` units in ``upgrade`` (units.UPGRADES), every other in NVFP4."""
+    """Within the block, a plan runs: the ``kept`` units in ``upgrade`` (settings.plan.UPGRADES), every other in
+    NVFP4."""
     kept = set(kept)
-    swapped = []
-    if upgrade == "fp8":
-        for name in (m for u in table.units if u.name in kept for m in u.modules):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            swapped.append((parent, leaf, getattr(parent, leaf)))
-            setattr(parent, leaf, FP8Linear(getattr(parent, leaf), quantize_input=table.scheme == "w4a4"))
+    names = [m for u in table.units if u.name in kept for m in u.modules] if upgrade == "fp8" else []
+    originals = {name: FP8Linear.swap_in(model, name, quantize_input=table.scheme == "w4a4") for name in names}
     try:
         with quantized(model, nvfp4_units(table, kept), table.scheme):
             yield
     finally:
-        for parent, leaf, original in swapped:
-            setattr(parent, leaf, original)
+        for name, original in originals.items():
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), leaf, original)

@@ -3,9 +3,9 @@
 A unit is a fused group (q/k/v, gate/up, w1/w3: engines run them as one GEMM), the experts of one MoE layer (fused
 3-D experts, or per-expert Linears), or a single Linear otherwise. Every Linear weight of the model counts in the
 budget: a unit's in NVFP4 (4.5 bits), FP8 (8 bits and a float32 scale per output channel) or BF16 (16 bits), and
-the modules that stay BF16 whatever the plan (the output
-head, ``DEFAULT_EXCLUDE`` and ``--exclude`` matches, widths blocks cannot tile) at 16 bits, as ModelOpt's AutoQuantize
-counts them. Embedding tables are not Linear layers and do not count.
+the modules that stay BF16 whatever the plan (the output head, ``DEFAULT_EXCLUDE`` and ``--exclude`` matches, widths
+blocks cannot tile) at 16 bits, as ModelOpt's AutoQuantize counts them. Embedding tables are not Linear layers and
+do not count.
 """
 
 from __future__ import annotations
@@ -19,11 +19,8 @@ from torch import nn
 from ckaqad_cli import models
 from ckaqad_cli.quant import NVFP4Linear, QuantRecipe
 from ckaqad_cli.quant_moe import NVFP4Experts, expert_of
-from ckaqad_kernels import fp8_ref
-from ckaqad_kernels.nvfp4_spec import BLOCK_SIZE
+from ckaqad_kernels import fp8_ref, nvfp4_spec
 
-NVFP4_BYTES_PER_BLOCK = BLOCK_SIZE // 2 + 1
-"""Bytes of one block of 16 NVFP4 weights: 16 four-bit codes and one E4M3 scale (4.5 bits a weight)."""
 BF16_BYTES = 2
 _EXPERT_LINEAR = re.compile(r"^(?P<experts>.+\.experts)\.\d+\.[^.]+$")
 """A per-expert nn.Linear (``...experts.3.w1``): all experts of one MoE layer form one unit."""
@@ -45,7 +42,7 @@ class Unit:
 
     @property
     def nvfp4_bytes(self) -> int:
-        return self.weights // BLOCK_SIZE * NVFP4_BYTES_PER_BLOCK
+        return nvfp4_spec.stored_bytes(self.weights)
 
     @property
     def bf16_bytes(self) -> int:
@@ -54,11 +51,10 @@ class Unit:
     @property
     def fp8_bytes(self) -> int | None:
         """A byte a weight and a float32 scale per output channel; None when the unit cannot be FP8."""
-        return None if self.rows is None else self.weights * fp8_ref.BITS_PER_WEIGHT // 8 + (
-            fp8_ref.SCALE_BYTES * self.rows)
+        return None if self.rows is None else fp8_ref.stored_bytes(self.rows, self.weights // self.rows)
 
     def upgraded_bytes(self, upgrade: str) -> int | None:
-        """The unit's bytes in ``upgrade`` (UPGRADES); None when it cannot take it."""
+        """The unit's bytes in ``upgrade`` (settings.plan.UPGRADES); None when it cannot take it."""
         return self.bf16_bytes if upgrade == "bf16" else self.fp8_bytes
 
     def extra_bytes(self, upgrade: str = "bf16") -> int | None:

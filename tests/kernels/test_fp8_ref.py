@@ -119,7 +119,7 @@ def test_inputs_match_compressed_tensors_per_token_fake_quantization(ct_fp8, cas
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     scheme, calculate_qparams, _, _ = ct_fp8
-    x = _tensors()[case].reshape(1, *_tensors()[case].shape)  # [batch, tokens, features]
+    x = _tensors()[case].unsqueeze(0)  # [batch, tokens, features]
     amax = x.abs().amax(dim=-1, keepdim=True)
     scale, zero = calculate_qparams(-amax, amax, scheme.input_activations)
     theirs = fake_quantize(x, scale, zero, scheme.input_activations)

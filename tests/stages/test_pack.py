@@ -400,12 +400,13 @@ def test_bad_input_existing_output_needs_force(tmp_path):
     assert (tmp_path / "bad-out" / "keep.txt").read_text() == "mine"
 
 
-def test_bad_input_nan_weight_names_the_tensor(tmp_path):
+@pytest.mark.parametrize("fp8", [(), ("--fp8", "*.o_proj")])  # packed in NVFP4, or in FP8
+def test_bad_input_nan_weight_names_the_tensor(tmp_path, fp8):
     src = make_model(tmp_path / "src", student=None)
     tensors = load_file(src / "model.safetensors")
     tensors["model.layers.1.self_attn.o_proj.weight"][3, 5] = float("nan")
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
-    line, left = _invoke_bad(tmp_path, src, "--scheme", "w4a16")
+    line, left = _invoke_bad(tmp_path, src, "--scheme", "w4a16", *fp8)
     assert "model.layers.1.self_attn.o_proj.weight" in line and "NaN" in line and not left
 
 
