@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ckaqad_cli import formats, units
 from ckaqad_cli.atomic import atomic_write_bytes
 from ckaqad_cli.errors import CkaqadError
-from ckaqad_cli.records import DiagnoseRecord, DistillRecord, PackRecord
+from ckaqad_cli.records import DiagnoseRecord, DistillRecord, LinearPrecision, PackRecord
 from ckaqad_cli.settings import BUILTIN, BUILTIN_REASONER
 from ckaqad_cli.settings.push import CARD_MODES, CardMode
 
@@ -96,7 +96,16 @@ HOW_MADE = {
 }
 
 
-def _section_summary(title: str, base_model: str | None, fmt: str, scheme: str, method: str) -> str:
+def _precision_text(precision: LinearPrecision, scheme: str) -> str:
+    fp8 = (f"{precision.fp8} in FP8 (E4M3 weights with one scale per output channel"
+           + (", inputs quantized per token on the fly)" if scheme == "w4a4" else ")"))
+    parts = [f"{precision.nvfp4} in NVFP4", *([fp8] if precision.fp8 else []), f"{precision.kept} kept unquantized"]
+    return (f"Linear layers: {', '.join(parts)}; **{precision.bits:.4f} bits per Linear weight** as written (NVFP4 "
+            "counted as 4.5 bits, FP8 as 8 plus its scales, 16-bit as 16: how `ckaqad plan` counts a bit budget).")
+
+
+def _section_summary(title: str, base_model: str | None, fmt: str, scheme: str, method: str,
+                     precision: LinearPrecision | None) -> str:
     base = f"[{base_model}](https://huggingface.co/{base_model})" if is_hub_id(base_model) else f"`{base_model}`"
     acts = (
         "The inputs of those layers are quantized the same way on the fly (W4A4)."
@@ -114,6 +123,8 @@ def _section_summary(title: str, base_model: str | None, fmt: str, scheme: str, 
         f"scale. {acts} Layers the recipe leaves out (by default the embeddings, the output head, norms and MoE "
         "routers) stay in BF16. NVFP4 matrix multiplies run natively on NVIDIA Blackwell GPUs.",
     ]
+    if precision is not None:
+        lines += ["", _precision_text(precision, scheme)]
     return "\n".join(lines)
 
 
@@ -249,14 +260,14 @@ def _section_usage(model_ref: str, fmt: str, prompt: str, placeholder: bool) -> 
     return "\n".join(lines)
 
 
-def _metadata(folder: Path, base_model: str | None, fmt: str, method: str) -> dict[str, Any]:
+def _metadata(folder: Path, base_model: str | None, fmt: str, method: str, fp8: bool) -> dict[str, Any]:
     data = ModelCardData(
         base_model=base_model if is_hub_id(base_model) else None,
         base_model_relation="quantized" if is_hub_id(base_model) else None,
         library_name=formats.format_module(fmt).LIBRARY,
         pipeline_tag=_pipeline_tag(_read_config(folder)),
         license=base_model_license(base_model),
-        tags=["nvfp4", method, fmt],
+        tags=["nvfp4", *(["fp8"] if fp8 else []), method, fmt],
     )
     return data.to_dict()
 
@@ -269,8 +280,8 @@ def _merge_metadata(existing: dict[str, Any], ours: dict[str, Any]) -> dict[str,
     """Ours wins for the fields we own; the user's license / pipeline tag and any other key are kept."""
     merged = dict(existing)
     for key, value in ours.items():
-        if key == "tags":  # the method tag is ours: an earlier card's (ptq / qad / cka-qad) gives way
-            kept = [t for t in existing.get("tags") or [] if t not in HOW_MADE or t in value]
+        if key == "tags":  # the method and fp8 tags are ours: an earlier card's give way
+            kept = [t for t in existing.get("tags") or [] if t not in (*HOW_MADE, "fp8") or t in value]
             merged["tags"] = list(dict.fromkeys([*kept, *value]))
         elif key in ("license", "pipeline_tag") and existing.get(key):
             continue
@@ -308,6 +319,7 @@ def render_model_card(
     repo_id: str | None = None,
     model_path: str | Path | None = None,
     with_plot: bool | None = None,
+    precision: LinearPrecision | None = None,
 ) -> str:
     """README.md text for the packed model in ``folder``.
 
@@ -318,7 +330,7 @@ def render_model_card(
     absolute local path, which means nothing on another machine. The snippets' prompt is one the model answers: a
     task problem for the built-in teacher, a plain sentence to complete for any other model. The card shows
     ``cka_per_layer.png`` when ``with_plot`` is true (default: when ``folder`` holds that file; :func:`copy_plot` puts
-    it there).
+    it there). ``precision`` (how pack wrote the Linear weights) adds their formats and bits per weight to the summary.
     """
     if mode not in CARD_MODES:
         raise CkaqadError(f"card mode {mode!r} is not one of {', '.join(CARD_MODES)}")
@@ -329,7 +341,7 @@ def render_model_card(
     title = repo_id.split("/")[-1] if repo_id else f"{title_base}-NVFP4"
     method = _method(DistillRecord.of(manifest))
     sections = {
-        "summary": _section_summary(title, base_model, fmt, scheme, method),
+        "summary": _section_summary(title, base_model, fmt, scheme, method, precision),
         "method": _section_method(manifest, scheme),
         "evaluation": _section_evaluation(
             manifest, (folder / PLOT_FILE).is_file() if with_plot is None else with_plot
@@ -338,7 +350,7 @@ def render_model_card(
                                 BUILTIN_PROMPTS.get(builtin_name(base_model), GENERIC_PROMPT),
                                 placeholder=not repo_id),
     }
-    ours = _metadata(folder, base_model, fmt, method)
+    ours = _metadata(folder, base_model, fmt, method, bool(precision and precision.fp8))
     if mode == "merge" and existing is not None:
         card = ModelCard(existing, ignore_metadata_errors=True)
         return _compose(_merge_metadata(card.data.to_dict(), ours), _merge_body(card.text, sections))

@@ -8,7 +8,7 @@ None unless the stage finished.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -92,6 +92,17 @@ class DistillRecord:
 
 
 @dataclass(frozen=True)
+class LinearPrecision:
+    """How a packed model stores its Linear weights: modules per format and the average bits per weight as written,
+    counted as ``ckaqad plan`` counts a budget (NVFP4 4.5, FP8 8 and its scales, BF16 16)."""
+
+    nvfp4: int
+    fp8: int
+    kept: int
+    bits: float
+
+
+@dataclass(frozen=True)
 class PackRecord:
     """What pack records: the packed folder, its format, scheme and file sizes, and whether it packed --model."""
 
@@ -104,12 +115,16 @@ class PackRecord:
     from_model: str | None = None
     """The --model it packed, None when it packed the run's distilled student."""
     started: str | None = None
+    precision: LinearPrecision | None = None
+    """None in records written before it was recorded."""
 
     @staticmethod
     def write(rec: StageRecord, *, model: str, format: str, scheme: str, scale_rule: str,
-              files: dict[str, int]) -> None:
-        """Pack's outputs: the packed folder (relative to the run), its format, scheme, scale rule and file sizes."""
-        rec.outputs.update(model=model, format=format, scheme=scheme, scale_rule=scale_rule, files=files)
+              files: dict[str, int], precision: LinearPrecision) -> None:
+        """Pack's outputs: the packed folder (relative to the run), its format, scheme, scale rule, file sizes and
+        Linear precision."""
+        rec.outputs.update(model=model, format=format, scheme=scheme, scale_rule=scale_rule, files=files,
+                           linear_precision=asdict(precision))
 
     @classmethod
     def of(cls, manifest: dict[str, Any] | None) -> PackRecord | None:
@@ -117,7 +132,14 @@ class PackRecord:
             return None
         return cls(**{key: r.outputs.get(key) for key in ("model", "format", "scheme", "scale_rule")},
                    files=_file_sizes(r.outputs.get("files")), from_model=r.config.get("model"),
-                   started=r.entry.get("started"))
+                   started=r.entry.get("started"), precision=_precision(r.outputs.get("linear_precision")))
+
+
+def _precision(recorded: Any) -> LinearPrecision | None:
+    try:
+        return LinearPrecision(**recorded) if isinstance(recorded, dict) else None
+    except TypeError:  # another version's keys
+        return None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from huggingface_hub import constants as hf_constants
 
 from ckaqad_cli.card import PLOT_FILE, render_model_card
+from ckaqad_cli.records import LinearPrecision
 
 MANIFEST = {
     "schema_version": 1,
@@ -244,3 +245,19 @@ def test_reasoner_card_asks_a_multiplication_it_answers(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(REASONER_DIR, dtype=torch.bfloat16)
     reply = decode(model, AutoTokenizer.from_pretrained(REASONER_DIR), [prompt], max_new_tokens=MAX_TRACE_CHARS)[0]
     assert final_answer(reply) == str(a * b)
+
+
+def test_the_summary_states_the_formats_and_bits_per_weight_pack_wrote(tmp_path):
+    """With pack's precision the card counts the Linear layers per format and states their bits per weight; FP8
+    layers get a sentence and a tag, which a merge drops again when a later pack has none."""
+    folder = _folder(tmp_path)
+    meta, body = _split(_render(folder, precision=LinearPrecision(nvfp4=40, fp8=5, kept=1, bits=4.94412)))
+    assert "40 in NVFP4, 5 in FP8 (E4M3 weights with one scale per output channel, inputs quantized per token" in body
+    assert "1 kept unquantized; **4.9441 bits per Linear weight**" in body and "fp8" in meta["tags"]
+    _, w4a16 = _split(_render(folder, scheme="w4a16", precision=LinearPrecision(40, 5, 1, 4.9)))
+    assert "output channel); **" not in w4a16 and "output channel), 1 kept" in w4a16
+    merged_meta, merged = _split(_render(folder, existing=_render(folder, precision=LinearPrecision(40, 5, 1, 4.9)),
+                                         mode="merge", precision=LinearPrecision(45, 0, 1, 4.6551)))
+    assert "45 in NVFP4, 1 kept unquantized; **4.6551 bits" in merged and " in FP8" not in merged
+    assert "fp8" not in merged_meta["tags"] and "nvfp4" in merged_meta["tags"]
+    assert "bits per Linear weight" not in _split(_render(folder))[1]  # unknown (a folder pushed without its run)

@@ -33,7 +33,7 @@ from ckaqad_cli.packing.write import kernel_description, write_configs, write_te
 from ckaqad_cli.planning.recipe import exclude_or_plan
 from ckaqad_cli.quant import QuantRecipe
 from ckaqad_cli.quant_calibration import SECOND_MOMENTS_FILE, load_second_moments
-from ckaqad_cli.records import PackRecord
+from ckaqad_cli.records import LinearPrecision, PackRecord
 from ckaqad_cli.rundir import RunDir, describe_input
 from ckaqad_cli.safetensors_io import SafetensorsSource
 from ckaqad_cli.safetensors_write import ShardedWriter, copy_files, ensure_disk_space, ensure_writable
@@ -121,6 +121,7 @@ class PackResult:
     summary: dict[str, Any]
     input_digests: dict[str, str]
     """{weight file: its digest} as the pack read it (safetensors_io.SafetensorsSource.digests), for run.json."""
+    precision: LinearPrecision
 
 
 def _files(out: Path) -> dict[str, int]:
@@ -178,6 +179,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         extra = sum((source / n).stat().st_size for n in COPIED_FILES if (source / n).is_file())
         ensure_disk_space(target, planned + extra)
         kernel = kernel_description(plan, src, cfg.backend, cfg.device)
+        precision = LinearPrecision(len(plan.shapes), len(plan.fp8), len(plan.kept), linear_weight_bits(plan, src))
         with _output_dir(target, cfg.force) as tmp:
             writer = ShardedWriter(tmp, plan.specs, shard_bytes)
             try:
@@ -194,7 +196,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
                 exact = not verification["weights"]["reciprocal_scale_inexact"]
                 verification["logits"] = verify_logits(plan, tmp, cfg.device, weights_exact=exact)
                 raise_if_failed(verification)
-            _write_card(tmp, target, run, plan)
+            _write_card(tmp, target, run, plan, precision)
     summary = {
         "source": str(source),
         "out": str(target),
@@ -204,7 +206,7 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         "modules_quantized": len(plan.shapes) + len(plan.fp8),
         "modules_fp8": len(plan.fp8),
         "modules_kept": len(plan.kept),
-        "linear_weight_bits": linear_weight_bits(plan, src),
+        "linear_weight_bits": precision.bits,
         "kept": plan.kept,
         "dtype": str(plan.dtype).removeprefix("torch."),
         "fused_groups": sum(1 for g in plan.groups if len(g) > 1),
@@ -219,12 +221,13 @@ def pack_model(cfg: PackConfig, *, run: RunDir | None = None, out: Path | None =
         "seconds": time.perf_counter() - start,
     }
     digests = src.digests()
-    return PackResult(out=target, format=fmt.NAME, scheme=plan.scheme, summary=summary, input_digests=digests)
+    return PackResult(out=target, format=fmt.NAME, scheme=plan.scheme, summary=summary, input_digests=digests,
+                      precision=precision)
 
 
 
 
-def _write_card(folder: Path, target: Path, run: RunDir | None, plan: PackPlan) -> None:
+def _write_card(folder: Path, target: Path, run: RunDir | None, plan: PackPlan, precision: LinearPrecision) -> None:
     """The model card, written into the temporary ``folder`` and naming the model by its final path ``target``."""
     from ckaqad_cli.card import CARD_FILE, base_model_from_manifest, render_model_card
 
@@ -235,7 +238,7 @@ def _write_card(folder: Path, target: Path, run: RunDir | None, plan: PackPlan) 
         manifest = {**manifest, "stages": {k: v for k, v in manifest["stages"].items() if k != "distill"}}
     base = (base_model_from_manifest(manifest) if manifest else None) or str(plan.source)
     text = render_model_card(folder, manifest=manifest, base_model=base, fmt=plan.fmt.NAME, scheme=plan.scheme,
-                             model_path=target.resolve())
+                             model_path=target.resolve(), precision=precision)
     atomic_write_text(folder / CARD_FILE, text)
 
 
@@ -314,7 +317,7 @@ def run_pack(cfg: PackConfig, run: RunDir) -> PackResult:
         rec.inputs["model"] = describe_input(source, digests=result.input_digests)
         s = result.summary
         PackRecord.write(rec, model=run.relpath(out), format=result.format, scheme=result.scheme,
-                         scale_rule=result.summary["scale_rule"], files=_files(out))
+                         scale_rule=result.summary["scale_rule"], files=_files(out), precision=result.precision)
         rec.metrics.update(
             {k: s[k] for k in ("modules_quantized", "modules_kept", "linear_weight_bits", "bytes_before", "bytes_after",
                                "seconds")}

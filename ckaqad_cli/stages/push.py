@@ -268,6 +268,7 @@ def plan_push(folder: Path | None, cfg: PushConfig, *, run: RunDir | None = None
         mode=cfg.card,
         repo_id=cfg.repo_id,
         with_plot=plot is not None or (folder / PLOT_FILE).is_file(),
+        precision=pack.precision if from_run else None,
     )
     files = {
         p.relative_to(folder).as_posix(): p.stat().st_size

@@ -77,6 +77,10 @@ def test_pack_then_push_uploads_the_verified_output_and_records_both(tiny_llama,
         assert remote[name] == data, name
     packed = load_file(folder / "model.safetensors")
     assert packed["model.layers.0.self_attn.q_proj.weight_packed"].dtype == torch.uint8  # really NVFP4
+    # the card states the bits per Linear weight pack wrote: the same line in the packed and the pushed card
+    bits = pack["metrics"]["linear_weight_bits"]
+    line = f"**{bits:.4f} bits per Linear weight**"
+    assert 4.5 < bits < 16 and line in (folder / "README.md").read_text() and line in local["README.md"].decode()
 
     assert FAKE_TOKEN not in _tree_text(run.path)  # run.json, summaries, card
     assert FAKE_TOKEN not in run.manifest_path.read_text()

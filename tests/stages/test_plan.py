@@ -190,6 +190,8 @@ def test_an_fp8_plan_puts_its_units_in_fp8_for_the_comparison_and_distill_and_pa
     assert not set(recipe.fp8) & set(weights["reciprocal_scale_inexact"])
     assert result.summary["modules_fp8"] == len(recipe.fp8)
     assert result.summary["linear_weight_bits"] == pytest.approx(report["effective_bits"], rel=1e-12)
+    card = (out / "README.md").read_text()
+    assert f"{len(recipe.fp8)} in FP8" in card and f"**{report['effective_bits']:.4f} bits per Linear weight**" in card
     assert verified["logits"]["passed"] and verified["logits"]["transformers"]["same_as_unpacker"]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "mixed-precision" and qc["config_groups"]["group_1"]["targets"] == recipe.fp8
