@@ -17,7 +17,7 @@ from ckaqad_cli.errors import CkaqadError
 from ckaqad_cli.kl import token_kl
 from ckaqad_cli.models import decoder_layers
 from ckaqad_cli.planning import sensitivity
-from ckaqad_cli.planning.budget import budget_bytes, check_budget, choose
+from ckaqad_cli.planning.budget import average_bits, budget_bytes, check_budget, choose
 from ckaqad_cli.planning.recipe import fp8_members, kept_exclude, plan_exclude, plan_fp8, plan_recipe
 from ckaqad_cli.planning.switch import prepare
 from ckaqad_cli.planning.units import Unit, UnitTable
@@ -144,6 +144,41 @@ def test_budget_below_what_the_bf16_modules_need_or_keeping_everything_is_one_li
     with pytest.raises(CkaqadError, match=r"puts every unit it can in FP8.*nothing would be NVFP4") as e:
         check_budget(_table([64, 64], fixed=16), 11.0, "fp8")  # all FP8: 10.05 bits
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_budget_over_the_units_counts_their_weights_only_the_fixed_ones_on_top(seed):
+    """--budget-over units: floor(bits * unit weights / 8) bytes for the units, 2 bytes per fixed weight on top;
+    the same chooser, and the same plan as the budget over every weight that allows the same bytes."""
+    rng = random.Random(seed)
+    table = _table([rng.choice([64, 256, 1024, 3072]) for _ in range(rng.randint(1, 12))], fixed=rng.choice([16, 4096]))
+    scores = {u.name: rng.random() for u in table.units}
+    units = table.total_weights - table.fixed_weights
+    high = average_bits(table, table.bytes_of(u.name for u in table.units), "units")
+    bits = rng.uniform(4.5, high - 1e-6)
+    choice = choose(table, scores, bits, "bf16", "units")
+    assert choice.budget_bytes == budget_bytes(table, bits, "units") == math.floor(bits * units / 8) \
+        + 2 * table.fixed_weights
+    assert choice.weight_bytes == table.bytes_of(choice.kept) <= choice.budget_bytes
+    assert all(u.extra_bytes() > choice.budget_bytes - choice.weight_bytes for u in table.units
+               if u.name not in choice.kept)
+    assert choice.effective_bits == table.bits(choice.weight_bytes)  # the report's bits count every Linear weight
+    assert average_bits(table, choice.weight_bytes, "units") <= bits
+    same = (choice.budget_bytes + 0.5) * 8 / table.total_weights  # the linear budget of the same whole bytes
+    assert choose(table, scores, same).kept == choice.kept
+    assert budget_bytes(table, bits, "units") >= budget_bytes(table, bits)  # the fixed weights' 16 bits are extra
+
+
+def test_a_budget_over_the_units_admits_4_5_and_names_its_own_count_when_too_high():
+    table = _table([64, 64], fixed=100_000)  # a head so large that 5.0 bits over every weight cannot be met
+    assert choose(table, {"u0": 1.0, "u1": 2.0}, 4.5, "bf16", "units").kept == ()
+    assert choose(table, {"u0": 1.0, "u1": 2.0}, 10.25, "bf16", "units").kept == ("u1",)  # one of two: 10.25 bits
+    with pytest.raises(CkaqadError, match=r"^--budget-bits 16 puts every unit it can in BF16 \(16\.0000 bits per "
+                                          r"weight\)") as e:
+        check_budget(table, 16.0, "bf16", "units")
+    assert "\n" not in str(e.value)
+    with pytest.raises(CkaqadError, match=r"puts every unit it can in FP8 \(10\.0000 bits"):
+        check_budget(table, 11.0, "fp8", "units")  # 8 bits and a float32 scale per row of 16: 10
 
 
 def test_a_score_that_is_not_a_number_is_one_line():

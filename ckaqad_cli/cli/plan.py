@@ -26,7 +26,8 @@ def plan(run: Path = RunOption, config: Path = ConfigOption, cfg: PlanConfig = N
 
       ckaqad plan --run runs/demo --budget-bits 5 --upgrade fp8
 
-      ckaqad plan --teacher Qwen/Qwen3-4B --data calib.jsonl --budget-bits 5.5 --score kl --run runs/qwen3
+      ckaqad plan --teacher Qwen/Qwen3-4B --data calib.jsonl --budget-bits 5.5 --budget-over units --score kl \
+        --run runs/qwen3   # 5.5 bits per unit weight, the BF16 head on top
     """
     from ckaqad_cli.stages.plan import run_plan  # torch: only once the arguments are good
 

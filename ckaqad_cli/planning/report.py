@@ -58,12 +58,19 @@ def summary_rows(report: Mapping) -> dict[str, dict[str, object]]:
     return rows
 
 
+def _budget_weight(report: Mapping) -> str:
+    if report.get("budget_over", "linear") == "linear":
+        return "weight"
+    return f"unit weight (the {sum(report['fixed'].values()):,} weights kept whatever the plan at 16 bits on top)"
+
+
 def to_markdown(report: Mapping) -> str:
     parts = [
         "# ckaqad plan\n",
         f"Teacher: `{report['teacher']}`, scheme {report['scheme']}, scale rule "
         f"{report.get('scale_rule', 'amax')}, budget {fmt(report['budget_bits'])} bits per "
-        f"weight ({format_bytes(report['budget_bytes'])} of Linear weights); score `{report['score']}`. The plan puts "
+        f"{_budget_weight(report)} ({format_bytes(report['budget_bytes'])} of Linear weights); score "
+        f"`{report['score']}`. The plan puts "
         f"{len(report['kept'])} of {len(report['units'])} units in {upgrade_label(report)}: "
         f"{fmt(report['effective_bits'])} bits per "
         f"weight ({format_bytes(report['weight_bytes'])}); uniform NVFP4 is {fmt(report['uniform_bits'])}. "

@@ -73,14 +73,18 @@ class UnitTable:
     scheme: str
 
     @property
+    def fixed_weights(self) -> int:
+        return sum(self.fixed.values())
+
+    @property
     def total_weights(self) -> int:
-        return sum(u.weights for u in self.units) + sum(self.fixed.values())
+        return sum(u.weights for u in self.units) + self.fixed_weights
 
     def bytes_of(self, kept: Iterable[str], upgrade: str = "bf16") -> int:
         """Weight bytes with the units named in ``kept`` in ``upgrade`` and the others in NVFP4."""
         kept = set(kept)
         units = sum(u.upgraded_bytes(upgrade) if u.name in kept else u.nvfp4_bytes for u in self.units)
-        return units + BF16_BYTES * sum(self.fixed.values())
+        return units + BF16_BYTES * self.fixed_weights
 
     def upgradable(self, upgrade: str) -> tuple[Unit, ...]:
         """The units that can take ``upgrade``, in module order."""

@@ -8,7 +8,7 @@ from ckaqad_cli.settings import SettingError, check_at_least, check_choice, chec
 from ckaqad_cli.settings.diagnose import DiagnoseConfig
 from ckaqad_cli.settings.distill import DistillConfig
 from ckaqad_cli.settings.pack import PackConfig
-from ckaqad_cli.settings.plan import SCORES, UPGRADES, PlanConfig, check_budget_range
+from ckaqad_cli.settings.plan import BUDGET_SCOPES, SCORES, UPGRADES, PlanConfig, check_budget_range
 
 
 @dataclass
@@ -29,6 +29,8 @@ class PipelineConfig:
     )
     plan_upgrade: str = same_as(PlanConfig, "upgrade", help="With --budget-bits: what the plan's units become, bf16 "
                                 "or fp8 (packed in the compressed-tensors format only).")
+    plan_budget_over: str = same_as(PlanConfig, "budget_over", help="With --budget-bits: what it averages over, "
+                                    "linear (every Linear weight) or units (the plan's units only).")
     plan_score: str = same_as(PlanConfig, "score", help="With --budget-bits: the score the plan ranks units by: cka, "
                               "kl or grad.")
     steps: int | None = same_as(DistillConfig, "steps")
@@ -56,6 +58,7 @@ class PipelineConfig:
             check_budget_range(self.budget_bits)
         check_choice(self.plan_score, SCORES, "plan_score")
         check_choice(self.plan_upgrade, UPGRADES, "plan_upgrade")
+        check_choice(self.plan_budget_over, BUDGET_SCOPES, "plan_budget_over")
         if self.plan_upgrade == "fp8" and self.format != "compressed-tensors":
             raise SettingError("plan_upgrade", f"fp8 units are packed in the compressed-tensors format only, not "
                                f"--format {self.format}")

@@ -29,6 +29,8 @@ BF16_BITS = 16
 """Bits per weight kept in BF16."""
 UPGRADES = ("bf16", "fp8")
 """What a plan's chosen units become (planning.units.UPGRADES; declared here, where no model is needed)."""
+BUDGET_SCOPES = ("linear", "units")
+"""What --budget-bits averages over (planning.budget.budget_bytes)."""
 
 
 @dataclass
@@ -37,7 +39,12 @@ class PlanConfig:
 
     budget_bits: float = setting(
         REQUIRED, "Average bits per weight of the model's Linear layers (NVFP4 counts 4.5, BF16 16; the output head "
-        "and other modules that stay BF16 count too), between 4.5 and 16."
+        "and other modules that stay BF16 count too, unless --budget-over units), between 4.5 and 16."
+    )
+    budget_over: str = setting(
+        "linear", "What --budget-bits averages over: linear (every Linear weight, the output head and --exclude'd "
+        "modules at 16 bits included, as ModelOpt's AutoQuantize counts) or units (the weights a plan chooses for, "
+        "those others' 16 bits on top: bits per quantizable weight). The report's bits count every Linear weight."
     )
     score: str = setting(
         DEFAULT_SCORE, "Sensitivity the chooser ranks units by: cka (drift of the unit's layer and the last layer), kl "
@@ -78,6 +85,7 @@ class PlanConfig:
         check_budget_range(self.budget_bits)
         check_choice(self.score, SCORES, "score")
         check_choice(self.upgrade, UPGRADES, "upgrade")
+        check_choice(self.budget_over, BUDGET_SCOPES, "budget_over")
         check_scheme(self.scheme)
         check_rules(self.scale_rule, self.activation_arithmetic)
         check_at_least(self, {"seq_len": 2, "batch_size": 1, "max_tokens": 1, "task_problems": 0},

@@ -59,7 +59,7 @@ def run_plan(cfg: PlanConfig, run: RunDir, *, console: Console | None = None) ->
     model, tokenizer = models.load_model(cfg.teacher, device=device, dtype=dtype,
                                          trust_remote_code=cfg.trust_remote_code)
     table, _ = prepare(model, cfg.scheme, cfg.exclude, cfg.scale_rule, cfg.activation_arithmetic)
-    check_budget(table, cfg.budget_bits, cfg.upgrade)  # before the measurement
+    check_budget(table, cfg.budget_bits, cfg.upgrade, cfg.budget_over)  # before the measurement
     limit = models.max_positions(model)
     if limit is not None and cfg.seq_len > limit:
         raise CkaqadError(f"--seq-len {cfg.seq_len} is over the teacher's limit of {limit} positions")
@@ -73,7 +73,7 @@ def run_plan(cfg: PlanConfig, run: RunDir, *, console: Console | None = None) ->
         measured = sensitivity.measure(model, table, sequences, batch_size=cfg.batch_size,
                                        bos_token_id=tokenizer.bos_token_id, console=console)
         seconds = time.perf_counter() - start
-        choice = choose(table, measured.scores(cfg.score), cfg.budget_bits, cfg.upgrade)
+        choice = choose(table, measured.scores(cfg.score), cfg.budget_bits, cfg.upgrade, cfg.budget_over)
         fp8 = fp8_members(table, choice.kept) if cfg.upgrade == "fp8" else []
         exclude = list(cfg.exclude) if fp8 else kept_exclude(table, choice.kept, cfg.exclude)
         recipe = plan_recipe(model.config, cfg.scheme, exclude, scale_rule=cfg.scale_rule, fp8=fp8,
@@ -82,7 +82,8 @@ def run_plan(cfg: PlanConfig, run: RunDir, *, console: Console | None = None) ->
         report = {
             "teacher": cfg.teacher, "data": cfg.data, "scheme": cfg.scheme, "scale_rule": cfg.scale_rule,
             "score": cfg.score, "upgrade": cfg.upgrade,
-            "budget_bits": cfg.budget_bits, "budget_bytes": choice.budget_bytes, "weight_bytes": choice.weight_bytes,
+            "budget_bits": cfg.budget_bits, "budget_over": cfg.budget_over, "budget_bytes": choice.budget_bytes,
+            "weight_bytes": choice.weight_bytes,
             "effective_bits": choice.effective_bits, "uniform_bits": table.bits(table.bytes_of(())),
             "total_weights": table.total_weights, "fixed": table.fixed, "kept": list(choice.kept),
             "exclude": exclude, "fp8": fp8, "units": unit_rows(table, measured, choice.kept), "tokens": measured.tokens,

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from ckaqad_cli.app import app
 from ckaqad_cli.rundir import RunDir
-from ckaqad_cli.stages.pipeline import COLUMNS, comparison_rows
+from ckaqad_cli.settings.pipeline import PipelineConfig
+from ckaqad_cli.stages.pipeline import COLUMNS, _plan_config, comparison_rows
 
 runner = CliRunner()
 STAGES = ("diagnose-ptq", "distill", "distill-kl", "diagnose", "pack", "push-dry-run", "pipeline")
@@ -89,11 +90,19 @@ def test_pipeline_checks_every_option_before_the_first_stage(tmp_path):
                        (["--budget-bits", "3"], "--budget-bits"), (["--budget-bits", "nan"], "--budget-bits"),
                        (["--budget-bits", "6", "--plan-score", "hessian"], "--plan-score"),
                        (["--budget-bits", "6", "--plan-upgrade", "int8"], "--plan-upgrade"),
+                       (["--budget-bits", "6", "--plan-budget-over", "model"], "--plan-budget-over"),
                        (["--budget-bits", "6", "--plan-upgrade", "fp8", "--format", "modelopt"], "--plan-upgrade")):
         result = runner.invoke(app, ["pipeline", "--run", str(tmp_path / "run"), "--device", "cpu", *bad])
         assert result.exit_code == 1, (bad, result.output)
         assert result.output.startswith("error:") and words in result.output, (bad, result.output)
         assert not (tmp_path / "run" / "run.json").exists(), bad
+
+
+def test_the_pipelines_plan_takes_its_plan_options():
+    cfg = PipelineConfig(budget_bits=5.0, plan_budget_over="units", plan_upgrade="fp8", plan_score="kl")
+    plan = _plan_config(cfg)
+    assert (plan.budget_bits, plan.budget_over, plan.upgrade, plan.score) == (5.0, "units", "fp8", "kl")
+    assert _plan_config(PipelineConfig(budget_bits=6.0)).budget_over == "linear"
 
 
 def test_pipeline_with_a_budget_plans_first_and_every_stage_follows_the_plan(tmp_path):

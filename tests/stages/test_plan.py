@@ -98,6 +98,26 @@ def test_cli_bad_budgets_are_one_line_before_any_measurement(tmp_path, inputs):
         assert "plan" not in (RunDir(tmp_path / bits).read()["stages"])
 
 
+def test_a_budget_over_the_units_leaves_the_head_out_of_the_average(planned, inputs, tmp_path):
+    """`--budget-over units --budget-bits 6`: the tiny model's large BF16 head (6 bits over every weight is below
+    uniform NVFP4's 6.37) is counted on top, so the budget is met and the plan keeps units; the report says so."""
+    _, linear = planned
+    teacher, data = inputs
+    run = RunDir(tmp_path / "units")
+    result = runner.invoke(app, ["plan", "--run", str(run.path), "--budget-bits", "6", "--budget-over", "units",
+                                 "--teacher", str(teacher), "--data", data, "--seq-len", "16", "--max-tokens", "256",
+                                 "--task-problems", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run.stage_dir("plan") / "report.json").read_text())
+    head, units = sum(report["fixed"].values()), report["total_weights"] - sum(report["fixed"].values())
+    assert report["budget_over"] == "units" and run.stage_entry("plan")["config"]["budget_over"] == "units"
+    uniform = 2 * head + units * 9 // 16
+    assert report["budget_bytes"] == int(6 * units / 8) + 2 * head >= report["weight_bytes"] > uniform
+    assert report["kept"] and report["effective_bits"] == 8 * report["weight_bytes"] / report["total_weights"]
+    assert f"bits per unit weight (the {head:,} weights kept" in (run.stage_dir("plan") / "report.md").read_text()
+    assert linear["budget_over"] == "linear"
+
+
 def test_the_plan_round_trips_into_distill_and_pack_in_both_formats(planned, inputs, tmp_path):
     run, report = planned
     teacher, data = inputs
