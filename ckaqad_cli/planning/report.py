@@ -61,7 +61,7 @@ def summary_rows(report: Mapping) -> dict[str, dict[str, object]]:
 def _budget_weight(report: Mapping) -> str:
     if report.get("budget_over", "linear") == "linear":
         return "weight"
-    return f"unit weight (the {sum(report['fixed'].values()):,} weights kept whatever the plan at 16 bits on top)"
+    return f"unit weight, with the {sum(report['fixed'].values()):,} weights that stay BF16 whatever the plan on top"
 
 
 def to_markdown(report: Mapping) -> str:

@@ -114,7 +114,7 @@ def test_a_budget_over_the_units_leaves_the_head_out_of_the_average(planned, inp
     uniform = 2 * head + units * 9 // 16
     assert report["budget_bytes"] == int(6 * units / 8) + 2 * head >= report["weight_bytes"] > uniform
     assert report["kept"] and report["effective_bits"] == 8 * report["weight_bytes"] / report["total_weights"]
-    assert f"bits per unit weight (the {head:,} weights kept" in (run.stage_dir("plan") / "report.md").read_text()
+    assert f"bits per unit weight, with the {head:,} weights that stay BF16 whatever the plan on top (" in (run.stage_dir("plan") / "report.md").read_text()
     assert linear["budget_over"] == "linear"
 
 
