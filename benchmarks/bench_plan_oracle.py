@@ -2,8 +2,8 @@
 
 ``ckaqad plan --upgrade fp8`` ranks units by one score each (measured with the unit alone in NVFP4) and fills the
 budget greedily. This script drops both shortcuts on the built-in teacher: it lists every *maximal* set of units
-that fits the budget in the plan's upgrade format (no further unit fits beside it: adding a unit never hurts, so
-the best choice is among these), and measures each one's student exactly as ``ckaqad plan`` measures its own (the
+that fits the budget in the plan's upgrade format (no further unit fits beside it; any other set is one of these
+with units left in NVFP4, which we take to be no better), and measures each one's student exactly as ``ckaqad plan`` measures its own (the
 product's ``planning.switch.planned`` and ``planning.evaluate``): output KL against the teacher on each seed's
 calibration text (``plan``'s default 8192 tokens), and task accuracy on each seed's held-out problems. If no set
 recovers half of uniform NVFP4's task-accuracy loss, no chooser can at this budget with these formats.

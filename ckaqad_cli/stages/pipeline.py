@@ -55,8 +55,7 @@ def _distill_config(cfg: PipelineConfig, *, lambda_cka: float | None) -> Distill
 def _plan_config(cfg: PipelineConfig) -> PlanConfig:
     plan = PlanConfig(
         budget_bits=cfg.budget_bits, budget_over=cfg.plan_budget_over, score=cfg.plan_score, upgrade=cfg.plan_upgrade,
-        teacher=cfg.teacher,
-        data=cfg.data, scheme=cfg.scheme,
+        teacher=cfg.teacher, data=cfg.data, scheme=cfg.scheme,
         scale_rule=cfg.scale_rule, activation_arithmetic=cfg.activation_arithmetic, max_tokens=cfg.diagnose_tokens,
         seq_len=cfg.diagnose_seq_len, task_problems=cfg.task_problems, seed=cfg.seed, device=cfg.device,
         force=cfg.force,
