@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,9 +76,17 @@ def setup(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local, device=dev, mesh=mesh)
 
 
-def teardown(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(ctx: DistContext, *, finished: bool = True) -> None:
+    """Leave the process group. ``finished`` (the work ended normally on every rank): first wait for every rank and
+    free what still holds the group, so that no rank closes its connections while another still uses them and no
+    gloo object is left for the interpreter's exit to destroy (a rank then aborts at exit, after a run that
+    succeeded). After an error, leave at once: the other ranks may never reach the barrier."""
+    if not (ctx.distributed and dist.is_initialized()):
+        return
+    if finished:
+        dist.barrier()
+        gc.collect()
+    dist.destroy_process_group()
 
 
 def barrier(ctx: DistContext) -> None:

@@ -205,3 +205,27 @@ def test_documented_cpu_torchrun_line_runs(tmp_path):
     assert stage["status"] == "done" and stage["config"]["world_size"] == 2 and stage["config"]["steps"] == steps
     assert [r["step"] for r in _metrics(run / "distill") if r["type"] == "train"] == list(range(1, steps + 1))
     assert (run / "distill" / "student").is_dir()
+
+
+_TEARDOWN_SCRIPT = """
+import sys, time
+from ckaqad_cli import distributed
+ctx = distributed.setup("cpu")
+if ctx.rank == 0:
+    time.sleep(2.0)
+distributed.teardown(ctx, finished=sys.argv[1] == "finished")
+print(f"{ctx.rank} {time.time()}")
+"""
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_teardown_waits_for_every_rank_only_after_success(tmp_path, finished):
+    """After a run that ended on every rank, no rank leaves the process group (and exits) before the others are done
+    with it; after an error, a rank leaves at once (the others may never come). Both ranks exit cleanly."""
+    script = tmp_path / "teardown.py"
+    script.write_text(_TEARDOWN_SCRIPT)
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+                 "finished" if finished else "error"])
+    left = dict(line.split() for line in proc.stdout.split("\n") if line.strip())
+    gap = float(left["0"]) - float(left["1"])  # rank 0 slept 2 s before leaving
+    assert (abs(gap) < 1.0) if finished else (gap > 1.5), gap

@@ -186,53 +186,72 @@ def run_distill(
     console = console or Console(stderr=True)
     check_launch(cfg)
     ctx = D.setup(cfg.device)
+    finished = False
     try:
-        cfg = cfg.resolved()
-        selection = exclude_or_plan(cfg.exclude, run, cfg.fp8)
-        if selection.planned:
-            cfg.exclude, cfg.fp8 = tuple(selection.exclude), tuple(selection.fp8)
-            if ctx.is_main:
-                console.print(f"the run's plan keeps {len(cfg.exclude)} module pattern(s) in BF16 and puts "
-                              f"{len(cfg.fp8)} in FP8 (plan/quant_recipe.json)")
-        if cfg.dry_run:  # nothing loads but the teacher's config, nothing is written
-            estimate = memory_estimate(cfg, ctx.device, ctx.world_size)
-            if ctx.is_main:
-                console.print(estimate["table"])
-                console.print(estimate["verdict"], highlight=False)
-            return {}
-        entry = run.stage_entry(stage)
-        if entry and entry.get("status") == "done" and not cfg.force:
-            raise CkaqadError(f"stage {stage} already finished in {run.path}; pass --force to run it again")
-        check_spec(cfg.teacher, "--teacher")  # before anything loads or the run directory is touched
-        texts = read_texts(cfg)
-        ensure_writable(run.path, "--run")
-        if run.stage_dir(stage).exists():
-            ensure_writable(run.stage_dir(stage), "--run")
-        torch.manual_seed(cfg.seed)
-        models = build_models(cfg, ctx)
-        check_models(cfg, models)
-        sequences = load_sequences(cfg, models.tokenizer, texts)
-        train_ids, eval_ids = split_heldout(sequences, cfg.eval_sequences, ctx.world_size)
-        if cfg.scale_rule == "mse-act":  # the channel weights, from training text the held-out slice never sees
-            rows = max(1, MSE_ACT_CALIBRATION_TOKENS // cfg.seq_len)
-            models.second_moments = fit_channel_weights(models.student, train_ids[:rows])
-        record_config = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
-        record_config["world_size"] = ctx.world_size
-        inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
-        out_dir = run.stage_dir(stage)
-        if not ctx.is_main:  # rank 0 alone records the stage; the others train alongside it and report nothing
-            train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
-                  show_progress=False)
-            return {}
-        def saved(checkpoint: Path) -> None:  # `ckaqad status` shows how far a running distill has come
-            run.record_progress(stage, outputs={"latest_checkpoint": run.relpath(checkpoint)})
-
-        with run.stage(stage, config=record_config, inputs=inputs, force=True) as rec:
-            summary = train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
-                            on_save=saved, show_progress=show_progress, teacher_memo=teacher_memo)
-            summary.update(train_sequences=int(train_ids.shape[0]), eval_sequences=int(eval_ids.shape[0]))
-            DistillRecord.write(rec, student=run.relpath(out_dir / "student"),
-                                metrics_file=run.relpath(out_dir / "metrics.jsonl"), summary=summary)
+        summary = _distill(cfg, run, ctx, console=console, on_step=on_step, show_progress=show_progress,
+                           stage=stage, teacher_memo=teacher_memo)
+        finished = True  # _distill's models are released by now: the process group is left with nothing using it
         return summary
     finally:
-        D.teardown(ctx)
+        D.teardown(ctx, finished=finished)
+
+
+def _distill(
+    cfg: DistillConfig,
+    run: RunDir,
+    ctx: D.DistContext,
+    *,
+    console: Console,
+    on_step: Callable[[int], None] | None,
+    show_progress: bool,
+    stage: str,
+    teacher_memo: TeacherMemo | None,
+) -> dict[str, Any]:
+    """:func:`run_distill` inside the process group."""
+    cfg = cfg.resolved()
+    selection = exclude_or_plan(cfg.exclude, run, cfg.fp8)
+    if selection.planned:
+        cfg.exclude, cfg.fp8 = tuple(selection.exclude), tuple(selection.fp8)
+        if ctx.is_main:
+            console.print(f"the run's plan keeps {len(cfg.exclude)} module pattern(s) in BF16 and puts "
+                          f"{len(cfg.fp8)} in FP8 (plan/quant_recipe.json)")
+    if cfg.dry_run:  # nothing loads but the teacher's config, nothing is written
+        estimate = memory_estimate(cfg, ctx.device, ctx.world_size)
+        if ctx.is_main:
+            console.print(estimate["table"])
+            console.print(estimate["verdict"], highlight=False)
+        return {}
+    entry = run.stage_entry(stage)
+    if entry and entry.get("status") == "done" and not cfg.force:
+        raise CkaqadError(f"stage {stage} already finished in {run.path}; pass --force to run it again")
+    check_spec(cfg.teacher, "--teacher")  # before anything loads or the run directory is touched
+    texts = read_texts(cfg)
+    ensure_writable(run.path, "--run")
+    if run.stage_dir(stage).exists():
+        ensure_writable(run.stage_dir(stage), "--run")
+    torch.manual_seed(cfg.seed)
+    models = build_models(cfg, ctx)
+    check_models(cfg, models)
+    sequences = load_sequences(cfg, models.tokenizer, texts)
+    train_ids, eval_ids = split_heldout(sequences, cfg.eval_sequences, ctx.world_size)
+    if cfg.scale_rule == "mse-act":  # the channel weights, from training text the held-out slice never sees
+        rows = max(1, MSE_ACT_CALIBRATION_TOKENS // cfg.seq_len)
+        models.second_moments = fit_channel_weights(models.student, train_ids[:rows])
+    record_config = {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
+    record_config["world_size"] = ctx.world_size
+    inputs = {"teacher": describe_input(cfg.teacher), "data": describe_input(cfg.data)}
+    out_dir = run.stage_dir(stage)
+    if not ctx.is_main:  # rank 0 alone records the stage; the others train alongside it and report nothing
+        train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
+              show_progress=False)
+        return {}
+    def saved(checkpoint: Path) -> None:  # `ckaqad status` shows how far a running distill has come
+        run.record_progress(stage, outputs={"latest_checkpoint": run.relpath(checkpoint)})
+
+    with run.stage(stage, config=record_config, inputs=inputs, force=True) as rec:
+        summary = train(cfg, models, train_ids, eval_ids, out_dir, ctx, console=console, on_step=on_step,
+                        on_save=saved, show_progress=show_progress, teacher_memo=teacher_memo)
+        summary.update(train_sequences=int(train_ids.shape[0]), eval_sequences=int(eval_ids.shape[0]))
+        DistillRecord.write(rec, student=run.relpath(out_dir / "student"),
+                            metrics_file=run.relpath(out_dir / "metrics.jsonl"), summary=summary)
+    return summary
