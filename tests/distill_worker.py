@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         if ctx.distributed:
             summary["cpu_offload"] = {"student": _cpu_offload(models.student), "teacher": _cpu_offload(models.teacher)}
         json.dump(summary, sys.stdout)
+    del models  # nothing holds the process group when it is destroyed (as run_distill)
     distributed.teardown(ctx)
 
 
