@@ -281,11 +281,9 @@ def _wrap(
     names = [n for n in names if expert_of(n) not in experts]
     wrapped: dict[str, NVFP4Linear] = {}
     for name in names:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        wrapped[name] = NVFP4Linear(getattr(parent, leaf), quantize_input=scheme == "w4a4", scale_rule=scale_rule,
+        wrapped[name] = NVFP4Linear(model.get_submodule(name), quantize_input=scheme == "w4a4", scale_rule=scale_rule,
                                     activation_arithmetic=activation_arithmetic)
-        setattr(parent, leaf, wrapped[name])
+        model.set_submodule(name, wrapped[name])
     for group in groups:
         shared = _FusedGroup([wrapped[n] for n in group])
         for member in shared.members:

@@ -56,10 +56,8 @@ class FP8Linear(AdoptingLinear):
     @staticmethod
     def swap_in(model: nn.Module, name: str, *, quantize_input: bool) -> nn.Linear:
         """Replace the Linear ``name`` of ``model`` by an FP8Linear over the same Parameters; the module replaced."""
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        original = getattr(parent, leaf)
-        setattr(parent, leaf, FP8Linear(original, quantize_input=quantize_input))
+        original = model.get_submodule(name)
+        model.set_submodule(name, FP8Linear(original, quantize_input=quantize_input))
         return original
 
     def extra_repr(self) -> str:

@@ -70,5 +70,4 @@ def planned(model: nn.Module, table: UnitTable, kept: Iterable[str], upgrade: st
             yield
     finally:
         for name, original in originals.items():
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), leaf, original)
+            model.set_submodule(name, original)
