@@ -167,13 +167,42 @@ def group_global_scale_from_amaxes(amaxes: Sequence[torch.Tensor]) -> torch.Tens
 
 
 class _FusedGroup:
-    """The NVFP4Linears of one fused group. Weights are read at call time (they train, FSDP swaps tensors)."""
+    """The NVFP4Linears of one fused group. Weights are read at call time (they train, FSDP swaps tensors).
+
+    Members that are called on the same input (q/k/v, gate/up) and quantize it dynamically in the same arithmetic
+    share one quantized copy of it: the first member to see an input quantizes it, the others take that copy (the
+    same values, computed once; the gradient passes straight through either way). The copy is dropped once every
+    member has taken it, or when a member is called on another input.
+    """
 
     def __init__(self, members: Sequence[NVFP4Linear]):
         self.members = list(members)
+        self._shared: tuple[torch.Tensor, int, bool, torch.Tensor, list[NVFP4Linear]] | None = None
+        """(input, its version counter, whether gradients were on, its quantized copy, the members yet to take it)"""
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shared": None}  # a copy (copy.deepcopy of the model) starts with nothing shared
 
     def global_scale(self) -> torch.Tensor:
         return group_weight_global_scale([m.weight for m in self.members])
+
+    def shares_input(self) -> bool:
+        """Whether the members quantize their inputs alike: all dynamic, in one arithmetic."""
+        first = self.members[0]
+        return all(m.quantize_input and m.input_amax is None and m.activation_arithmetic == first.activation_arithmetic
+                   for m in self.members)
+
+    def quantized_input(self, member: NVFP4Linear, x: torch.Tensor) -> torch.Tensor:
+        """``member``'s quantized input: the group's copy when ``x`` is the input it was made from, else made now."""
+        shared, grad = self._shared, torch.is_grad_enabled()
+        if shared is not None and shared[0] is x and shared[1:3] == (x._version, grad) and member in shared[4]:
+            shared[4].remove(member)
+            if not shared[4]:
+                self._shared = None
+            return shared[3]
+        quantized = fake_quantize_ste(x, None, arithmetic=member.activation_arithmetic)
+        self._shared = (x, x._version, grad, quantized, [m for m in self.members if m is not member])
+        return quantized
 
 
 class NVFP4Linear(AdoptingLinear):
@@ -219,7 +248,9 @@ class NVFP4Linear(AdoptingLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight() if self.quantize_weight else self.weight
-        if self.quantize_input:
+        if self.quantize_input and self.fused_group is not None and self.fused_group.shares_input():
+            x = self.fused_group.quantized_input(self, x)
+        elif self.quantize_input:
             g_in = None if self.input_amax is None else global_scale_from_amax(self.input_amax)
             x = fake_quantize_ste(x, g_in, arithmetic=self.activation_arithmetic)
         return F.linear(x, weight, self.bias)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -280,3 +281,54 @@ def test_fp8_errors():
         quant.apply_recipe(tiny_llama(), bad)
     with pytest.raises(CkaqadError, match="FP8"):
         quant.apply_recipe(tiny_llama(), quant.QuantRecipe(fp8=["model.layers.0.mlp"]))
+
+
+def test_a_fused_group_quantizes_a_shared_dynamic_input_once_with_the_same_values_and_gradients(monkeypatch):
+    calls = []
+    real = quant.fake_quantize_ste
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(quant, "fake_quantize_ste", counting)
+
+    def forward_backward(share: bool):
+        model = tiny_llama()
+        recipe = quant.apply_fake_quant(model, scheme="w4a4")
+        groups = {id(m.fused_group): m.fused_group for m in model.modules() if getattr(m, "fused_group", None)}
+        if not share:
+            for group in groups.values():
+                group.shares_input = lambda: False
+        calls.clear()
+        loss = model(IDS, labels=IDS).loss
+        inputs = len([c for c in calls if c[:-1] == tuple(IDS.shape)])  # activations, not weights
+        loss.backward()
+        assert all(g._shared is None for g in groups.values())  # every member took the copy: nothing kept
+        return loss, inputs, {n: p.grad for n, p in model.named_parameters()}, recipe
+
+    loss, inputs, grads, recipe = forward_backward(share=True)
+    loss_alone, inputs_alone, grads_alone, _ = forward_backward(share=False)
+    assert inputs_alone == len(recipe.quantized)  # every NVFP4 Linear its own input
+    assert inputs == len(recipe.quantized) - sum(len(g) - 1 for g in recipe.fused_groups) < inputs_alone  # once a group
+    assert torch.equal(loss, loss_alone)
+    assert all(torch.equal(grads[n], grads_alone[n]) for n in grads)
+
+
+def test_a_fused_group_quantizes_again_when_the_input_changed_or_its_members_differ():
+    model = tiny_llama()
+    quant.apply_fake_quant(model, scheme="w4a4")
+    mlp = model.model.layers[0].mlp
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 32)
+
+    def alone(proj, x, g=None):
+        return F.linear(ref.fake_quantize(x, g), ref.fake_quantize(proj.weight.detach(), proj.weight_global_scale()))
+
+    assert torch.equal(mlp.gate_proj(x), alone(mlp.gate_proj, x))
+    x.mul_(3)  # changed in place after gate_proj quantized it: up_proj must not take the old copy
+    assert torch.equal(mlp.up_proj(x), alone(mlp.up_proj, x))
+    copy.deepcopy(model)  # a pending copy is not carried into a copy of the model (it could not be deep-copied)
+    quant.set_input_amax(model, {"model.layers.0.mlp.up_proj": 7.5})  # up now static: each quantizes its own
+    assert torch.equal(mlp.gate_proj(x), alone(mlp.gate_proj, x))
+    assert torch.equal(mlp.up_proj(x), alone(mlp.up_proj, x, ref.global_scale_from_amax(7.5)))
