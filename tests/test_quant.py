@@ -328,7 +328,15 @@ def test_a_fused_group_quantizes_again_when_the_input_changed_or_its_members_dif
     assert torch.equal(mlp.gate_proj(x), alone(mlp.gate_proj, x))
     x.mul_(3)  # changed in place after gate_proj quantized it: up_proj must not take the old copy
     assert torch.equal(mlp.up_proj(x), alone(mlp.up_proj, x))
-    copy.deepcopy(model)  # a pending copy is not carried into a copy of the model (it could not be deep-copied)
+    leaf = torch.randn(2, 3, 32, requires_grad=True)
+    with torch.no_grad():
+        mlp.gate_proj(leaf)
+    mlp.up_proj(leaf).sum().backward()  # a copy made without gradients is not taken with them on
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    mlp.gate_proj(torch.randn(2, 3, 32, requires_grad=True))  # leaves a pending copy that is part of a graph
+    assert mlp.gate_proj.fused_group._shared is not None
+    twin = copy.deepcopy(model)  # such a tensor cannot be deep-copied: the copy of the model starts without it
+    assert twin.model.layers[0].mlp.gate_proj.fused_group._shared is None
     quant.set_input_amax(model, {"model.layers.0.mlp.up_proj": 7.5})  # up now static: each quantizes its own
     assert torch.equal(mlp.gate_proj(x), alone(mlp.gate_proj, x))
     assert torch.equal(mlp.up_proj(x), alone(mlp.up_proj, x, ref.global_scale_from_amax(7.5)))
